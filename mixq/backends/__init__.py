@@ -1,0 +1,103 @@
+"""Backend registry: every backend implements the same integer contract (mixq.formats).
+
+A backend is an object with the methods of :class:`Backend`. Backends register themselves
+with a priority; :func:`select_backend` picks the highest-priority backend that is available
+for a device. ``MIXQ_BACKEND=<name>`` forces one. Callers never import a backend directly:
+they go through the ``mixq::*`` custom ops in :mod:`mixq.ops`, passing the backend's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Protocol
+
+import torch
+
+log = logging.getLogger("mixq")
+
+
+class Backend(Protocol):
+    name: str
+    priority: int
+
+    def available(self, device: torch.device) -> bool:
+        """True when this backend can run on ``device`` here (hardware, build, libraries)."""
+
+    def prepack(self, packed: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
+        """Re-layout canonical packed weights [N, row_bytes] into this backend's layout."""
+
+    def quantize_dynamic(self, x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] float -> (q int8 [M, K], scale fp32 [M]) per the contract."""
+
+    def quantize_static(self, x: torch.Tensor, inv_scale: torch.Tensor, a_bits: int) -> torch.Tensor:
+        """x [M, K] float, inv_scale fp32 [K] or [1] -> q int8 [M, K]."""
+
+    def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
+        """Exact int32 [M, N] = xq [M, K] @ unpack(w)^T."""
+
+    def packed_linear(
+        self,
+        xq: torch.Tensor,
+        a_scale: torch.Tensor,
+        w: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        w_bits: int,
+        k: int,
+        n: int,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """(xq @ W^T) * a_scale[m] * w_scale[n] + bias[n], a_scale [M] or [1]."""
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown mixq backend {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    _load_builtin()
+    device = torch.device(device)
+    ranked = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+    return [b.name for b in ranked if b.available(device)]
+
+
+def select_backend(device: torch.device | str) -> str:
+    """Fastest available backend for ``device`` (or $MIXQ_BACKEND when set)."""
+    forced = os.environ.get("MIXQ_BACKEND")
+    if forced:
+        b = get_backend(forced)
+        if not b.available(torch.device(device)):
+            raise RuntimeError(f"MIXQ_BACKEND={forced} is not available on device {device}")
+        return forced
+    names = available_backends(device)
+    return names[0] if names else "reference"
+
+
+_LOADED = False
+
+
+def _load_builtin() -> None:
+    """Import the built-in backends; each registers itself if its module imports."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from . import reference  # noqa: F401
+
+    for mod in ("cpu", "triton"):
+        try:
+            __import__(f"{__name__}.{mod}")
+        except ImportError as e:  # a backend whose module is absent simply does not register
+            log.debug("mixq backend %s not loaded: %s", mod, e)

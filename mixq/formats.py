@@ -1,0 +1,234 @@
+"""Number formats: the contract every backend obeys (see docs/FORMATS.md).
+
+Weights are symmetric per output channel, signed integers in [-qmax, qmax] with
+qmax = 2**(bits-1) - 1, stored in the canonical packed layout along K:
+
+* int8: one value per byte (two's complement).
+* int4: two values per byte, low nibble first (two's complement nibbles).
+* int6: two bit planes per row: first the low-4-bit plane (two per byte, low
+  nibble first, Kp/2 bytes) then the high-2-bit plane (four per byte, lowest bit
+  pair first, Kp/4 bytes). The 6-bit two's complement code u = q & 0x3F splits
+  into lo = u & 0xF and hi = u >> 4.
+
+K is padded with zeros to a multiple of the packing unit (1, 2, 4 for 8, 4, 6
+bits); the true K travels beside the packed tensor.
+
+Activations are quantized with q = round_half_even(clamp(x * inv_scale, -qmax,
+qmax)) in fp32, where inv_scale is an fp32 reciprocal; the multiply (not a
+divide) keeps every backend bit-identical, since IEEE multiplication is
+correctly rounded everywhere while GPU division defaults to an approximation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_BITS: tuple[int, ...] = (4, 6, 8)
+PACK_UNIT: dict[int, int] = {8: 1, 4: 2, 6: 4}
+# Smallest amax treated as non-zero when a scale is derived from data.
+SCALE_EPS: float = 1e-8
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported {what}={bits!r}: mixq supports {list(SUPPORTED_BITS)}")
+    return bits
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (check_bits(bits) - 1) - 1
+
+
+def padded_k(k: int, bits: int) -> int:
+    unit = PACK_UNIT[check_bits(bits)]
+    return (k + unit - 1) // unit * unit
+
+
+def row_bytes(k: int, bits: int) -> int:
+    """Bytes per output channel in the canonical packed layout."""
+    return padded_k(k, bits) * bits // 8
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer weights ``q`` [N, K] (values in [-qmax, qmax]) to uint8 [N, row_bytes]."""
+    check_bits(bits)
+    if q.dim() != 2:
+        raise ValueError(f"pack_weight expects a 2-D [N, K] tensor, got shape {tuple(q.shape)}")
+    if q.is_floating_point():
+        raise TypeError("pack_weight expects an integer tensor; quantize first")
+    lim = qmax(bits)
+    if q.numel() and (int(q.min()) < -lim or int(q.max()) > lim):
+        raise ValueError(f"values outside [-{lim}, {lim}] cannot be packed at {bits} bits")
+    n, k = q.shape
+    kp = padded_k(k, bits)
+    u = torch.zeros((n, kp), dtype=torch.int16, device=q.device)
+    u[:, :k] = q.to(torch.int16)
+    u = u & ((1 << bits) - 1)  # two's complement code of `bits` bits
+    if bits == 8:
+        return u.to(torch.uint8)
+    if bits == 4:
+        return (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+    lo, hi = u & 0xF, u >> 4
+    plane4 = lo[:, 0::2] | (lo[:, 1::2] << 4)
+    plane2 = hi[:, 0::4] | (hi[:, 1::4] << 2) | (hi[:, 2::4] << 4) | (hi[:, 3::4] << 6)
+    return torch.cat([plane4, plane2], dim=1).to(torch.uint8)
+
+
+def _sign_extend(u: torch.Tensor, bits: int) -> torch.Tensor:
+    u = u.to(torch.int16)
+    return torch.where(u >= (1 << (bits - 1)), u - (1 << bits), u).to(torch.int8)
+
+
+def unpack_weight(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_weight`: uint8 [N, row_bytes] -> int8 [N, k]."""
+    check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed weights must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != row_bytes(k, bits):
+        raise ValueError(
+            f"packed row has {packed.shape[1]} bytes but k={k} at {bits} bits needs {row_bytes(k, bits)}"
+        )
+    p = packed.to(torch.int16)
+    n = p.shape[0]
+    if bits == 8:
+        u = p
+    elif bits == 4:
+        u = torch.stack([p & 0xF, p >> 4], dim=2).reshape(n, -1)
+    else:
+        kp = padded_k(k, bits)
+        plane4, plane2 = p[:, : kp // 2], p[:, kp // 2 :]
+        lo = torch.stack([plane4 & 0xF, plane4 >> 4], dim=2).reshape(n, kp)
+        hi = torch.stack([(plane2 >> s) & 0x3 for s in (0, 2, 4, 6)], dim=2).reshape(n, kp)
+        u = lo | (hi << 4)
+    return _sign_extend(u[:, :k], bits)
+
+
+# ----------------------------------------------------------------------------- rounding
+
+
+def round_half_even(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x)  # torch.round rounds half to even
+
+
+def quantize_with_inv_scale(x: torch.Tensor, inv_scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The activation rounding rule of the contract, in fp32: int8 output."""
+    lim = float(qmax(bits))
+    y = x.to(torch.float32) * inv_scale.to(torch.float32)
+    return round_half_even(y.clamp(-lim, lim)).to(torch.int8)
+
+
+def reciprocal_fp32(scale: torch.Tensor) -> torch.Tensor:
+    return torch.reciprocal(scale.to(torch.float32))
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, clip_search: bool = True, grid: int = 40, min_ratio: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization with an MSE-optimal clip per channel.
+
+    Returns (q int8 [N, K], scale fp32 [N]). The clip ratio is searched on a grid in
+    [min_ratio, 1] of each channel's amax; ratio 1 (plain min-max) is always a candidate,
+    so the search never does worse than min-max.
+    """
+    check_bits(bits)
+    if w.dim() != 2:
+        raise ValueError(f"weights must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weights contain NaN or Inf; cannot quantize")
+    w = w.detach().to(torch.float32)
+    lim = qmax(bits)
+    amax = w.abs().amax(dim=1).clamp_min(SCALE_EPS)
+    ratios = torch.linspace(1.0, min_ratio, grid) if clip_search else torch.ones(1)
+    best_err = torch.full_like(amax, math.inf)
+    best_scale = amax / lim
+    for r in ratios.tolist():
+        scale = amax * r / lim
+        q = round_half_even((w / scale[:, None]).clamp(-lim, lim))
+        err = ((q * scale[:, None] - w) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    q = round_half_even((w / best_scale[:, None]).clamp(-lim, lim)).to(torch.int8)
+    return q, best_scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.to(torch.float64) * scale.to(torch.float64)[:, None]).to(dtype)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def quantize_act_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (row) dynamic quantization of x [M, K]: (q int8 [M, K], scale fp32 [M]).
+
+    scale = max(amax_row, SCALE_EPS) / qmax, inv = 1 / scale (fp32), q = rne(clamp(x * inv)).
+    """
+    xf = x.to(torch.float32)
+    lim = qmax(bits)
+    amax = xf.abs().amax(dim=-1) if xf.shape[-1] else torch.zeros(xf.shape[:-1])
+    scale = amax.clamp_min(SCALE_EPS) / lim
+    inv = reciprocal_fp32(scale)
+    return quantize_with_inv_scale(xf, inv[..., None], bits), scale
+
+
+def search_clip_range(samples: torch.Tensor, bits: int, grid: int = 50, min_ratio: float = 0.3) -> torch.Tensor:
+    """MSE-optimal symmetric clipping range for each column of ``samples`` [R, C] -> [C].
+
+    Candidates are ratios of the column's amax in [min_ratio, 1]; the error is the squared
+    error of fake-quantizing the samples with that range.
+    """
+    x = samples.to(torch.float32)
+    lim = qmax(bits)
+    amax = x.abs().amax(dim=0).clamp_min(SCALE_EPS)
+    best_err = torch.full_like(amax, math.inf)
+    best = amax.clone()
+    for r in torch.linspace(1.0, min_ratio, grid).tolist():
+        rng = amax * r
+        scale = rng / lim
+        xq = round_half_even((x / scale).clamp(-lim, lim)) * scale
+        err = ((xq - x) ** 2).sum(dim=0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, rng, best)
+    return best
+
+
+def calibrate_per_tensor(samples: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static per-tensor step t (fp32 scalar tensor) from calibration samples [R, K]."""
+    return search_clip_range(samples.reshape(-1, 1), bits).reshape(()) / qmax(bits)
+
+
+def calibrate_channelwise(samples: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped channel-wise calibration: (channel factors s [K], per-tensor step t []).
+
+    Each channel gets its own MSE-optimal range r_k; t is the median range over qmax and
+    s_k = r_k / (t * qmax), so x / (s_k * t) spans the integer grid channel by channel and
+    the s_k fold into the weight columns.
+    """
+    rng = search_clip_range(samples, bits)
+    t = rng.median() / qmax(bits)
+    s = rng / (t * qmax(bits))
+    return s, t
+
+
+def log2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Fake-quantize post-softmax probabilities in [0, 1] on a log2 grid (simulation only).
+
+    q = clamp(round(-log2 x), 0, 2**bits - 1); values whose code would exceed the grid
+    become 0, as in the log2 quantizers of FQ-ViT / RepQ-ViT.
+    """
+    check_bits(bits)
+    levels = 2**bits - 1
+    xf = x.to(torch.float32).clamp_min(0)
+    code = round_half_even(-torch.log2(xf.clamp_min(2.0 ** (-levels - 1))))
+    out = torch.where(code > levels, torch.zeros_like(xf), torch.exp2(-code.clamp(0, levels)))
+    return out.to(x.dtype)

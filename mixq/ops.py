@@ -1,0 +1,69 @@
+"""``torch.library`` custom ops behind which every backend sits.
+
+Each op takes the backend's name as a string argument, so the choice is made once (when a
+QuantLinear is built or moved) and is visible in traced graphs; the fake implementations
+give ``torch.compile`` and ``torch.export`` shapes without running a kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import get_backend
+
+
+@torch.library.custom_op("mixq::quantize_act_dynamic", mutates_args=())
+def quantize_act_dynamic(x: torch.Tensor, a_bits: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dynamic quantization of x [M, K] -> (int8 [M, K], fp32 scale [M])."""
+    return get_backend(backend).quantize_dynamic(x, a_bits)
+
+
+@quantize_act_dynamic.register_fake
+def _(x, a_bits, backend):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("mixq::quantize_act_static", mutates_args=())
+def quantize_act_static(x: torch.Tensor, inv_scale: torch.Tensor, a_bits: int, backend: str) -> torch.Tensor:
+    """Static quantization of x [M, K] with fp32 inverse scales [K] (channel-wise) or [1]."""
+    return get_backend(backend).quantize_static(x, inv_scale, a_bits)
+
+
+@quantize_act_static.register_fake
+def _(x, inv_scale, a_bits, backend):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("mixq::int_gemm", mutates_args=())
+def int_gemm(xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int, backend: str) -> torch.Tensor:
+    """Exact int32 [M, N] product of int8 activations and packed weights (for tests)."""
+    return get_backend(backend).int_gemm(xq, w, w_bits, k, n)
+
+
+@int_gemm.register_fake
+def _(xq, w, w_bits, k, n, backend):
+    return xq.new_empty((xq.shape[0], n), dtype=torch.int32)
+
+
+@torch.library.custom_op("mixq::packed_linear", mutates_args=())
+def packed_linear(
+    xq: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    w_bits: int,
+    k: int,
+    n: int,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """out[m, n] = acc[m, n] * a_scale[m] * w_scale[n] + bias[n], in ``out_dtype``."""
+    return get_backend(backend).packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, out_dtype)
+
+
+@packed_linear.register_fake
+def _(xq, a_scale, w, w_scale, bias, w_bits, k, n, out_dtype, backend):
+    return xq.new_empty((xq.shape[0], n), dtype=out_dtype)
