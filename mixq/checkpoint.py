@@ -1,0 +1,179 @@
+"""Checkpoints: safetensors files holding the whole quantized model (packed integers, scales,
+float parts) plus JSON metadata (format version, per-layer config, model spec, checksum).
+
+Loading validates everything (version, layer config, every tensor name, shape, dtype, checksum)
+before the model is touched, so a bad file never leaves a half-loaded model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import __version__
+from .nn import QuantLinear
+
+FORMAT_NAME = "mixq"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is corrupt, truncated, of another version, or not for this model."""
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def layer_configs(model: nn.Module) -> dict[str, dict]:
+    return {n: m.layer_config() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    model_spec: Optional[str] = None,
+    extra: Optional[dict[str, Any]] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (quantized in place by :func:`mixq.quantize_`) to a safetensors file.
+
+    ``model_spec`` (e.g. ``"dinov2-s"``) lets :func:`load` rebuild the architecture without a
+    skeleton. An existing file is refused unless ``overwrite``; the write is atomic.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    layers = layer_configs(model)
+    if not layers:
+        raise ValueError("the model has no QuantLinear layer: quantize it with mixq.quantize_ before saving")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "mixq_version": __version__,
+        "layers": json.dumps(layers, sort_keys=True),
+        "sha256": _digest(tensors),
+        "model_spec": model_spec or "",
+        "extra": json.dumps(extra or {}, sort_keys=True),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify a checkpoint: (tensors, metadata with 'layers' and 'extra' decoded)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is a safetensors file but not a mixq checkpoint (no mixq metadata)")
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{path} has mixq checkpoint format version {version}; this mixq ({__version__}) reads version "
+            f"{FORMAT_VERSION}"
+        )
+    if _digest(tensors) != meta.get("sha256"):
+        raise CheckpointError(f"{path} is corrupt: its tensor data does not match the stored checksum")
+    try:
+        meta["layers"] = json.loads(meta["layers"])
+        meta["extra"] = json.loads(meta.get("extra") or "{}")
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} has unreadable layer metadata: {e}") from e
+    return tensors, meta
+
+
+def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Module:
+    """Load a checkpoint into ``model`` (the float architecture it was quantized from).
+
+    Without ``model``, the architecture is rebuilt from the checkpoint's model spec through
+    :func:`mixq.models.get_adapter`. Returns the model, quantized and loaded.
+    """
+    tensors, meta = read(path)
+    if model is None:
+        spec = meta.get("model_spec")
+        if not spec:
+            raise ValueError(f"{path} records no model spec; pass the float model to load(path, model)")
+        from .models import get_adapter
+
+        model = get_adapter(spec).build()
+    layers: dict[str, dict] = meta["layers"]
+    modules = dict(model.named_modules())
+    shells: dict[str, QuantLinear] = {}
+    for name, cfg in layers.items():
+        cur = modules.get(name)
+        if not isinstance(cur, nn.Linear):
+            found = "missing" if cur is None else type(cur).__name__
+            raise CheckpointError(f"checkpoint layer {name!r} is a quantized Linear but the model has {found} there")
+        if (cur.in_features, cur.out_features) != (cfg["in_features"], cfg["out_features"]):
+            raise CheckpointError(
+                f"layer {name!r}: checkpoint has {cfg['in_features']}->{cfg['out_features']}, "
+                f"model has {cur.in_features}->{cur.out_features}"
+            )
+        try:
+            shells[name] = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["w_bits"],
+                                       cfg["a_bits"], cfg["act_quant"], device="cpu")
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"layer {name!r} has an invalid config {cfg}: {e}") from e
+    expected: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        owner = next((n for n in shells if key.startswith(n + ".")), None)
+        if owner is None:
+            expected[key] = t
+    for name, shell in shells.items():
+        for key, t in shell.state_dict().items():
+            expected[f"{name}.{key}"] = t
+    for key in sorted(set(expected) | set(tensors)):
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint is missing tensor {key!r} that the model needs")
+        if key not in expected:
+            raise CheckpointError(f"checkpoint has tensor {key!r} that the model does not have")
+        a, b = tensors[key], expected[key]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise CheckpointError(
+                f"tensor {key!r}: checkpoint has {a.dtype} {tuple(a.shape)}, model expects {b.dtype} {tuple(b.shape)}"
+            )
+    # Everything checked: now mutate.
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for name, shell in shells.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, shell)
+    model.load_state_dict(tensors, strict=True)
+    return model.to(device)

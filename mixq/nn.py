@@ -1,0 +1,211 @@
+"""``QuantLinear``: a drop-in ``nn.Linear`` that runs on packed integer weights.
+
+The integer path quantizes the input (per the contract in :mod:`mixq.formats`), then calls
+``mixq::packed_linear`` on the backend chosen for the tensor's device. The simulation path
+computes the same numbers with fake-quantized float tensors (useful for scoring and on
+devices without kernels); both agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import formats, ops
+from .backends import get_backend, select_backend
+
+log = logging.getLogger("mixq")
+
+ACT_MODES = ("dynamic", "static", "channel")
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def _check_act_samples(samples: Optional[torch.Tensor], k: int, mode: str) -> torch.Tensor:
+    if samples is None:
+        raise ValueError(f"act_quant={mode!r} needs calibration samples (act_samples [R, {k}]); got None")
+    samples = samples.reshape(-1, samples.shape[-1]) if samples.dim() else samples
+    if samples.dim() != 2 or samples.shape[-1] != k:
+        raise ValueError(f"act_samples must have last dim {k} (in_features), got shape {tuple(samples.shape)}")
+    if samples.shape[0] == 0:
+        raise ValueError("act_samples is empty: calibration produced no activations for this layer")
+    if not torch.isfinite(samples).all():
+        raise ValueError("act_samples contain NaN/Inf; check the calibration data and the float model")
+    return samples.detach().to(torch.float32)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with w_bits packed weights and a_bits activations, both in {4, 6, 8}."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        w_bits: int = 8,
+        a_bits: int = 8,
+        act_quant: str = "dynamic",
+        simulate: bool = False,
+        backend: Optional[str] = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        formats.check_bits(w_bits, "w_bits")
+        formats.check_bits(a_bits, "a_bits")
+        if act_quant not in ACT_MODES:
+            raise ValueError(f"unknown act_quant={act_quant!r}; allowed: {list(ACT_MODES)}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.w_bits, self.a_bits, self.act_quant = w_bits, a_bits, act_quant
+        self.simulate = simulate
+        self._backend_request = backend
+        k, n = self.in_features, self.out_features
+        kw = dict(device=device)
+        self.register_buffer("qweight", torch.zeros(n, formats.row_bytes(k, w_bits), dtype=torch.uint8, **kw))
+        self.register_buffer("w_scale", torch.ones(n, dtype=torch.float32, **kw))
+        self.register_buffer("bias", torch.zeros(n, dtype=torch.float32, **kw) if bias else None)
+        n_act = k if act_quant == "channel" else 1
+        # Static step t (per tensor) and the inverse step the kernels multiply by: 1/(s_k t) per channel.
+        self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, **kw))
+        self.register_buffer("act_inv_scale", torch.ones(n_act, dtype=torch.float32, **kw))
+        # Channel factors s_k already folded into the weight columns (ones unless channel mode).
+        self.register_buffer("act_channel_factor", torch.ones(k, dtype=torch.float32, **kw))
+        self.register_buffer("w_runtime", self.qweight, persistent=False)
+        self.register_buffer("w_dequant", None, persistent=False)
+        self.backend = "reference"
+        self.refresh()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        w_bits: int,
+        a_bits: int,
+        act_quant: str = "dynamic",
+        act_samples: Optional[torch.Tensor] = None,
+        simulate: bool = False,
+        backend: Optional[str] = None,
+        clip_search: bool = True,
+    ) -> "QuantLinear":
+        """Quantize ``linear``; ``act_samples`` [R, in_features] calibrates static/channel scales."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        device = linear.weight.device
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, w_bits, a_bits,
+                act_quant, simulate, backend, device="cpu")
+        w = linear.weight.detach().to("cpu", torch.float32)
+        if act_quant in ("static", "channel"):
+            samples = _check_act_samples(act_samples, linear.in_features, act_quant).cpu()
+            if act_quant == "channel":
+                s, t = formats.calibrate_channelwise(samples, a_bits)
+                w = w * s[None, :]
+                m.act_channel_factor.copy_(s)
+                m.act_inv_scale.copy_(formats.reciprocal_fp32(s * t))
+            else:
+                t = formats.calibrate_per_tensor(samples, a_bits)
+                m.act_inv_scale.copy_(formats.reciprocal_fp32(t).reshape(1))
+            m.act_scale.copy_(t.reshape(1))
+        q, scale = formats.quantize_weight(w, w_bits, clip_search=clip_search)
+        m.qweight.copy_(formats.pack_weight(q, w_bits))
+        m.w_scale.copy_(scale)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float().cpu())
+        return m.to(device)
+
+    # ------------------------------------------------------------------ runtime state
+
+    def refresh(self) -> None:
+        """Re-choose the backend for the current device and rebuild the runtime weight layout."""
+        device = self.qweight.device
+        name = self._backend_request or select_backend(device)
+        backend = get_backend(name)
+        self.backend = name
+        self.w_runtime = backend.prepack(self.qweight, self.w_bits, self.in_features)
+        if self.simulate:
+            q = formats.unpack_weight(self.qweight, self.w_bits, self.in_features)
+            self.w_dequant = q.to(torch.float32) * self.w_scale[:, None]
+        else:
+            self.w_dequant = None
+        key = (name, str(device))
+        if key not in _ANNOUNCED:
+            _ANNOUNCED.add(key)
+            log.info("mixq: QuantLinear runs on backend %r for device %s", name, device)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "qweight"):
+            self.refresh()
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.refresh()
+
+    def set_simulate(self, simulate: bool) -> "QuantLinear":
+        self.simulate = simulate
+        self.refresh()
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective float weight in the input's original basis (channel factors unfolded)."""
+        q = formats.unpack_weight(self.qweight, self.w_bits, self.in_features)
+        return q.to(torch.float32) * self.w_scale[:, None] / self.act_channel_factor[None, :]
+
+    def layer_config(self) -> dict:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "act_quant": self.act_quant,
+        }
+
+    def extra_repr(self) -> str:
+        mode = "simulate" if self.simulate else f"backend={self.backend}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, W{self.w_bits}A{self.a_bits}, act={self.act_quant}, {mode}")
+
+    # ------------------------------------------------------------------ forward
+
+    def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.act_quant == "dynamic":
+            return ops.quantize_act_dynamic(x2, self.a_bits, self.backend)
+        return ops.quantize_act_static(x2, self.act_inv_scale, self.a_bits, self.backend), self.act_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"QuantLinear expects input last dim {self.in_features} (in_features), got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"QuantLinear expects a floating-point input, got {x.dtype}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return x.new_zeros(*lead, self.out_features)
+        if self.simulate:
+            out = self._forward_simulated(x2)
+        else:
+            xq, a_scale = self._quantize_input(x2.contiguous())
+            out = ops.packed_linear(xq, a_scale, self.w_runtime, self.w_scale, self.bias, self.w_bits,
+                                    self.in_features, self.out_features, x.dtype, self.backend)
+        return out.reshape(*lead, self.out_features)
+
+    def _forward_simulated(self, x2: torch.Tensor) -> torch.Tensor:
+        """Fake-quant in fp32 with a straight-through gradient for the input."""
+        xf = x2.to(torch.float32)
+        if self.act_quant == "dynamic":
+            q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
+            x_hat = q.to(torch.float32) * a_scale[:, None]
+        else:
+            q = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits)
+            x_hat = q.to(torch.float32) * self.act_scale
+            xf = xf / self.act_channel_factor  # the straight-through path sees the folded basis too
+        x_hat = xf + (x_hat - xf).detach()
+        out = F.linear(x_hat, self.w_dequant, self.bias)
+        return out.to(x2.dtype)

@@ -1,0 +1,217 @@
+"""``quantize_(model, config, calib_data)``: replace a model's Linears with QuantLinear, in place."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from . import formats
+from .data import iter_batches, run_model
+from .nn import ACT_MODES, QuantLinear
+from .progress import progress_bar
+
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    ``layer_bits`` maps module names to (w_bits, a_bits) and overrides the defaults; ``skip`` holds
+    names or fnmatch patterns kept in float. ``act_quant="auto"`` uses clipped channel-wise static
+    scales for Linears fed directly by a LayerNorm (where inter-channel variation is strong) and
+    dynamic per-token scales elsewhere.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    filter_fn: Optional[FilterFn] = None
+    skip: tuple[str, ...] = ()
+    act_quant: str = "auto"
+    simulate: bool = False
+    backend: Optional[str] = None
+    max_calib_rows: int = 2048
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        formats.check_bits(self.w_bits, "w_bits")
+        formats.check_bits(self.a_bits, "a_bits")
+        if self.act_quant not in ACT_MODES + ("auto",):
+            raise ValueError(f"unknown act_quant={self.act_quant!r}; allowed: {list(ACT_MODES + ('auto',))}")
+        for name, bits in self.layer_bits.items():
+            if not (isinstance(bits, (tuple, list)) and len(bits) == 2):
+                raise ValueError(f"layer_bits[{name!r}] must be a (w_bits, a_bits) pair, got {bits!r}")
+            formats.check_bits(bits[0], f"w_bits of layer {name!r}")
+            formats.check_bits(bits[1], f"a_bits of layer {name!r}")
+        if self.max_calib_rows < 1:
+            raise ValueError(f"max_calib_rows must be >= 1, got {self.max_calib_rows}")
+        self.skip = tuple(self.skip)
+
+    def bits_for(self, name: str) -> tuple[int, int]:
+        w, a = self.layer_bits.get(name, (self.w_bits, self.a_bits))
+        return int(w), int(a)
+
+
+def find_linears(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> dict[str, nn.Linear]:
+    """The model's float ``nn.Linear`` modules (by qualified name) that ``filter_fn`` accepts."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear or (isinstance(m, nn.Linear) and not isinstance(m, QuantLinear))
+        if filter_fn is None or filter_fn(name, m)
+    }
+
+
+def _targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
+    linears = find_linears(model, config.filter_fn)
+    targets = {n: m for n, m in linears.items() if not any(fnmatch.fnmatchcase(n, p) for p in config.skip)}
+    all_modules = dict(model.named_modules())
+    for name in config.layer_bits:
+        if name in targets:
+            continue
+        if name not in all_modules:
+            close = difflib.get_close_matches(name, list(linears), n=3)
+            hint = f"; did you mean {close}?" if close else ""
+            raise KeyError(f"layer_bits names module {name!r}, which does not exist in the model{hint}")
+        raise KeyError(
+            f"layer_bits names {name!r} ({type(all_modules[name]).__name__}), which is not a quantizable "
+            "Linear under this config (not an nn.Linear, excluded by filter_fn, or listed in skip)"
+        )
+    if not targets:
+        raise ValueError("no Linear layer to quantize: the model has none, or filter_fn/skip excluded them all")
+    return targets
+
+
+class _RowSampler:
+    """A uniform random sample of at most ``capacity`` rows from a stream (bottom-k on random keys)."""
+
+    def __init__(self, capacity: int, generator: torch.Generator) -> None:
+        self.capacity, self.gen = capacity, generator
+        self.rows: Optional[torch.Tensor] = None
+        self.keys: Optional[torch.Tensor] = None
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32)
+        keys = torch.rand(rows.shape[0], generator=self.gen)
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        if rows.shape[0] > self.capacity:
+            keep = torch.topk(keys, self.capacity, largest=False).indices
+            rows, keys = rows[keep], keys[keep]
+        self.rows, self.keys = rows, keys
+
+
+def _is_layernorm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or type(m).__name__.endswith("LayerNorm")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module, targets: dict[str, nn.Linear], calib_data: Any, config: QuantConfig, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Run the float model on the data; return sampled input rows per target and LayerNorm producers."""
+    gen = torch.Generator().manual_seed(config.seed)
+    samplers = {n: _RowSampler(config.max_calib_rows, gen) for n in targets}
+    fed_by: dict[str, str] = {}
+    ln_outputs: dict[int, tuple[torch.Tensor, str]] = {}
+    handles = []
+
+    def ln_hook(name):
+        def hook(mod, inp, out):
+            if isinstance(out, torch.Tensor):
+                ln_outputs[id(out)] = (out, name)
+        return hook
+
+    def linear_hook(name):
+        def hook(mod, args):
+            x = args[0]
+            if x.shape[-1] != mod.in_features:
+                return
+            samplers[name].add(x)
+            hit = ln_outputs.get(id(x))
+            if hit is not None and hit[0] is x:
+                fed_by[name] = hit[1]
+        return hook
+
+    for name, m in model.named_modules():
+        if _is_layernorm(m):
+            handles.append(m.register_forward_hook(ln_hook(name)))
+    for name, m in targets.items():
+        handles.append(m.register_forward_pre_hook(linear_hook(name)))
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        from .data import batch_to
+
+        for batch in progress_bar(iter_batches(calib_data, config.batch_size), "calibrating", progress):
+            ln_outputs.clear()
+            run_model(model, batch_to(batch, device))
+    finally:
+        for h in handles:
+            h.remove()
+        ln_outputs.clear()
+        model.train(was_training)
+    missing = [n for n, s in samplers.items() if s.rows is None]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} Linear layer(s) never ran on the calibration data (e.g. {missing[:3]}); "
+            "exclude them with skip/filter_fn or use calibration data that reaches them"
+        )
+    return {n: s.rows for n, s in samplers.items()}, fed_by
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, progress: bool = True) -> nn.Module:
+    """Replace the selected Linears of ``model`` with QuantLinear, calibrated on ``calib_data``.
+
+    ``config`` is a :class:`QuantConfig` or any object with ``to_config()`` (an allocation plan).
+    Calibration data is needed unless every layer uses dynamic activation scales.
+    Returns the same model object.
+    """
+    if config is None:
+        config = QuantConfig()
+    elif hasattr(config, "to_config"):
+        config = config.to_config()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig or a plan with to_config(), got {type(config).__name__}")
+    targets = _targets(model, config)
+    samples: dict[str, torch.Tensor] = {}
+    fed_by: dict[str, str] = {}
+    if config.act_quant != "dynamic":
+        if calib_data is None:
+            raise ValueError(f"act_quant={config.act_quant!r} needs calibration data; pass calib_data")
+        samples, fed_by = calibrate(model, targets, calib_data, config, progress)
+    for name in progress_bar(list(targets), "quantizing", progress):
+        lin = targets[name]
+        w_bits, a_bits = config.bits_for(name)
+        mode = config.act_quant
+        if mode == "auto":
+            mode = "channel" if name in fed_by else "dynamic"
+        q = QuantLinear.from_float(lin, w_bits, a_bits, act_quant=mode, act_samples=samples.get(name),
+                                   simulate=config.simulate, backend=config.backend)
+        _set_module(model, name, q)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def set_simulate(model: nn.Module, simulate: bool) -> nn.Module:
+    """Switch every QuantLinear of ``model`` between the integer kernels and float simulation."""
+    for m in quantized_layers(model).values():
+        m.set_simulate(simulate)
+    return model

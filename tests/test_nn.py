@@ -1,0 +1,109 @@
+import pytest
+import torch
+from torch import nn
+
+from mixq import formats
+from mixq.nn import QuantLinear
+
+BITS = [4, 6, 8]
+MODES = ["dynamic", "static", "channel"]
+
+
+def _layer(k=37, n=19, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("mode", MODES)
+def test_simulation_equals_integer_path(w_bits, a_bits, mode):
+    lin = _layer()
+    x = torch.randn(3, 5, 37)
+    q = QuantLinear.from_float(lin, w_bits, a_bits, act_quant=mode, act_samples=torch.randn(200, 37))
+    y_int = q(x)
+    y_sim = q.set_simulate(True)(x)
+    assert y_int.shape == (3, 5, 19)
+    torch.testing.assert_close(y_int, y_sim, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_integer_path_matches_float64_formula(mode):
+    lin = _layer(k=29, n=7)
+    x = torch.randn(11, 29)
+    q = QuantLinear.from_float(lin, 6, 8, act_quant=mode, act_samples=torch.randn(100, 29))
+    if mode == "dynamic":
+        xq, a_scale = formats.quantize_act_dynamic(x, 8)
+    else:
+        xq, a_scale = formats.quantize_with_inv_scale(x, q.act_inv_scale, 8), q.act_scale
+    wq = formats.unpack_weight(q.qweight, 6, 29)
+    want = (xq.double() @ wq.double().T) * a_scale.double().reshape(-1, 1) * q.w_scale.double() + lin.bias.double()
+    torch.testing.assert_close(q(x).double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_input_dtypes_and_no_bias(dtype):
+    lin = _layer(bias=False)
+    q = QuantLinear.from_float(lin, 8, 8)
+    x = torch.randn(4, 37)
+    y = q(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), lin(x), rtol=0.05, atol=0.05)
+
+
+def test_quantization_accuracy_improves_with_bits():
+    lin = _layer(k=128, n=64)
+    x = torch.randn(64, 128)
+    ref = lin(x)
+    errs = [(QuantLinear.from_float(lin, b, b)(x) - ref).pow(2).mean().item() for b in BITS]
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 1e-3 * ref.pow(2).mean().item()
+
+
+def test_dequantized_weight_unfolds_channel_factors():
+    lin = _layer(k=16, n=8)
+    samples = torch.randn(300, 16) * torch.logspace(-1, 1, 16)
+    q = QuantLinear.from_float(lin, 8, 8, act_quant="channel", act_samples=samples)
+    s = q.act_channel_factor
+    assert not torch.allclose(s, torch.ones(16))
+    # Folding W[:, k] * s_k before quantization makes column k's error at most half a step / s_k.
+    err = (q.dequantized_weight() - lin.weight.detach()).abs()
+    bound = q.w_scale[:, None] / (2 * s[None, :])
+    assert (err <= bound * (1 + 1e-5) + 1e-7).all()
+
+
+def test_bad_inputs():
+    lin = _layer()
+    with pytest.raises(ValueError, match=r"supports \[4, 6, 8\]"):
+        QuantLinear.from_float(lin, 3, 8)
+    with pytest.raises(ValueError, match=r"supports \[4, 6, 8\]"):
+        QuantLinear.from_float(lin, 8, 16)
+    with pytest.raises(ValueError, match="unknown act_quant"):
+        QuantLinear.from_float(lin, 8, 8, act_quant="per-channel")
+    with pytest.raises(ValueError, match="needs calibration samples"):
+        QuantLinear.from_float(lin, 8, 8, act_quant="static")
+    with pytest.raises(ValueError, match="NaN"):
+        QuantLinear.from_float(lin, 8, 8, act_quant="static", act_samples=torch.full((4, 37), float("nan")))
+    with pytest.raises(ValueError, match="empty"):
+        QuantLinear.from_float(lin, 8, 8, act_quant="channel", act_samples=torch.zeros(0, 37))
+    with pytest.raises(ValueError, match="last dim 37"):
+        QuantLinear.from_float(lin, 8, 8, act_quant="channel", act_samples=torch.zeros(5, 36))
+    q = QuantLinear.from_float(lin, 8, 8)
+    with pytest.raises(ValueError, match="last dim 37"):
+        q(torch.randn(2, 36))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QuantLinear.from_float(nn.Conv1d(3, 3, 1), 8, 8)
+
+
+def test_empty_batch_and_gradient_through_simulation():
+    q = QuantLinear.from_float(_layer(), 4, 4, simulate=True)
+    assert q(torch.randn(0, 37)).shape == (0, 19)
+    x = torch.randn(3, 37, requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_backend_is_reported():
+    q = QuantLinear.from_float(_layer(), 8, 8, backend="reference")
+    assert q.backend == "reference"
+    assert "backend=reference" in repr(q)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from torch import nn
+
+import mixq
+from mixq.nn import QuantLinear
+from mixq.quantize import QuantConfig, find_linears, quantize_
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d=24):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        x = x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+        return self.head(x.mean(1))
+
+
+def _model():
+    torch.manual_seed(0)
+    return TinyBlock().eval()
+
+
+def _data(n=16):
+    return torch.randn(n, 10, 24)
+
+
+def test_quantize_in_place_with_per_layer_bits_and_auto_modes():
+    model = _model()
+    x = _data(4)
+    ref = model(x)
+    cfg = QuantConfig(w_bits=8, a_bits=8, layer_bits={"fc2": (4, 6)}, skip=("head",))
+    out = quantize_(model, cfg, _data(), progress=False)
+    assert out is model
+    assert isinstance(model.fc1, QuantLinear) and isinstance(model.fc2, QuantLinear)
+    assert type(model.head) is nn.Linear
+    assert (model.fc2.w_bits, model.fc2.a_bits) == (4, 6)
+    assert model.fc1.act_quant == "channel"  # fed by the LayerNorm
+    assert model.fc2.act_quant == "dynamic"
+    torch.testing.assert_close(model(x), ref, rtol=0.1, atol=0.1)
+
+
+def test_plan_like_config_and_filter_fn():
+    class Plan:
+        def to_config(self):
+            return QuantConfig(w_bits=6, a_bits=8, filter_fn=lambda n, m: n.startswith("fc"))
+
+    model = quantize_(_model(), Plan(), _data(), progress=False)
+    assert [n for n, m in model.named_modules() if isinstance(m, QuantLinear)] == ["fc1", "fc2"]
+    assert model.fc1.w_bits == 6
+
+
+def test_dynamic_needs_no_calibration_data():
+    model = quantize_(_model(), QuantConfig(act_quant="dynamic"), None, progress=False)
+    assert isinstance(model.head, QuantLinear)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (torch.zeros(0, 10, 24), "empty"),
+        ([], "empty"),
+        (None, "needs calibration data"),
+        (torch.full((4, 10, 24), float("nan")), "NaN"),
+        ([torch.randn(2, 10, 24), torch.tensor([[[float("inf")] * 24] * 10])], "NaN/Inf"),
+    ],
+)
+def test_bad_calibration_data(data, match):
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        quantize_(model, QuantConfig(), data, progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_unknown_layer_names_are_named():
+    with pytest.raises(KeyError, match="'fc3'.*did you mean"):
+        quantize_(_model(), QuantConfig(layer_bits={"fc3": (8, 8)}), _data(), progress=False)
+    with pytest.raises(KeyError, match="not a quantizable"):
+        quantize_(_model(), QuantConfig(layer_bits={"norm": (8, 8)}), _data(), progress=False)
+    with pytest.raises(ValueError, match="supports"):
+        QuantConfig(layer_bits={"fc1": (5, 8)})
+
+
+def test_layers_that_never_run_are_reported():
+    model = _model()
+    model.unused = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="never ran"):
+        quantize_(model, QuantConfig(), _data(), progress=False)
+
+
+def test_find_linears_and_lazy_public_api():
+    assert list(find_linears(_model())) == ["fc1", "fc2", "head"]
+    assert mixq.quantize_ is quantize_ and mixq.QuantLinear is QuantLinear
