@@ -18,18 +18,23 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 stamp=.venv/.mixq-build-stamp
-want=$(cat pyproject.toml setup.py requirements-dev.txt csrc/*.cpp csrc/*.h 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$({ cat pyproject.toml setup.py requirements-dev.txt
+         find csrc -type f \( -name '*.cpp' -o -name '*.h' \) -print0 2>/dev/null | sort -z | xargs -0 -r cat || true
+       } | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import mixq" 2>/dev/null; then
   echo "setup: .venv is up to date"
   exit 0
 fi
 
-pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+pip_install() {
+  # The machine's pip config lists local package folders that may be absent: hide those warnings only.
+  .venv/bin/python -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2)
+}
 echo "setup: installing torch and build tools (first run: a few minutes)"
-"${pip[@]}" "setuptools>=64" wheel ninja
-"${pip[@]}" -r requirements-dev.txt
+pip_install "setuptools>=64" wheel ninja
+pip_install -r requirements-dev.txt
 echo "setup: installing mixq with its C++ kernels and extras"
-"${pip[@]}" --no-build-isolation -e ".[dev,models,triton]"
+pip_install --no-build-isolation -e ".[dev,models,triton]"
 .venv/bin/python - <<'PY'
 import mixq, torch
 try:
