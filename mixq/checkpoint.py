@@ -147,13 +147,19 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
                 f"model has {cur.in_features}->{cur.out_features}"
             )
         try:
-            shells[name] = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["w_bits"],
-                                       cfg["a_bits"], cfg["act_quant"], device="cpu")
-        except (KeyError, ValueError) as e:
+            shell = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["w_bits"],
+                                cfg["a_bits"], cfg["act_quant"], device="cpu",
+                                fused_norm=cfg.get("fused_norm", False), norm_eps=cfg.get("norm_eps", 1e-5))
+        except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"layer {name!r} has an invalid config {cfg}: {e}") from e
+        shell.norm_module = cfg.get("norm_module", "")
+        if shell.norm_module and not isinstance(modules.get(shell.norm_module), (nn.LayerNorm, nn.Identity)):
+            raise CheckpointError(f"layer {name!r} fused LayerNorm {shell.norm_module!r}, which the model lacks")
+        shells[name] = shell
+    fused_norms = {s.norm_module for s in shells.values() if s.norm_module}
     expected: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        owner = next((n for n in shells if key.startswith(n + ".")), None)
+        owner = next((n for n in list(shells) + sorted(fused_norms) if key.startswith(n + ".")), None)
         if owner is None:
             expected[key] = t
     for name, shell in shells.items():
@@ -171,9 +177,11 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
             )
     # Everything checked: now mutate.
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    from .quantize import _set_module
+
+    for name in fused_norms:
+        _set_module(model, name, nn.Identity())
     for name, shell in shells.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, shell)
+        _set_module(model, name, shell)
     model.load_state_dict(tensors, strict=True)
     return model.to(device)

@@ -51,6 +51,8 @@ class QuantLinear(nn.Module):
         simulate: bool = False,
         backend: Optional[str] = None,
         device: torch.device | str | None = None,
+        fused_norm: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         formats.check_bits(w_bits, "w_bits")
@@ -66,12 +68,19 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(n, formats.row_bytes(k, w_bits), dtype=torch.uint8, **kw))
         self.register_buffer("w_scale", torch.ones(n, dtype=torch.float32, **kw))
         self.register_buffer("bias", torch.zeros(n, dtype=torch.float32, **kw) if bias else None)
-        n_act = k if act_quant == "channel" else 1
+        if fused_norm and act_quant != "channel":
+            raise ValueError("a LayerNorm can only be fused into a QuantLinear with act_quant='channel'")
+        self.fused_norm, self.norm_eps = fused_norm, float(norm_eps)
+        self.norm_module = ""  # qualified name of the fused LayerNorm (now an Identity) in the model
+        n_act = k if act_quant == "channel" and not fused_norm else 1
         # Static step t (per tensor) and the inverse step the kernels multiply by: 1/(s_k t) per channel.
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, **kw))
         self.register_buffer("act_inv_scale", torch.ones(n_act, dtype=torch.float32, **kw))
         # Channel factors s_k already folded into the weight columns (ones unless channel mode).
         self.register_buffer("act_channel_factor", torch.ones(k, dtype=torch.float32, **kw))
+        # A fused producer LayerNorm, with 1/s_k folded into its affine parameters.
+        self.register_buffer("norm_weight", torch.ones(k, dtype=torch.float32, **kw) if fused_norm else None)
+        self.register_buffer("norm_bias", torch.zeros(k, dtype=torch.float32, **kw) if fused_norm else None)
         self.register_buffer("w_runtime", self.qweight, persistent=False)
         self.register_buffer("w_dequant", None, persistent=False)
         self.backend = "reference"
@@ -145,6 +154,27 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.refresh()
 
+    def fuse_layernorm(self, norm: nn.LayerNorm, norm_name: str = "") -> "QuantLinear":
+        """Take over the LayerNorm that feeds this layer: its output is quantized in the same pass.
+
+        The channel factors fold into the norm's affine parameters (gamma / s_k, beta / s_k), so the
+        fused kernel quantizes with the one per-tensor step t. The caller replaces ``norm`` with an
+        identity; the layer then expects the pre-norm input.
+        """
+        if self.act_quant != "channel" or self.fused_norm:
+            raise ValueError("only an unfused QuantLinear with act_quant='channel' can take over a LayerNorm")
+        if tuple(norm.normalized_shape) != (self.in_features,):
+            raise ValueError(f"LayerNorm over {tuple(norm.normalized_shape)} cannot feed in_features={self.in_features}")
+        dev = self.qweight.device
+        gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones(self.in_features, device=dev)
+        beta = norm.bias.detach().float() if norm.bias is not None else torch.zeros(self.in_features, device=dev)
+        s = self.act_channel_factor
+        self.fused_norm, self.norm_eps, self.norm_module = True, float(norm.eps), norm_name
+        self.norm_weight = (gamma / s).to(dev)
+        self.norm_bias = (beta / s).to(dev)
+        self.act_inv_scale = formats.reciprocal_fp32(self.act_scale).clone()
+        return self
+
     def set_simulate(self, simulate: bool) -> "QuantLinear":
         self.simulate = simulate
         self.refresh()
@@ -163,18 +193,26 @@ class QuantLinear(nn.Module):
             "w_bits": self.w_bits,
             "a_bits": self.a_bits,
             "act_quant": self.act_quant,
+            "fused_norm": self.fused_norm,
+            "norm_eps": self.norm_eps,
+            "norm_module": self.norm_module,
         }
 
     def extra_repr(self) -> str:
         mode = "simulate" if self.simulate else f"backend={self.backend}"
+        norm = ", fused LayerNorm" if self.fused_norm else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, W{self.w_bits}A{self.a_bits}, act={self.act_quant}, {mode}")
+                f"bias={self.bias is not None}, W{self.w_bits}A{self.a_bits}, act={self.act_quant}{norm}, {mode}")
 
     # ------------------------------------------------------------------ forward
 
     def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.act_quant == "dynamic":
             return ops.quantize_act_dynamic(x2, self.a_bits, self.backend)
+        if self.fused_norm:
+            xq = ops.layernorm_quantize(x2, self.norm_weight, self.norm_bias, self.norm_eps, self.act_inv_scale,
+                                        self.a_bits, self.backend)
+            return xq, self.act_scale
         return ops.quantize_act_static(x2, self.act_inv_scale, self.a_bits, self.backend), self.act_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +237,11 @@ class QuantLinear(nn.Module):
     def _forward_simulated(self, x2: torch.Tensor) -> torch.Tensor:
         """Fake-quant in fp32 with a straight-through gradient for the input."""
         xf = x2.to(torch.float32)
-        if self.act_quant == "dynamic":
+        if self.fused_norm:
+            xf = F.layer_norm(xf, (self.in_features,), self.norm_weight, self.norm_bias, self.norm_eps)
+            q = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits)
+            x_hat = q.to(torch.float32) * self.act_scale
+        elif self.act_quant == "dynamic":
             q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
             x_hat = q.to(torch.float32) * a_scale[:, None]
         else:

@@ -36,6 +36,21 @@ def _(x, inv_scale, a_bits, backend):
     return x.new_empty(x.shape, dtype=torch.int8)
 
 
+@torch.library.custom_op("mixq::layernorm_quantize", mutates_args=())
+def layernorm_quantize(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, inv_scale: torch.Tensor, a_bits: int,
+    backend: str,
+) -> torch.Tensor:
+    """LayerNorm (channel factors folded into weight/bias) fused with static quantization -> int8."""
+    impl = getattr(get_backend(backend), "layernorm_quantize", None) or get_backend("reference").layernorm_quantize
+    return impl(x, weight, bias, eps, inv_scale, a_bits)
+
+
+@layernorm_quantize.register_fake
+def _(x, weight, bias, eps, inv_scale, a_bits, backend):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
 @torch.library.custom_op("mixq::int_gemm", mutates_args=())
 def int_gemm(xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int, backend: str) -> torch.Tensor:
     """Exact int32 [M, N] product of int8 activations and packed weights (for tests)."""

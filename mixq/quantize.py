@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -11,7 +14,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .data import iter_batches, run_model
+from .data import batch_to, iter_batches, run_model
 from .nn import ACT_MODES, QuantLinear
 from .progress import progress_bar
 
@@ -25,7 +28,9 @@ class QuantConfig:
     ``layer_bits`` maps module names to (w_bits, a_bits) and overrides the defaults; ``skip`` holds
     names or fnmatch patterns kept in float. ``act_quant="auto"`` uses clipped channel-wise static
     scales for Linears fed directly by a LayerNorm (where inter-channel variation is strong) and
-    dynamic per-token scales elsewhere.
+    dynamic per-token scales elsewhere. ``fold_layernorm`` fuses such a LayerNorm into the Linear it
+    feeds (its quantize step then runs inside the LayerNorm kernel); it is checked numerically on a
+    calibration batch and undone if the LayerNorm's output had another consumer.
     """
 
     w_bits: int = 8
@@ -39,6 +44,7 @@ class QuantConfig:
     max_calib_rows: int = 2048
     batch_size: int = 8
     seed: int = 0
+    fold_layernorm: bool = False
 
     def __post_init__(self) -> None:
         formats.check_bits(self.w_bits, "w_bits")
@@ -149,8 +155,6 @@ def calibrate(
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
-        from .data import batch_to
-
         for batch in progress_bar(iter_batches(calib_data, config.batch_size), "calibrating", progress):
             ln_outputs.clear()
             run_model(model, batch_to(batch, device))
@@ -203,7 +207,58 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
         q = QuantLinear.from_float(lin, w_bits, a_bits, act_quant=mode, act_samples=samples.get(name),
                                    simulate=config.simulate, backend=config.backend)
         _set_module(model, name, q)
+    if config.fold_layernorm and fed_by:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        check = batch_to(next(iter_batches(calib_data, config.batch_size)), device)
+        _fuse_layernorms(model, fed_by, check)
     return model
+
+
+def _fuse_layernorms(
+    model: nn.Module, fed_by: dict[str, str], check_batch: Any, tol: float = 1e-2
+) -> list[str]:
+    """Fuse each LayerNorm that feeds exactly one channel-wise QuantLinear into it; returns the fused names.
+
+    Fusing changes what the LayerNorm module outputs, which is only right if nothing else read it;
+    hooks cannot see functional consumers, so the result is compared with the unfused model.
+    """
+    modules = dict(model.named_modules())
+    consumers: dict[str, list[str]] = {}
+    for lin, ln in fed_by.items():
+        consumers.setdefault(ln, []).append(lin)
+    pairs = [(ln, lins[0]) for ln, lins in consumers.items()
+             if len(lins) == 1 and isinstance(modules.get(ln), nn.LayerNorm)
+             and isinstance(modules.get(lins[0]), QuantLinear) and modules[lins[0]].act_quant == "channel"]
+    if not pairs:
+        return []
+    with torch.no_grad():
+        before = run_model(model, check_batch)
+    undo = []
+    for ln_name, lin_name in pairs:
+        ln, q = modules[ln_name], modules[lin_name]
+        fused = copy.deepcopy(q).fuse_layernorm(ln, ln_name)
+        undo.append((ln_name, ln, lin_name, q))
+        _set_module(model, ln_name, nn.Identity())
+        _set_module(model, lin_name, fused)
+    with torch.no_grad():
+        after = run_model(model, check_batch)
+    b, a = _first_tensor(before), _first_tensor(after)
+    rel = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)) if b is not None else math.inf
+    if not rel <= tol:
+        for ln_name, ln, lin_name, q in undo:
+            _set_module(model, ln_name, ln)
+            _set_module(model, lin_name, q)
+        warnings.warn(f"mixq: LayerNorm folding changed the output (relative difference {rel:.3g}); "
+                      "a LayerNorm output has another consumer, so nothing was folded")
+        return []
+    return [ln for ln, _ in pairs]
+
+
+def _first_tensor(out: Any) -> Optional[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return out
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return next((t for t in (_first_tensor(v) for v in items) if t is not None), None)
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

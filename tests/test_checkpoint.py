@@ -96,3 +96,15 @@ def test_mismatched_architecture_names_the_layer(models, tmp_path):
     assert _untouched(wrong)
     with pytest.raises(ValueError, match="no QuantLinear"):
         mixq.save(TinyBlock(), tmp_path / "f.safetensors")
+
+
+def test_roundtrip_with_fused_layernorm(tmp_path):
+    torch.manual_seed(0)
+    float_model = TinyBlock().eval()
+    q = quantize_(copy.deepcopy(float_model), QuantConfig(fold_layernorm=True), _data(), progress=False)
+    path = mixq.save(q, tmp_path / "m.safetensors")
+    skeleton = copy.deepcopy(float_model)
+    loaded = mixq.load(path, skeleton)
+    x = _data(2)
+    assert loaded.fc1.fused_norm
+    assert torch.equal(loaded(x), q(x))

@@ -95,3 +95,27 @@ def test_layers_that_never_run_are_reported():
 def test_find_linears_and_lazy_public_api():
     assert list(find_linears(_model())) == ["fc1", "fc2", "head"]
     assert mixq.quantize_ is quantize_ and mixq.QuantLinear is QuantLinear
+
+
+def test_fold_layernorm_fuses_and_matches_unfused():
+    x = _data(4)
+    unfused = quantize_(_model(), QuantConfig(), _data(), progress=False)
+    folded = quantize_(_model(), QuantConfig(fold_layernorm=True), _data(), progress=False)
+    assert isinstance(folded.norm, nn.Identity) and folded.fc1.fused_norm
+    assert folded.fc1.act_inv_scale.shape == (1,)
+    torch.testing.assert_close(folded(x), unfused(x), rtol=2e-2, atol=2e-2)
+    sim = folded(x)
+    folded.fc1.set_simulate(True)
+    torch.testing.assert_close(folded(x), sim, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_layernorm_is_undone_when_output_has_another_consumer():
+    class Shared(TinyBlock):
+        def forward(self, x):
+            h = self.norm(x)
+            return self.head((h + self.fc2(torch.relu(self.fc1(h)))).mean(1))
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="nothing was folded"):
+        model = quantize_(Shared().eval(), QuantConfig(fold_layernorm=True), _data(), progress=False)
+    assert isinstance(model.norm, nn.LayerNorm) and not model.fc1.fused_norm

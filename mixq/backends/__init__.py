@@ -33,6 +33,14 @@ class Backend(Protocol):
     def quantize_static(self, x: torch.Tensor, inv_scale: torch.Tensor, a_bits: int) -> torch.Tensor:
         """x [M, K] float, inv_scale fp32 [K] or [1] -> q int8 [M, K]."""
 
+    def layernorm_quantize(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, inv_scale: torch.Tensor, a_bits: int
+    ) -> torch.Tensor:
+        """LayerNorm of x [M, K] (fp32 statistics) fused with static quantization -> int8 [M, K].
+
+        Optional: a backend without it falls back to the reference implementation.
+        """
+
     def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
         """Exact int32 [M, N] = xq [M, K] @ unpack(w)^T."""
 

@@ -31,6 +31,12 @@ class ReferenceBackend:
     def quantize_static(self, x: torch.Tensor, inv_scale: torch.Tensor, a_bits: int) -> torch.Tensor:
         return formats.quantize_with_inv_scale(x, inv_scale, a_bits)
 
+    def layernorm_quantize(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, inv_scale: torch.Tensor, a_bits: int
+    ) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(x.to(torch.float32), (x.shape[-1],), weight.float(), bias.float(), eps)
+        return formats.quantize_with_inv_scale(y, inv_scale, a_bits)
+
     def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
         wq = formats.unpack_weight(w, w_bits, k)
         acc = xq.to(torch.float64) @ wq.to(torch.float64).T

@@ -1,0 +1,203 @@
+"""DINOv2 accuracy on real data: a linear probe on textile classes and saliency agreement with FP.
+
+* Linear probe: multinomial logistic regression on the full-precision model's CLS features (after
+  the final LayerNorm, standardized with train statistics) of the fixed textile train split,
+  trained once with full-batch L-BFGS and cached; the quantized model's test-split features are
+  classified by that same probe, so the probe measures how much quantization moves the features.
+* Saliency agreement (held-out test images): IoU of the binarized maps, at 0.5 and at the FP map's
+  top-10% value (the same threshold applied to both maps), and KL(P_fp || P_q) with each map
+  normalized to a distribution over pixels. Identical maps give IoU 1 and KL 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from mixq.models.base import saliency_probs
+from mixq.models.images import load_batch
+from mixq.models.textile import CLASSES, LabelledImages, textile_split
+
+TOP_FRACTION = 0.10
+KL_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def run_features_and_saliency(model: nn.Module, paths: Sequence[Path], transform, batch_size: int = 16,
+                              keep_saliency: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(CLS features [N, D], saliency maps [N, H, W] or None) of ``model`` on the images at ``paths``."""
+    if not hasattr(model, "features_and_saliency"):
+        raise TypeError(f"expected a Dinov2Saliency-like model with features_and_saliency(), got {type(model).__name__}")
+    feats, maps = [], []
+    for i in range(0, len(paths), batch_size):
+        x = load_batch(paths[i: i + batch_size], transform)
+        f, s = model.features_and_saliency(x)
+        feats.append(f.float())
+        if keep_saliency:
+            maps.append(s[:, 0].float())
+    return torch.cat(feats), (torch.cat(maps) if keep_saliency else None)
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+@dataclass
+class LinearProbe:
+    """Standardize, then a linear classifier: logits = ((f - mean) / std) @ weight.T + bias."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        z = (features.double() - self.mean) / self.std
+        return z @ self.weight.T + self.bias
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """Top-1 accuracy in percent."""
+        return 100.0 * (self.logits(features).argmax(-1) == labels).double().mean().item()
+
+
+def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                       weight_decay: float = 1e-3, max_iter: int = 500) -> LinearProbe:
+    """Multinomial logistic regression, L2-regularized, full-batch L-BFGS in float64 (deterministic)."""
+    if features.dim() != 2 or labels.shape != (features.shape[0],):
+        raise ValueError(f"expected features [N, D] and labels [N], got {tuple(features.shape)}, {tuple(labels.shape)}")
+    f = features.double()
+    mean, std = f.mean(0), f.std(0).clamp_min(1e-6)
+    z = (f - mean) / std
+    w = torch.zeros(num_classes, f.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z @ w.T + b, labels) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return LinearProbe(mean, std, w.detach(), b.detach())
+
+
+# ----------------------------------------------------------------------------- saliency metrics
+
+
+@dataclass
+class SaliencyAgreement:
+    iou_05: float  # mean IoU of maps thresholded at 0.5
+    iou_top: float  # mean IoU at the FP map's top-10% value
+    kl: float  # mean KL(P_fp || P_q), nats
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    inter = (a & b).flatten(1).sum(1).double()
+    union = (a | b).flatten(1).sum(1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def saliency_agreement(fp_maps: torch.Tensor, q_maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> SaliencyAgreement:
+    """Agreement of saliency maps [N, H, W] (values in [0, 1]) with the full-precision maps."""
+    if fp_maps.shape != q_maps.shape or fp_maps.dim() != 3:
+        raise ValueError(f"saliency maps must both be [N, H, W], got {tuple(fp_maps.shape)} and {tuple(q_maps.shape)}")
+    if not 0 < top_fraction < 1:
+        raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
+    fp, q = fp_maps.double(), q_maps.double()
+    iou_05 = _iou(fp >= 0.5, q >= 0.5)
+    thr = torch.quantile(fp.flatten(1), 1 - top_fraction, dim=1)[:, None, None]
+    iou_top = _iou(fp >= thr, q >= thr)
+    p, r = saliency_probs(fp).double(), saliency_probs(q).double()
+    kl = (p * (torch.log(p + KL_EPS) - torch.log(r + KL_EPS))).sum(-1)
+    return SaliencyAgreement(iou_05.mean().item(), iou_top.mean().item(), kl.mean().item())
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Dinov2Row:
+    label: str
+    quantized: str  # which ops at which bits
+    probe_top1: float
+    saliency: SaliencyAgreement
+    seconds: float
+    features: Optional[torch.Tensor] = field(default=None, repr=False)  # test CLS features
+    maps: Optional[torch.Tensor] = field(default=None, repr=False)  # test saliency maps
+
+
+@dataclass
+class Dinov2Result:
+    """FP and quantized rows side by side, with the data and calibration they were measured on."""
+
+    n_train: int
+    n_test: int
+    calibration: str
+    rows: list[Dinov2Row] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        fp = self.rows[0].probe_top1 if self.rows else float("nan")
+        lines = [
+            f"Linear probe: {self.n_train} train / {self.n_test} test textile images ({len(CLASSES)} classes); "
+            f"saliency on the {self.n_test} test images. Calibration: {self.calibration}.",
+            "",
+            "| model | quantized | probe top-1 (%) | delta vs FP | saliency IoU@0.5 | IoU@top10% | KL(FP‖Q) |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            s = r.saliency
+            lines.append(f"| {r.label} | {r.quantized} | {r.probe_top1:.2f} | {r.probe_top1 - fp:+.2f} | "
+                         f"{s.iou_05:.4f} | {s.iou_top:.4f} | {s.kl:.2e} |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.markdown()
+
+
+class Dinov2Evaluator:
+    """Computes the FP reference once (probe + maps); then scores any number of quantized models."""
+
+    def __init__(self, fp_model: nn.Module, transform, n_train: Optional[int] = None, n_test: Optional[int] = None,
+                 batch_size: int = 16, seed: int = 0, calibration: str = "", cache: Optional[Path] = None) -> None:
+        self.transform, self.batch_size = transform, batch_size
+        self.train: LabelledImages = textile_split("train").subset(n_train, seed)
+        self.test: LabelledImages = textile_split("test").subset(n_test, seed)
+        self.result = Dinov2Result(len(self.train), len(self.test), calibration or "n/a")
+        self.probe = self._probe(fp_model, cache)
+        t = time.perf_counter()
+        self.fp_features, self.fp_maps = run_features_and_saliency(fp_model, self.test.paths, transform, batch_size)
+        self.test_labels = torch.tensor(self.test.labels)
+        self.result.rows.append(Dinov2Row("FP32", "nothing (float)", self.probe.accuracy(self.fp_features, self.test_labels),
+                                          saliency_agreement(self.fp_maps, self.fp_maps), time.perf_counter() - t))
+
+    def _probe(self, fp_model: nn.Module, cache: Optional[Path]) -> LinearProbe:
+        key = hashlib.sha256(("|".join(str(p) for p in self.train.paths) + str(sum(
+            float(v.double().sum()) for v in fp_model.state_dict().values()))).encode()).hexdigest()[:16]
+        path = cache / f"dinov2_probe-{key}.pt" if cache is not None else None
+        if path is not None and path.is_file():
+            return LinearProbe(**torch.load(path, weights_only=True))
+        feats, _ = run_features_and_saliency(fp_model, self.train.paths, self.transform, self.batch_size,
+                                             keep_saliency=False)
+        probe = train_linear_probe(feats, torch.tensor(self.train.labels), len(CLASSES))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(vars(probe), path)
+        return probe
+
+    def evaluate(self, model: nn.Module, label: str, quantized: str) -> Dinov2Row:
+        t = time.perf_counter()
+        feats, maps = run_features_and_saliency(model, self.test.paths, self.transform, self.batch_size)
+        row = Dinov2Row(label, quantized, self.probe.accuracy(feats, self.test_labels),
+                        saliency_agreement(self.fp_maps, maps), time.perf_counter() - t, feats, maps)
+        self.result.rows.append(row)
+        return row
