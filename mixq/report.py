@@ -1,0 +1,229 @@
+"""Markdown + HTML reports with matplotlib plots: where the bits went, and what they bought.
+
+A report is built from rows of per-layer facts (bits, params, MACs, score), the budgets, and
+optionally accuracy points over several runs (the Pareto curve of accuracy vs average bits).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass
+class LayerRow:
+    name: str
+    w_bits: int
+    a_bits: int
+    params: int = 0
+    macs: int = 0
+    score: Optional[float] = None
+    out_features: int = 0  # one fp32 scale per output channel counts toward the size
+
+
+@dataclass
+class ReportData:
+    title: str
+    layers: list[LayerRow]
+    size_budget_bits: Optional[float] = None  # total bits allowed for the quantized layers
+    bops_budget: Optional[float] = None
+    points: list[dict] = field(default_factory=list)  # {"label", "avg_bits", <metric>: value, ...}
+    metric: Optional[str] = None  # which key of the points to plot against average bits
+    notes: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)  # extra Markdown tables, verbatim
+
+    @property
+    def size_bits(self) -> int:
+        return sum(r.params * r.w_bits + 32 * r.out_features for r in self.layers)
+
+    @property
+    def bops(self) -> int:
+        return sum(r.macs * r.w_bits * r.a_bits for r in self.layers)
+
+    @property
+    def avg_w_bits(self) -> float:
+        """Average weight bits over the quantized weights (scales not counted, as in the field)."""
+        total = sum(r.params for r in self.layers)
+        return sum(r.params * r.w_bits for r in self.layers) / total if total else float("nan")
+
+
+def _fig_bits(data: ReportData, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    x = range(len(data.layers))
+    fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(data.layers)), 3.2))
+    ax.step(x, [r.w_bits for r in data.layers], where="mid", label="weight bits", lw=2)
+    ax.step(x, [r.a_bits + 0.08 for r in data.layers], where="mid", label="activation bits", lw=2, ls="--")
+    ax.set_yticks([4, 6, 8])
+    ax.set_ylim(3.5, 8.5)
+    ax.set_xlabel("Linear layer (execution order)")
+    ax.set_ylabel("bits")
+    ax.set_title("Bit-width per layer across depth")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_scores(data: ReportData, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    scores = [r.score for r in data.layers]
+    if all(s is None for s in scores):
+        return False
+    fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(data.layers)), 3.2))
+    colors = {4: "#d62728", 6: "#ff7f0e", 8: "#2ca02c"}
+    ax.bar(range(len(scores)), [s or 0.0 for s in scores], color=[colors.get(r.w_bits, "grey") for r in data.layers])
+    ax.set_xlabel("Linear layer (execution order); colour = weight bits (red 4, orange 6, green 8)")
+    ax.set_ylabel("importance score")
+    ax.set_title("Layer scores")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fig_budget(data: ReportData, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    params = sum(r.params for r in data.layers) or 1
+    macs = sum(r.macs for r in data.layers) or 1
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+    axes[0].bar(["used"], [data.avg_w_bits], color="#1f77b4")
+    if data.size_budget_bits:
+        axes[0].axhline(data.size_budget_bits / params, color="k", ls="--", label="budget")
+        axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("average weight bits")
+    axes[0].set_ylim(0, 8.5)
+    axes[0].set_title("Model size")
+    axes[1].bar(["used"], [data.bops / macs], color="#9467bd")
+    if data.bops_budget:
+        axes[1].axhline(data.bops_budget / macs, color="k", ls="--", label="budget")
+        axes[1].legend(fontsize=8)
+    axes[1].set_ylabel("BOPs per MAC (w_bits x a_bits)")
+    axes[1].set_ylim(0, 68)
+    axes[1].set_title("Bit operations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_pareto(data: ReportData, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in data.points if data.metric and p.get(data.metric) is not None and p.get("avg_bits")]
+    if len(pts) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for kind, marker in (("uniform", "s"), ("mixed", "o"), ("fp", "*")):
+        sel = [p for p in pts if p.get("kind", "mixed") == kind]
+        if sel:
+            ax.scatter([p["avg_bits"] for p in sel], [p[data.metric] for p in sel], marker=marker, s=60, label=kind)
+            for p in sel:
+                ax.annotate(p["label"], (p["avg_bits"], p[data.metric]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    mixed = sorted((p for p in pts if p.get("kind", "mixed") == "mixed"), key=lambda p: p["avg_bits"])
+    if len(mixed) > 1:
+        ax.plot([p["avg_bits"] for p in mixed], [p[data.metric] for p in mixed], alpha=0.5)
+    ax.set_xlabel("average weight bits")
+    ax.set_ylabel(data.metric)
+    ax.set_title(f"{data.metric} vs average bits")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _layer_table(data: ReportData) -> str:
+    lines = ["| # | layer | W | A | params | MACs | score |", "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(data.layers):
+        score = "" if r.score is None else f"{r.score:.4g}"
+        lines.append(f"| {i} | `{r.name}` | {r.w_bits} | {r.a_bits} | {r.params:,} | {r.macs:,} | {score} |")
+    return "\n".join(lines)
+
+
+def write_report(data: ReportData, out_dir: str | Path) -> Path:
+    """Write report.md, report.html and the PNG plots into ``out_dir``; returns the Markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [("bits_per_layer.png", "Bit-widths per layer")]
+    _fig_bits(data, out / "bits_per_layer.png")
+    if _fig_scores(data, out / "scores_per_layer.png"):
+        figures.append(("scores_per_layer.png", "Scores per layer"))
+    _fig_budget(data, out / "size_bops_budget.png")
+    figures.append(("size_bops_budget.png", "Size and BOPs against budget"))
+    if _fig_pareto(data, out / "pareto.png"):
+        figures.append(("pareto.png", "Accuracy vs average bits"))
+
+    params = sum(r.params for r in data.layers)
+    counts: dict[str, int] = {}
+    for r in data.layers:
+        key = f"W{r.w_bits}A{r.a_bits}"
+        counts[key] = counts.get(key, 0) + 1
+    md = [f"# {data.title}", ""]
+    md += [f"- quantized Linear layers: {len(data.layers)} ({params:,} weights)",
+           f"- average weight bits: {data.avg_w_bits:.3f}" if params else "- average weight bits: n/a",
+           f"- quantized-layer size: {data.size_bits / 8 / 2**20:.2f} MiB of integer weights and scales "
+           f"(fp32 would be {params * 4 / 2**20:.2f} MiB)",
+           f"- BOPs: {data.bops:.4g}" + (f" (budget {data.bops_budget:.4g})" if data.bops_budget else ""),
+           "- choices: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))]
+    md += [f"- {n}" for n in data.notes]
+    md.append("")
+    for t in data.tables:
+        md += [t, ""]
+    for fname, caption in figures:
+        md += [f"## {caption}", "", f"![{caption}]({fname})", ""]
+    md += ["## Layers", "", _layer_table(data), ""]
+    text = "\n".join(md)
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(_to_html(data.title, md))
+    return out / "report.md"
+
+
+def _to_html(title: str, md_lines: list[str]) -> str:
+    """A plain HTML rendering (headings, bullets, tables, images) without a Markdown dependency."""
+    body, in_table = [], False
+    for line in md_lines:
+        if line.startswith("|"):
+            cells = [html.escape(c.strip().strip("`")) for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            if not in_table:
+                body.append("<table border=1 cellspacing=0 cellpadding=3>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("![") and "](" in line:
+            src = line.split("](", 1)[1].rstrip(")")
+            body.append(f'<p><img src="{html.escape(src)}" style="max-width:100%"></p>')
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    return f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title></head><body>" + \
+        "\n".join(body) + "</body></html>"
+
+
+def load_points(path: str | Path) -> list[dict]:
+    """Accuracy points from a results JSON written by ``mixq demo`` / ``mixq eval`` (key "points")."""
+    data: Any = json.loads(Path(path).read_text())
+    return list(data.get("points", [])) if isinstance(data, dict) else list(data)
