@@ -1,0 +1,383 @@
+"""The triton backend against the reference backend: bit-exact integers, float within rounding.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET=1 before anything imports triton); with a GPU the same tests run on CUDA
+tensors. The interpreter is slow, so shapes are small and odd (no dimension a multiple of a
+block size). Inputs are fresh random draws; the seed is in every failure message.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+import torch
+
+from mixq import formats, ops
+
+triton = pytest.importorskip("triton")
+
+from mixq import kernels  # noqa: E402
+from mixq.backends import get_backend  # noqa: E402
+from mixq.kernels import tuning  # noqa: E402
+from mixq.kernels.layout import K_TILE, gpu_layout_shape  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BITS = (4, 6, 8)
+BACKEND = get_backend("triton")
+REF = get_backend("reference")
+
+
+def fresh_generator() -> tuple[torch.Generator, int]:
+    seed = secrets.randbits(31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def rand_int(g: torch.Generator, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    lim = formats.qmax(bits)
+    return torch.randint(-lim, lim + 1, shape, generator=g, dtype=torch.int8)
+
+
+def rand_weights(g: torch.Generator, bits: int, n: int, k: int) -> torch.Tensor:
+    """Canonical packed weights [n, row_bytes] holding every value of the grid, the extremes included."""
+    q = rand_int(g, bits, (n, k))
+    q.view(-1)[:2] = torch.tensor([formats.qmax(bits), -formats.qmax(bits)], dtype=torch.int8)[: q.numel()]
+    return formats.pack_weight(q, bits)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k", [1, 13, 70, 128, 129, 300])
+def test_prepack_round_trips_to_canonical(bits, k):
+    g, seed = fresh_generator()
+    canon = rand_weights(g, bits, 5, k)
+    gpu = kernels.prepack_gpu(canon, bits, k)
+    assert tuple(gpu.shape) == gpu_layout_shape(5, k, bits), seed
+    assert torch.equal(kernels.unprepack_gpu(gpu, bits, k), canon), seed
+
+
+def test_prepack_puts_int4_sub_tiles_in_nibbles():
+    # value k sits in the low nibble of byte k, value 64 + k in the high nibble (see layout docstring)
+    q = torch.zeros(1, K_TILE, dtype=torch.int8)
+    q[0, 3], q[0, 64 + 3] = 5, -2
+    gpu = kernels.prepack_gpu(formats.pack_weight(q, 4), 4, K_TILE)
+    assert gpu[0, 0, 3].item() == 5 | ((-2 & 0xF) << 4)
+    assert int(gpu[0, 0].to(torch.int32).sum()) == gpu[0, 0, 3].item()
+
+
+def test_gpu_layout_rejects_wrong_shapes():
+    canon = formats.pack_weight(torch.zeros(4, 50, dtype=torch.int8), 4)
+    with pytest.raises(ValueError, match="prepack"):
+        kernels.mixed_gemm(torch.zeros(3, 50, dtype=torch.int8), canon, 4, 50, 4)
+    gpu = kernels.prepack_gpu(canon, 4, 50)
+    with pytest.raises(ValueError, match="int8"):
+        kernels.mixed_gemm(torch.zeros(3, 51, dtype=torch.int8), gpu, 4, 50, 4)
+    with pytest.raises(ValueError, match="canonical|row"):
+        kernels.prepack_gpu(canon[:, :-1], 4, 50)
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+@pytest.mark.parametrize("a_bits", BITS)
+def test_int_gemm_is_bit_exact(w_bits, a_bits):
+    g, seed = fresh_generator()
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    # one K inside a single 128-wide K tile, one spanning several (with a ragged last tile)
+    for ks in ((13, 50, 70), (200, 259)):
+        m, k, n = pick((1, 7, 33)), pick(ks), pick((5, 37))
+        xq = rand_int(g, a_bits, (m, k))
+        canon = rand_weights(g, w_bits, n, k)
+        expected = REF.int_gemm(xq, canon, w_bits, k, n)
+        w_gpu = BACKEND.prepack(canon.to(DEVICE), w_bits, k)
+        got = ops.int_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, "triton")
+        assert got.dtype == torch.int32 and got.shape == (m, n)
+        assert torch.equal(got.cpu(), expected), f"seed={seed} m,k,n={m, k, n}"
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+def test_int_gemm_at_the_grid_extremes_and_with_canonical_weights(w_bits):
+    # all-qmax rows give the largest sums; canonical (2-D) weights are prepacked on the fly
+    m, k, n = 3, 300, 5
+    lim = formats.qmax(w_bits)
+    xq = torch.full((m, k), -127, dtype=torch.int8)
+    canon = formats.pack_weight(torch.full((n, k), lim, dtype=torch.int8), w_bits)
+    got = BACKEND.int_gemm(xq.to(DEVICE), canon.to(DEVICE), w_bits, k, n)
+    assert torch.equal(got.cpu(), torch.full((m, n), -127 * lim * k, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_gives_the_same_integers(w_bits, split_k):
+    g, seed = fresh_generator()
+    m, k, n = 5, 3 * K_TILE - 17, 37
+    xq = rand_int(g, 8, (m, k))
+    canon = rand_weights(g, w_bits, n, k)
+    w_gpu = kernels.prepack_gpu(canon, w_bits, k).to(DEVICE)
+    cfg = kernels.GemmConfig(block_m=16, block_n=32, split_k=split_k, num_warps=4, num_stages=2)
+    got = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, config=cfg)
+    assert torch.equal(got.cpu(), REF.int_gemm(xq, canon, w_bits, k, n)), f"seed={seed}"
+    a_scale, w_scale = torch.rand(m, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
+    lin = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, a_scale.to(DEVICE), w_scale.to(DEVICE),
+                             None, torch.float32, config=cfg)
+    ref = REF.packed_linear(xq, a_scale, canon, w_scale, None, w_bits, k, n, torch.float32)
+    torch.testing.assert_close(lin.cpu(), ref, rtol=2e-7, atol=0, msg=lambda s: f"seed={seed}: {s}")
+
+
+def test_int_gemm_reads_strided_activations():
+    g, seed = fresh_generator()
+    m, k, n = 7, 50, 5
+    wide = rand_int(g, 8, (m, 2 * k))
+    xq = wide[:, ::2]  # stride 2 along K
+    canon = rand_weights(g, 6, n, k)
+    got = BACKEND.int_gemm(xq.to(DEVICE), BACKEND.prepack(canon, 6, k).to(DEVICE), 6, k, n)
+    assert torch.equal(got.cpu(), REF.int_gemm(xq.contiguous(), canon, 6, k, n)), f"seed={seed}"
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_packed_linear_matches_float64(w_bits, out_dtype, per_token):
+    g, seed = fresh_generator()
+    m, k, n = 7, 70, 37
+    xq = rand_int(g, 6, (m, k))
+    canon = rand_weights(g, w_bits, n, k)
+    a_scale = torch.rand(m if per_token else 1, generator=g) * 0.01 + 1e-3
+    w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g) if per_token else None
+    got = ops.packed_linear(xq.to(DEVICE), a_scale.to(DEVICE), BACKEND.prepack(canon, w_bits, k).to(DEVICE),
+                            w_scale.to(DEVICE), None if bias is None else bias.to(DEVICE), w_bits, k, n,
+                            out_dtype, "triton").cpu()
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    acc = REF.int_gemm(xq, canon, w_bits, k, n).double()
+    product = acc * a_scale.double()[:, None] * w_scale.double()[None, :]
+    b64 = torch.zeros(n, dtype=torch.float64) if bias is None else bias.double()
+    exact = product + b64
+    # fp32 roundings of the product and the bias add (relative to their own sizes, since the add
+    # may cancel), then one rounding to out_dtype
+    eps32, eps_out = torch.finfo(torch.float32).eps, torch.finfo(out_dtype).eps
+    tol = 3 * eps32 * product.abs() + eps32 * b64.abs() + eps_out * exact.abs() + 1e-7
+    assert ((got.double() - exact).abs() <= tol).all(), f"seed={seed}"
+    if DEVICE == "cpu":  # the interpreter does no FMA contraction: the same bits as the reference
+        ref = REF.packed_linear(xq, a_scale, canon, w_scale, bias, w_bits, k, n, out_dtype)
+        assert torch.equal(got, ref), f"seed={seed}"
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_dynamic_is_bit_exact(a_bits, dtype):
+    g, seed = fresh_generator()
+    m, k = 9, 77
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(dtype)
+    x[3] = 0  # an all-zero row takes the SCALE_EPS floor
+    x[4, :5] = torch.tensor([2.5, -2.5, 0.5, 1.5, 127.0]).to(dtype)  # ties after scaling by qmax/127
+    q, scale = ops.quantize_act_dynamic(x.to(DEVICE), a_bits, "triton")
+    q_ref, scale_ref = REF.quantize_dynamic(x, a_bits)
+    assert torch.equal(scale.cpu(), scale_ref), f"seed={seed}"
+    assert torch.equal(q.cpu(), q_ref), f"seed={seed}"
+
+
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("channelwise", [True, False])
+def test_quantize_static_is_bit_exact_and_rounds_half_to_even(a_bits, channelwise):
+    g, seed = fresh_generator()
+    m, k = 11, 37
+    x = torch.randn(m, k, generator=g) * 4
+    x[0, :6] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5])
+    inv = torch.rand(k if channelwise else 1, generator=g) * 3 + 0.5
+    inv[:6] = 1.0  # row 0's first entries are exact ties
+    q = ops.quantize_act_static(x.to(DEVICE), inv.to(DEVICE), a_bits, "triton").cpu()
+    assert torch.equal(q, REF.quantize_static(x, inv, a_bits)), f"seed={seed}"
+    assert q[0, :6].tolist() == [0, 2, 2, 0, -2, -2]
+
+
+def _layernorm_q_ok(got: torch.Tensor, x, gamma, beta, eps, inv, a_bits) -> torch.Tensor:
+    """Per element: equal to the fp64 rule, or 1 LSB off where the fp64 value is a near-tie."""
+    lim = formats.qmax(a_bits)
+    k = x.shape[1]
+    y = torch.nn.functional.layer_norm(x.double(), (k,), None if gamma is None else gamma.double(),
+                                       None if beta is None else beta.double(), eps)
+    y = (y * inv.double()).clamp(-lim, lim)
+    want = torch.round(y)
+    near_tie = ((y - y.floor()) - 0.5).abs() < 1e-4 * y.abs().clamp_min(1.0)
+    diff = (got.double() - want).abs()
+    return (diff == 0) | ((diff == 1) & near_tie)
+
+
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("channelwise", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm_quantize_matches_float64(a_bits, channelwise, affine):
+    g, seed = fresh_generator()
+    m, k = 6, 70
+    x = (torch.randn(m, k, generator=g) * 3 + torch.randn(m, 1, generator=g)).to(torch.bfloat16)
+    gamma = torch.randn(k, generator=g) if affine else None
+    beta = torch.randn(k, generator=g) if affine else None
+    inv = torch.rand(k if channelwise else 1, generator=g) * formats.qmax(a_bits) / 2 + 0.5
+    to_dev = (lambda t: None if t is None else t.to(DEVICE))
+    if affine:  # the custom op, as QuantLinear calls it
+        got = ops.layernorm_quantize(x.to(DEVICE), gamma.to(DEVICE), beta.to(DEVICE), 1e-6, inv.to(DEVICE), a_bits,
+                                     "triton")
+    else:
+        got = BACKEND.layernorm_quantize(x.to(DEVICE), to_dev(gamma), to_dev(beta), 1e-6, inv.to(DEVICE), a_bits)
+    assert got.dtype == torch.int8 and got.shape == (m, k)
+    ok = _layernorm_q_ok(got.cpu(), x, gamma, beta, 1e-6, inv, a_bits)
+    assert ok.all(), f"seed={seed}: {int((~ok).sum())} elements off"
+    assert got.abs().max() > 0 and got.abs().max() <= formats.qmax(a_bits)
+
+
+def test_quantize_kernels_reject_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        kernels.quantize_dynamic(torch.zeros(2, 3, 4, device=DEVICE), 8)
+    with pytest.raises(ValueError, match="float"):
+        kernels.quantize_dynamic(torch.zeros(2, 3, dtype=torch.int32, device=DEVICE), 8)
+    with pytest.raises(ValueError, match="inv_scale"):
+        kernels.quantize_static(torch.zeros(2, 3, device=DEVICE), torch.ones(2, device=DEVICE), 8)
+    with pytest.raises(ValueError, match="exceeds"):
+        kernels.quantize_dynamic(torch.zeros(1, kernels.quantize.MAX_ROW + 1, device=DEVICE), 8)
+    with pytest.raises(ValueError, match="unsupported"):
+        BACKEND.quantize_dynamic(torch.zeros(2, 3, device=DEVICE), 5)
+
+
+# ----------------------------------------------------------------------------- backend wiring
+
+
+def test_backend_is_registered_and_only_claims_cuda_devices():
+    assert BACKEND.name == "triton" and BACKEND.priority == 20
+    assert not BACKEND.available(torch.device("cpu"))
+    assert BACKEND.available(torch.device("cuda")) == (
+        torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    )
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU refusal outside the interpreter")
+def test_cpu_tensors_are_refused_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        BACKEND.quantize_dynamic(torch.zeros(2, 3), 8)
+
+
+def test_quantlinear_on_the_triton_backend_matches_the_reference():
+    from mixq.nn import QuantLinear
+
+    g, seed = fresh_generator()
+    lin = torch.nn.Linear(50, 37).to(DEVICE)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(37, 50, generator=g))
+    x = torch.randn(2, 3, 50, generator=g).to(DEVICE)
+    fast = QuantLinear.from_float(lin, 4, 8, backend="triton")
+    slow = QuantLinear.from_float(lin, 4, 8, backend="reference")
+    assert fast.backend == "triton" and fast.w_runtime.dim() == 3
+    torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5, msg=lambda s: f"seed={seed}: {s}")
+
+
+def test_fused_layernorm_quantlinear_on_the_triton_backend_matches_the_reference():
+    from mixq.nn import QuantLinear
+
+    g, seed = fresh_generator()
+    k, n = 70, 37
+    norm = torch.nn.LayerNorm(k)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(k, generator=g) * 0.1)
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+    x = torch.randn(9, k, generator=g) * torch.linspace(0.1, 5, k)
+    samples = norm(torch.randn(64, k, generator=g) * torch.linspace(0.1, 5, k)).detach()
+    layers = {}
+    for name in ("triton", "reference"):
+        q = QuantLinear.from_float(lin, 6, 8, act_quant="channel", act_samples=samples, backend=name)
+        layers[name] = q.fuse_layernorm(norm).to(DEVICE)
+    fast, slow = layers["triton"](x.to(DEVICE)).cpu(), layers["reference"](x.to(DEVICE)).cpu()
+    # a near-tie activation may round one LSB apart, moving an output by at most one dequantized weight
+    ref = layers["reference"]
+    lsb_effect = (formats.qmax(6) * ref.w_scale.abs().max() * ref.act_scale).item()
+    assert (fast - slow).abs().max().item() <= 2 * lsb_effect, f"seed={seed}"
+    assert fast.abs().mean() > 10 * lsb_effect  # the bound is tight next to the outputs' size
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_pick_config_without_cuda_uses_small_interpreter_tiles():
+    cfg = tuning.pick_config(8, 197, 2304, 768, torch.device("cpu"))
+    assert cfg.block_m == 16 and cfg.split_k == 1
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 256, 3072), (8, 768, 768), (197, 768, 3072)])
+def test_heuristic_splits_k_only_when_tiles_cannot_fill_the_gpu(m, n, k):
+    cfg = tuning.heuristic_config(m, n, k, sm_count=132)
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    k_tiles = -(-k // K_TILE)
+    assert 1 <= cfg.split_k <= k_tiles
+    assert (cfg.split_k > 1) == (tiles < 66)
+    big = tuning.heuristic_config(4096, 2304, 768)
+    assert big.split_k == 1 and big.block_m == 128
+
+
+def test_shipped_tables_parse_and_name_valid_configs():
+    files = sorted(tuning.CONFIG_DIR.glob("*.json"))
+    assert any(f.name == "h100.json" for f in files)
+    for f in files:
+        table = tuning.load_table(str(f))
+        assert table, f"{f.name} has no entries"
+        for (w_bits, bucket, n, k), cfg in table.items():
+            assert w_bits in BITS and bucket in tuning.M_BUCKETS and n > 0 and k > 0
+            assert isinstance(cfg, kernels.GemmConfig)
+        assert "source" in json.loads(f.read_text())
+    assert tuning.table_path_for("NVIDIA H100 80GB HBM3").name == "h100.json"
+    assert tuning.table_path_for("NVIDIA GeForce RTX 4090") is None
+
+
+def test_broken_table_entry_is_reported(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"entries": [{"w_bits": 8, "m_bucket": 16, "n": 8, "k": 8, "block_m": 24,
+                                            "block_n": 16}]}))
+    with pytest.raises(ValueError, match="entry 0"):
+        tuning.load_table(str(bad))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_bits", BITS)
+def test_gpu_gemm_on_a_sam_shape_and_with_the_table_config(w_bits):
+    g, seed = fresh_generator()
+    m, k, n = 4096 + 3, 768, 2304
+    xq = rand_int(g, 8, (m, k))
+    canon = rand_weights(g, w_bits, n, k)
+    got = BACKEND.int_gemm(xq.cuda(), BACKEND.prepack(canon.cuda(), w_bits, k), w_bits, k, n)
+    assert torch.equal(got, REF.int_gemm(xq.cuda(), canon.cuda(), w_bits, k, n)), f"seed={seed}"
+
+
+@pytest.mark.gpu
+def test_gpu_linear_stack_replays_in_a_cuda_graph_and_compiles():
+    from mixq.nn import QuantLinear
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[QuantLinear.from_float(torch.nn.Linear(768, 768).cuda(), 4, 8) for _ in range(3)])
+    assert all(layer.backend == "triton" for layer in layers)
+    x = torch.randn(197, 768, device="cuda", dtype=torch.bfloat16)
+    eager = layers(x)
+    static_x = x.clone()
+    layers(static_x)  # warm-up: compile the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layers(static_x)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+    compiled = torch.compile(layers, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
