@@ -42,7 +42,7 @@ class Backend(Protocol):
         """
 
     def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
-        """Exact int32 [M, N] = xq [M, K] @ unpack(w)^T."""
+        """Exact int32 [M, N] = xq [M, K] @ unpack(w)^T; ``w`` is what this backend's prepack returned."""
 
     def packed_linear(
         self,
@@ -56,7 +56,7 @@ class Backend(Protocol):
         n: int,
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
-        """(xq @ W^T) * a_scale[m] * w_scale[n] + bias[n], a_scale [M] or [1]."""
+        """(xq @ W^T) * a_scale[m] * w_scale[n] + bias[n], a_scale [M] or [1]; ``w`` is prepacked."""
 
 
 _REGISTRY: dict[str, Backend] = {}
