@@ -1,0 +1,75 @@
+"""Disk cache for scores, keyed by model weights + calibration data + score parameters.
+
+Scores take many forward passes; the cache makes reruns (a new budget, a new lambda) free. Files are
+JSON in ``$MIXQ_CACHE_DIR`` (default ``~/.cache/mixq/scores``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..data import iter_batches
+
+CacheDir = Union[str, Path, None, bool]
+
+
+def cache_root(cache_dir: CacheDir = None) -> Optional[Path]:
+    """Where scores are cached; ``False`` turns caching off."""
+    if cache_dir is False:
+        return None
+    if cache_dir is None or cache_dir is True:
+        cache_dir = os.environ.get("MIXQ_CACHE_DIR") or Path.home() / ".cache" / "mixq" / "scores"
+    return Path(cache_dir)
+
+
+def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    t = t.detach()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.numel():
+        f = t.reshape(-1).to("cpu", torch.float64)
+        step = max(1, f.numel() // 4096)
+        h.update(f[::step].numpy().tobytes())  # a strided sample of the values
+        h.update(repr((float(f.sum()), float(f.abs().sum()))).encode())
+
+
+def fingerprint(model: nn.Module, calib_data: Any, params: dict) -> str:
+    """A hash of the model's state_dict (names, shapes, sampled values, sums), the data and params."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            _digest_tensor(h, t)
+    for batch in iter_batches(calib_data):
+        items = batch if isinstance(batch, (list, tuple)) else (list(batch.values()) if isinstance(batch, dict) else [batch])
+        for t in items:
+            if isinstance(t, torch.Tensor):
+                _digest_tensor(h, t)
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def load(root: Optional[Path], kind: str, key: str) -> Optional[dict]:
+    if root is None:
+        return None
+    path = root / f"{kind}-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store(root: Optional[Path], kind: str, key: str, value: dict) -> None:
+    if root is None:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{kind}-{key}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)

@@ -1,0 +1,73 @@
+"""KL importance (Mix-QSAM): how far the output distribution moves when one layer is perturbed.
+
+For each layer alone: KL(P_fp || P_perturbed) per calibration image, normalized across layers per
+image (so every image votes equally), then averaged over images.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..data import iter_batches
+from ..progress import progress_bar
+from . import cache
+from .outputs import OutputFn, check_probs, kl_per_row, softmax_probs
+from .perturb import perturbed
+
+
+def _reference(model: nn.Module, batches: list, output_fn: OutputFn) -> list[torch.Tensor]:
+    return [check_probs(output_fn(model, b)).detach() for b in batches]
+
+
+def perturbation_kl(model: nn.Module, batches: list, reference: list[torch.Tensor], name: str,
+                    output_fn: OutputFn, w_bits: int, a_bits: int, mode: str) -> torch.Tensor:
+    """KL per image [N] with layer ``name`` perturbed."""
+    out = []
+    with perturbed(model, name, w_bits, a_bits, mode):
+        for b, p in zip(batches, reference):
+            out.append(kl_per_row(p, output_fn(model, b).detach()))
+    return torch.cat(out)
+
+
+def normalize_per_image(raw: torch.Tensor) -> torch.Tensor:
+    """[L, N] -> shares over layers per image (columns sum to 1; an all-zero column stays zero)."""
+    total = raw.sum(dim=0, keepdim=True)
+    return torch.where(total > 0, raw / total.clamp_min(1e-300), torch.zeros_like(raw))
+
+
+def kl_importance(model: nn.Module, calib_data: Any, names: list[str], output_fn: Optional[OutputFn] = None,
+                  w_bits: int = 4, a_bits: int = 4, mode: str = "quantize", batch_size: int = 8,
+                  progress: bool = True, cache_dir: cache.CacheDir = None) -> dict:
+    """Per-layer KL importance.
+
+    Returns ``{"names", "raw": [L][N] KL, "per_image": [L][N] shares, "importance": [L]}``.
+    ``mode="ablate"`` zeroes the layer's output instead of quantizing it (the causal-MI proxy).
+    """
+    output_fn = output_fn or softmax_probs
+    params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size,
+              "out": getattr(output_fn, "__qualname__", repr(output_fn))}
+    root = cache.cache_root(cache_dir)
+    key = cache.fingerprint(model, calib_data, params) if root is not None else ""
+    hit = cache.load(root, "kl", key)
+    if hit is not None:
+        return hit
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batches = list(iter_batches(calib_data, batch_size))
+            reference = _reference(model, batches, output_fn)
+            raw = torch.stack([
+                perturbation_kl(model, batches, reference, n, output_fn, w_bits, a_bits, mode)
+                for n in progress_bar(names, f"KL importance ({mode})", progress)
+            ])
+    finally:
+        model.train(was_training)
+    shares = normalize_per_image(raw)
+    result = {"names": list(names), "raw": raw.tolist(), "per_image": shares.tolist(),
+              "importance": shares.mean(dim=1).tolist()}
+    cache.store(root, "kl", key, result)
+    return result

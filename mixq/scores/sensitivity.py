@@ -1,0 +1,44 @@
+"""Sensitivity (Mix-QViT): output error with one layer at one candidate, the rest in float."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..data import iter_batches
+from ..progress import progress_bar
+from . import cache
+from .kl import _reference, perturbation_kl
+from .outputs import OutputFn, softmax_probs
+
+
+def sensitivity_scores(model: nn.Module, calib_data: Any, names: list[str], candidates: list[tuple[int, int]],
+                       output_fn: Optional[OutputFn] = None, batch_size: int = 8, progress: bool = True,
+                       cache_dir: cache.CacheDir = None) -> dict:
+    """Mean KL(P_fp || P) over images for every (layer, candidate): ``{"names", "candidates", "kl": [L][C]}``."""
+    output_fn = output_fn or softmax_probs
+    params = {"kind": "sensitivity", "names": names, "cands": [list(c) for c in candidates], "bs": batch_size,
+              "out": getattr(output_fn, "__qualname__", repr(output_fn))}
+    root = cache.cache_root(cache_dir)
+    key = cache.fingerprint(model, calib_data, params) if root is not None else ""
+    hit = cache.load(root, "sensitivity", key)
+    if hit is not None:
+        return hit
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batches = list(iter_batches(calib_data, batch_size))
+            reference = _reference(model, batches, output_fn)
+            jobs = [(n, c) for n in names for c in candidates]
+            values = [float(perturbation_kl(model, batches, reference, n, output_fn, w, a, "quantize").mean())
+                      for n, (w, a) in progress_bar(jobs, "sensitivity", progress)]
+    finally:
+        model.train(was_training)
+    C = len(candidates)
+    result = {"names": list(names), "candidates": [list(c) for c in candidates],
+              "kl": [values[i * C:(i + 1) * C] for i in range(len(names))]}
+    cache.store(root, "sensitivity", key, result)
+    return result

@@ -1,0 +1,174 @@
+"""Scores on tiny models where the answer is known by construction."""
+
+import pytest
+import torch
+from torch import nn
+
+from mixq.scores import cache
+from mixq.scores.inventory import adjacent_pairs, build_inventory
+from mixq.scores.kl import kl_importance
+from mixq.scores.lrp import lrp_importance, lrp_relevance, lrp_rules
+from mixq.scores.outputs import mask_probs, saliency_probs, softmax_probs
+from mixq.scores.perturb import perturbed
+from mixq.scores.sensitivity import sensitivity_scores
+from mixq.scores.synergy import synergy_scores
+
+
+class Known(nn.Module):
+    """``dead`` is computed but bypassed; ``loud``'s output is amplified 20x, ``quiet``'s is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.dead = nn.Linear(16, 16)
+        self.loud = nn.Linear(16, 16)
+        self.quiet = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 6)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        _ = self.dead(h)
+        return self.head(h + 20.0 * self.loud(h) + self.quiet(h))
+
+
+@pytest.fixture
+def known():
+    torch.manual_seed(0)
+    return Known(), torch.randn(10, 8)
+
+
+def test_kl_bypassed_zero_amplified_higher(known):
+    model, x = known
+    names = ["inp", "dead", "loud", "quiet", "head"]
+    res = kl_importance(model, x, names, cache_dir=False, progress=False)
+    imp = dict(zip(names, res["importance"]))
+    assert imp["dead"] == 0.0
+    assert imp["loud"] > imp["quiet"]
+    per_image = torch.tensor(res["per_image"], dtype=torch.float64)
+    assert torch.allclose(per_image.sum(0), torch.ones(10, dtype=torch.float64))
+    ablate = kl_importance(model, x, names, mode="ablate", cache_dir=False, progress=False)
+    assert dict(zip(names, ablate["importance"]))["dead"] == 0.0
+
+
+def test_lrp_bypassed_zero_amplified_higher(known):
+    model, x = known
+    names = ["inp", "dead", "loud", "quiet", "head"]
+    imp = dict(zip(names, lrp_importance(model, x, names, cache_dir=False, progress=False)["importance"]))
+    assert imp["dead"] == 0.0
+    assert imp["loud"] > imp["quiet"]
+
+
+class Block(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d, bias=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.ln2 = nn.LayerNorm(d, bias=False)
+        self.fc1 = nn.Linear(d, 2 * d, bias=False)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        x = x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        att = (q @ k.transpose(-1, -2)).softmax(dim=-1) @ v  # a second, explicit softmax path
+        x = x + 0.1 * att
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+def test_lrp_conserves_relevance_through_a_block():
+    torch.manual_seed(1)
+    block = Block()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    with lrp_rules(block, eps=1e-9):
+        y = block(x)
+        y.retain_grad()
+        target = (y * torch.randn_like(y)).sum()  # any linear read-out of the output
+        target.backward()
+    r_out = (y.detach() * y.grad).sum()
+    r_in = (x.detach() * x.grad).sum()
+    assert r_in.item() == pytest.approx(r_out.item(), rel=1e-4)
+    assert torch.nn.functional.softmax is not None and torch.Tensor.softmax.__name__ == "softmax"  # restored
+
+
+def test_lrp_target_relevance_matches_output():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    x = torch.randn(5, 4)
+    rel, target = lrp_relevance(model, x, ["0", "2"])
+    assert torch.allclose(rel[1], target, rtol=1e-5)  # the last layer carries all of the target
+    assert torch.allclose(rel[0], target, rtol=1e-3)  # conserved back to the first (no biases)
+
+
+def test_sensitivity_more_bits_less_error(known):
+    model, x = known
+    res = sensitivity_scores(model, x, ["loud", "dead"], [(4, 4), (8, 8)], cache_dir=False, progress=False)
+    (loud4, loud8), (dead4, dead8) = res["kl"]
+    assert loud4 > loud8 >= 0 and dead4 == dead8 == 0.0
+
+
+def test_synergy_tracks_similar_layers():
+    per_image = [[0.5, 0.4, 0.6], [0.5, 0.4, 0.6], [0.0, 0.2, 0.4]]
+    s = synergy_scores(per_image, [(0, 1), (1, 2)])
+    assert s[0] > s[1] > 0
+    with pytest.raises(ValueError):
+        synergy_scores([1.0, 2.0], [(0, 1)])
+
+
+def test_inventory_counts_real_tokens_and_order():
+    class Win(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.second = nn.Linear(4, 4)
+            self.first = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):  # x [B, 6, 4]; "second" sees only 2 of the 6 tokens, runs after "first"
+            return self.second(self.first(x)[:, :2])
+
+    inv = build_inventory(Win(), torch.randn(3, 6, 4))
+    assert [l.name for l in inv] == ["first", "second"]
+    assert inv[0].macs == 6 * 16 and inv[1].macs == 2 * 16
+    assert inv[0].bias is False and inv[1].weight_params == 16
+    assert adjacent_pairs(inv) == [(0, 1)]
+
+
+def test_output_fns_are_distributions():
+    class Dense(nn.Module):
+        def forward(self, x):
+            return x
+
+    x = torch.randn(2, 1, 5, 7)
+    for fn in (mask_probs, saliency_probs):
+        p = fn(Dense(), x)
+        assert p.shape == (2, 35) and torch.allclose(p.sum(1), torch.ones(2))
+    p = softmax_probs(Dense(), torch.randn(3, 4))
+    assert torch.allclose(p.sum(1), torch.ones(3))
+
+
+def test_perturbation_restores_layer_on_error(known):
+    model, x = known
+    original = model.loud
+    with pytest.raises(RuntimeError):
+        with perturbed(model, "loud", 4, 4):
+            assert model.loud is not original
+            raise RuntimeError("boom")
+    assert model.loud is original
+    with pytest.raises(ValueError, match="unknown perturbation mode"):
+        with perturbed(model, "loud", mode="melt"):
+            pass
+
+
+def test_cache_makes_reruns_free_and_keys_on_weights(known, tmp_path, monkeypatch):
+    model, x = known
+    first = kl_importance(model, x, ["loud", "quiet"], cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("kl-*.json"))) == 1
+    import mixq.scores.kl as kl_mod
+
+    monkeypatch.setattr(kl_mod, "perturbation_kl", lambda *a, **k: pytest.fail("cache miss"))
+    assert kl_importance(model, x, ["loud", "quiet"], cache_dir=tmp_path, progress=False) == first
+    with torch.no_grad():
+        model.loud.weight.mul_(2.0)
+    assert cache.fingerprint(model, x, {}) != cache.fingerprint(Known(), x, {})
+    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "env"))
+    assert cache.cache_root(None) == tmp_path / "env" and cache.cache_root(False) is None
