@@ -149,13 +149,17 @@ def quantize_weight(
     ratios = torch.linspace(1.0, min_ratio, grid) if clip_search else torch.ones(1)
     best_err = torch.full_like(amax, math.inf)
     best_scale = amax / lim
-    for r in ratios.tolist():
-        scale = amax * r / lim
-        q = round_half_even((w / scale[:, None]).clamp(-lim, lim))
-        err = ((q * scale[:, None] - w) ** 2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
+    buf = torch.empty_like(w)
+    with torch.no_grad():
+        for r in ratios.tolist():
+            scale = amax * r / lim
+            # in place: round(clamp(w / scale)) * scale - w, squared and summed per channel
+            torch.div(w, scale[:, None], out=buf)
+            buf.clamp_(-lim, lim).round_().mul_(scale[:, None]).sub_(w)
+            err = torch.linalg.vector_norm(buf, dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
     q = round_half_even((w / best_scale[:, None]).clamp(-lim, lim)).to(torch.int8)
     return q, best_scale
 
