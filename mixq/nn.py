@@ -82,7 +82,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("norm_weight", torch.ones(k, dtype=torch.float32, **kw) if fused_norm else None)
         self.register_buffer("norm_bias", torch.zeros(k, dtype=torch.float32, **kw) if fused_norm else None)
         self.register_buffer("w_runtime", self.qweight, persistent=False)
-        self.register_buffer("w_dequant", None, persistent=False)
+        self.register_buffer("w_sim", None, persistent=False)
         self.backend = "reference"
         self.refresh()
 
@@ -135,10 +135,13 @@ class QuantLinear(nn.Module):
         self.backend = name
         self.w_runtime = backend.prepack(self.qweight, self.w_bits, self.in_features)
         if self.simulate:
+            # Integer-valued floats: the product below is exact in fp32 while no partial sum can reach
+            # 2**24, else it runs in fp64 (also exact), so simulation reproduces the kernels bit for bit.
+            exact32 = self.in_features * formats.qmax(self.w_bits) * formats.qmax(self.a_bits) < 2**24
             q = formats.unpack_weight(self.qweight, self.w_bits, self.in_features)
-            self.w_dequant = q.to(torch.float32) * self.w_scale[:, None]
+            self.w_sim = q.to(torch.float32 if exact32 else torch.float64)
         else:
-            self.w_dequant = None
+            self.w_sim = None
         key = (name, str(device))
         if key not in _ANNOUNCED:
             _ANNOUNCED.add(key)
@@ -235,19 +238,28 @@ class QuantLinear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
     def _forward_simulated(self, x2: torch.Tensor) -> torch.Tensor:
-        """Fake-quant in fp32 with a straight-through gradient for the input."""
+        """Fake quantization computed in float, equal bit for bit to the integer path.
+
+        Activations are quantized by the same rule, the integer product is formed exactly in float,
+        and the epilogue repeats the kernels' order. Gradients flow to the input straight through
+        the rounding (the gradient of the dequantized float layer).
+        """
         xf = x2.to(torch.float32)
         if self.fused_norm:
             xf = F.layer_norm(xf, (self.in_features,), self.norm_weight, self.norm_bias, self.norm_eps)
-            q = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits)
-            x_hat = q.to(torch.float32) * self.act_scale
+            q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale
         elif self.act_quant == "dynamic":
             q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
-            x_hat = q.to(torch.float32) * a_scale[:, None]
         else:
-            q = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits)
-            x_hat = q.to(torch.float32) * self.act_scale
-            xf = xf / self.act_channel_factor  # the straight-through path sees the folded basis too
-        x_hat = xf + (x_hat - xf).detach()
-        out = F.linear(x_hat, self.w_dequant, self.bias)
+            q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale
+            xf = xf / self.act_channel_factor  # the straight-through path works in the folded basis
+        acc = (q.to(self.w_sim.dtype) @ self.w_sim.T).to(torch.float32)
+        out = acc * a_scale.to(torch.float32).reshape(-1, 1) * self.w_scale.reshape(1, -1)
+        if self.bias is not None:
+            out = out + self.bias
+        if xf.requires_grad:
+            x_hat = q.to(torch.float32) * a_scale.reshape(-1, 1)
+            w_hat = self.w_sim.to(torch.float32) * self.w_scale[:, None]
+            ste = F.linear(xf + (x_hat - xf).detach(), w_hat, self.bias)
+            out = ste + (out - ste).detach()
         return out.to(x2.dtype)

@@ -119,3 +119,21 @@ def test_fold_layernorm_is_undone_when_output_has_another_consumer():
     with pytest.warns(UserWarning, match="nothing was folded"):
         model = quantize_(Shared().eval(), QuantConfig(fold_layernorm=True), _data(), progress=False)
     assert isinstance(model.norm, nn.LayerNorm) and not model.fc1.fused_norm
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_whole_model_simulation_is_bit_identical_to_kernels(fold):
+    # Any float difference between the two paths would flip activation roundings and grow block after
+    # block, so whole-model agreement must be exact, not approximate.
+    from mixq.quantize import set_simulate
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7).eval()
+    x = torch.randn(6, 3, 32, 32)
+    cfg = QuantConfig(w_bits=6, a_bits=6, layer_bits={"blocks.1.mlp.fc2": (4, 8)}, fold_layernorm=fold)
+    quantize_(model, cfg, x, progress=False)
+    y_kernel = model(x)
+    y_sim = set_simulate(model, True)(x)
+    assert torch.equal(y_kernel, y_sim)
