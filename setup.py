@@ -14,9 +14,10 @@ sources = sorted(glob.glob("csrc/*.cpp"))
 if sources and os.environ.get("MIXQ_NO_EXT") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # No fast-math and no FP contraction: the kernels must round exactly like the reference.
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off"]
     if os.environ.get("MIXQ_DEBUG_EXT") == "1":
-        cxx = ["-O0", "-g", "-fopenmp", "-std=c++17"]
+        cxx = ["-O0", "-g", "-fopenmp", "-std=c++20", "-ffp-contract=off"]
     ext_modules = [
         CppExtension(
             "mixq._C",

@@ -1,0 +1,25 @@
+// Python bindings of the CPU kernels: the `mixq._C` module wrapped by mixq/backends/cpu.py.
+#include <torch/extension.h>
+
+#include "mixq_cpu.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mixq CPU kernels: AVX2 + OpenMP int8 x packed int4/int6/int8 GEMM and activation quantization";
+  m.def("has_avx2", &mixq::cpu_has_avx2, "True when the CPU supports AVX2, FMA and F16C");
+  m.def("use_avx2", &mixq::use_avx2, "True when the AVX2 kernels are in use");
+  m.def("set_force_scalar", &mixq::set_force_scalar, py::arg("force"),
+        "Force the portable scalar kernels (for tests of that path)");
+  m.def("prepack_k_unit", &mixq::prepack_k_unit, py::arg("bits"));
+  m.def("prepacked_tile_bytes", &mixq::prepacked_tile_bytes, py::arg("k"), py::arg("bits"));
+  m.def("prepack_weight", &mixq::prepack_weight, py::arg("canonical"), py::arg("bits"), py::arg("k"),
+        "Canonical packed weights [N, row_bytes] -> prepacked uint8 [tiles * tile_bytes]");
+  m.def("int_gemm", &mixq::int_gemm, py::arg("xq"), py::arg("w"), py::arg("bits"), py::arg("k"), py::arg("n"));
+  m.def("packed_linear", &mixq::packed_linear, py::arg("xq"), py::arg("a_scale"), py::arg("w"), py::arg("w_scale"),
+        py::arg("bias"), py::arg("bits"), py::arg("k"), py::arg("n"), py::arg("out_dtype"));
+  m.def("quantize_dynamic", &mixq::quantize_dynamic, py::arg("x"), py::arg("bits"));
+  m.def("quantize_static", &mixq::quantize_static, py::arg("x"), py::arg("inv_scale"), py::arg("bits"));
+  m.def("layernorm_quantize", &mixq::layernorm_quantize, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps"), py::arg("inv_scale"), py::arg("bits"));
+  m.def("measure_int8_peak", &mixq::measure_int8_peak, py::arg("sequence"), py::arg("iters"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,617 @@
+// Integer GEMM of int8 activations with 4/6/8-bit weights: prepacking, kernels, epilogue.
+//
+// Prepacked layout (built once at load time from the canonical checkpoint layout). Output
+// channels are cut into tiles of 8; K into groups of 4. In one tile, a "weight vector" is 32
+// bytes: byte c*4 + j holds the weight of channel c at k = 4g + j. One AVX2 `maddubs` of a
+// weight vector with the 4 activation bytes of group g broadcast to every lane gives, after a
+// `madd` with ones, the 8 channel partial sums of that group.
+//
+// `maddubs` multiplies an unsigned operand by a signed one. The weights are the unsigned
+// operand: below 8 bits they are stored as codes u = w + 2^(b-1) (u in [0, 15] or [0, 63]),
+// and the kernel subtracts 2^(b-1) * rowsum(x) afterwards. Pair sums then stay far inside
+// int16, so several `maddubs` results are added in int16 before one `madd` widens them (the
+// count F is chosen per call from the measured max |x|, see choose_flush). Codes stay packed:
+//   int4: 32 bytes per 2 groups (low nibble: group 2p, high nibble: group 2p+1);
+//   int6: 96 bytes per 4 groups: two int4-style low planes, then a plane with the high 2 bits
+//         of group 4q+j at bits 2j..2j+1;
+//   int8: 32 bytes per group, the signed weight itself. With |x| <= 64 the kernel flips the
+//         sign bit (u = w + 128, offset path); otherwise it uses |x| as the unsigned operand and
+//         moves the sign of x onto w (`sign_epi8`), which is exact even for x = -128.
+// K is padded with zero weights to a multiple of 4, 8, 16 (int8, int4, int6) and activations
+// with zeros, so padding contributes nothing.
+//
+// Driver: activations are copied once into a zero-padded panel (with row sums and max |x|);
+// threads (at::parallel_for, torch's OpenMP pool) take (64-row chunk x weight-tile block) items;
+// K runs in panels of 1024 so a 4-row activation panel and a weight-tile panel share L1; the
+// epilogue ((float(acc) * a_scale[m]) * w_scale[n] + bias[n], fp32 or bf16) is fused per tile.
+// Without AVX2 the same prepacked layout feeds a portable scalar kernel.
+#include "mixq_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace mixq {
+
+namespace {
+
+constexpr int kMR = 4;  // activation rows per micro-kernel call
+constexpr int kGroup = 4;
+
+enum class Mode { kW4, kW6, kW8Offset, kW8Sign };
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+void check_bits(int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "mixq cpu: unsupported w_bits=", bits,
+              "; supported: 4, 6, 8");
+}
+
+int64_t code_offset(int64_t bits) { return int64_t{1} << (bits - 1); }
+
+// Bytes of one unit (the smallest block the kernel unpacks) and groups per unit.
+int64_t unit_groups(int64_t bits) { return bits == 8 ? 1 : (bits == 4 ? 2 : 4); }
+int64_t unit_bytes(int64_t bits) { return bits == 6 ? 96 : 32; }
+
+int64_t canonical_row_bytes(int64_t k, int64_t bits) {
+  const int64_t unit = bits == 8 ? 1 : (bits == 4 ? 2 : 4);
+  return round_up(k, unit) * bits / 8;
+}
+
+// Decode one canonical packed row (mixq/formats.py) into signed values w[0..k).
+void decode_canonical_row(const uint8_t* row, int64_t bits, int64_t k, int8_t* out) {
+  auto sext = [bits](int v) -> int8_t {
+    const int half = 1 << (bits - 1);
+    return static_cast<int8_t>(v >= half ? v - (1 << bits) : v);
+  };
+  if (bits == 8) {
+    std::memcpy(out, row, static_cast<size_t>(k));
+  } else if (bits == 4) {
+    for (int64_t i = 0; i < k; ++i) out[i] = sext((row[i / 2] >> (4 * (i % 2))) & 0xF);
+  } else {
+    const int64_t kp = round_up(k, 4);
+    const uint8_t* plane4 = row;
+    const uint8_t* plane2 = row + kp / 2;
+    for (int64_t i = 0; i < k; ++i) {
+      const int lo = (plane4[i / 2] >> (4 * (i % 2))) & 0xF;
+      const int hi = (plane2[i / 4] >> (2 * (i % 4))) & 0x3;
+      out[i] = sext(lo | (hi << 4));
+    }
+  }
+}
+
+// Code of weight vector element i (= c*4 + j) of group g in a prepacked tile.
+inline int tile_code(const uint8_t* tile, int64_t bits, int64_t g, int i) {
+  if (bits == 8) return static_cast<int8_t>(tile[g * 32 + i]);
+  if (bits == 4) return (tile[(g / 2) * 32 + i] >> (4 * (g % 2))) & 0xF;
+  const uint8_t* quad = tile + (g / 4) * 96;
+  const int j = static_cast<int>(g % 4);
+  const int lo = (quad[(j / 2) * 32 + i] >> (4 * (j % 2))) & 0xF;
+  const int hi = (quad[64 + i] >> (2 * j)) & 0x3;
+  return lo | (hi << 4);
+}
+
+// ----------------------------------------------------------------------------- kernels
+// A kernel computes out[r*8 + c] = sum_k code(w[c, k]) * x[r, k] for kMR rows and one tile;
+// the caller removes the code offset. `ngroups` is a multiple of the unit's group count.
+using KernelFn = void (*)(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups, int32_t* out);
+
+void kernel_scalar(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups, int32_t* out,
+                   int64_t bits) {
+  int32_t acc[kMR][kTileN] = {};
+  for (int64_t g = 0; g < ngroups; ++g) {
+    for (int c = 0; c < kTileN; ++c) {
+      int code[kGroup];
+      for (int j = 0; j < kGroup; ++j) code[j] = tile_code(tile, bits, g, c * 4 + j);
+      for (int r = 0; r < kMR; ++r) {
+        const int8_t* xr = x + r * ldx + g * kGroup;
+        int32_t s = 0;
+        for (int j = 0; j < kGroup; ++j) s += code[j] * static_cast<int32_t>(xr[j]);
+        acc[r][c] += s;
+      }
+    }
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+template <int BITS>
+void kernel_scalar_t(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups, int32_t* out) {
+  kernel_scalar(x, ldx, tile, ngroups, out, BITS);
+}
+
+#if defined(__x86_64__)
+#define MIXQ_AVX2 __attribute__((target("avx2,fma")))
+
+template <Mode MODE>
+MIXQ_AVX2 inline void unpack_unit(const uint8_t* p, __m256i* wv) {
+  if constexpr (MODE == Mode::kW8Offset) {
+    wv[0] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi8(-128));
+  } else if constexpr (MODE == Mode::kW4) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    wv[0] = _mm256_and_si256(v, m4);
+    wv[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  } else if constexpr (MODE == Mode::kW6) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i m2 = _mm256_set1_epi8(0x30);
+    const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
+    // 16-bit shifts move bits across the two bytes of a lane; the byte masks drop them.
+    wv[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(h, 4), m2));
+    wv[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                            _mm256_and_si256(_mm256_slli_epi16(h, 2), m2));
+    wv[2] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(h, m2));
+    wv[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(h, 2), m2));
+  }
+}
+
+MIXQ_AVX2 inline __m256i broadcast_group(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
+// Offset-code kernel: F maddubs results are summed in int16 before one madd widens them.
+template <Mode MODE, int F>
+MIXQ_AVX2 void kernel_avx2_offset(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups,
+                                  int32_t* out) {
+  constexpr int U = MODE == Mode::kW4 ? 2 : (MODE == Mode::kW6 ? 4 : 1);
+  constexpr int UB = MODE == Mode::kW6 ? 96 : 32;
+  constexpr int UNITS_PER_FLUSH = F >= U ? F / U : 1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kMR];
+  __m256i a16[kMR];
+  for (int r = 0; r < kMR; ++r) acc[r] = a16[r] = _mm256_setzero_si256();
+  const int64_t nunits = ngroups / U;
+  for (int64_t u0 = 0; u0 < nunits; u0 += UNITS_PER_FLUSH) {
+    const int64_t ue = std::min<int64_t>(u0 + UNITS_PER_FLUSH, nunits);
+    for (int64_t u = u0; u < ue; ++u) {
+      __m256i wv[U];
+      unpack_unit<MODE>(tile + u * UB, wv);
+#pragma GCC unroll 4
+      for (int v = 0; v < U; ++v) {
+        const int8_t* xg = x + (u * U + v) * kGroup;
+#pragma GCC unroll 8
+        for (int r = 0; r < kMR; ++r) {
+          a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(wv[v], broadcast_group(xg + r * ldx)));
+        }
+        if constexpr (F < U) {
+          if ((v + 1) % F == 0) {
+            for (int r = 0; r < kMR; ++r) {
+              acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(a16[r], ones));
+              a16[r] = _mm256_setzero_si256();
+            }
+          }
+        }
+      }
+    }
+    if constexpr (F >= U) {
+      for (int r = 0; r < kMR; ++r) {
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(a16[r], ones));
+        a16[r] = _mm256_setzero_si256();
+      }
+    }
+  }
+  for (int r = 0; r < kMR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kTileN), acc[r]);
+}
+
+// int8 weights with full-range activations: |x| is the unsigned operand, sign(x) moves onto w.
+// The activation panel is interleaved for this kernel (per group: 4 bytes x, then 4 bytes |x|,
+// see interleave_abs), so |x| is computed once per call rather than once per weight tile.
+MIXQ_AVX2 void kernel_avx2_w8_sign(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups,
+                                   int32_t* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kMR];
+  for (int r = 0; r < kMR; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 32));
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const int8_t* xg = x + r * ldx + g * 2 * kGroup;
+      const __m256i p = _mm256_maddubs_epi16(broadcast_group(xg + kGroup), _mm256_sign_epi8(w, broadcast_group(xg)));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));
+    }
+  }
+  for (int r = 0; r < kMR; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * kTileN), acc[r]);
+}
+
+template <Mode MODE>
+KernelFn pick_offset_kernel(int f) {
+  switch (f) {
+    case 1: return kernel_avx2_offset<MODE, 1>;
+    case 2: return kernel_avx2_offset<MODE, 2>;
+    case 4: return kernel_avx2_offset<MODE, 4>;
+    case 8: return kernel_avx2_offset<MODE, 8>;
+    case 16: return kernel_avx2_offset<MODE, 16>;
+    case 32: return kernel_avx2_offset<MODE, 32>;
+    default: return kernel_avx2_offset<MODE, 64>;
+  }
+}
+#endif
+
+// Largest power of two F <= 64 such that F maddubs pair sums of codes <= umax times
+// activations |x| <= xmax stay inside int16: F * 2 * umax * xmax <= 32767.
+int choose_flush(int umax, int xmax) {
+  const int pair = 2 * umax * std::max(xmax, 1);
+  int f = 1;
+  while (f < 64 && 2 * f * pair <= 32767) f *= 2;
+  return f;
+}
+
+struct KernelChoice {
+  KernelFn fn;
+  int32_t offset;           // code offset to remove: acc -= offset * rowsum(x)
+  bool interleaved = false; // the kernel reads the x / |x| interleaved panel
+};
+
+KernelChoice choose_kernel(int64_t bits, int xmax) {
+#if defined(__x86_64__)
+  if (use_avx2()) {
+    if (bits == 4) return {pick_offset_kernel<Mode::kW4>(choose_flush(15, xmax)), 8};
+    if (bits == 6) return {pick_offset_kernel<Mode::kW6>(choose_flush(63, xmax)), 32};
+    if (xmax <= 64) return {pick_offset_kernel<Mode::kW8Offset>(choose_flush(255, xmax)), 128};
+    return {kernel_avx2_w8_sign, 0, true};
+  }
+#endif
+  if (bits == 4) return {kernel_scalar_t<4>, 8};
+  if (bits == 6) return {kernel_scalar_t<6>, 32};
+  return {kernel_scalar_t<8>, 0};
+}
+
+// ----------------------------------------------------------------------------- activations
+struct PackedActivations {
+  std::vector<int8_t> data;     // [mp, kpad], zero padded
+  std::vector<int32_t> rowsum;  // [mp]
+  int64_t mp = 0, kpad = 0;
+  int xmax = 0;                 // max |x| (128 when -128 occurs)
+};
+
+PackedActivations pack_activations(const int8_t* x, int64_t m, int64_t k, int64_t kpad) {
+  PackedActivations a;
+  a.mp = round_up(std::max<int64_t>(m, 1), kMR);
+  a.kpad = kpad;
+  a.data.assign(static_cast<size_t>(a.mp * kpad), 0);
+  a.rowsum.assign(static_cast<size_t>(a.mp), 0);
+  std::vector<int> row_max(static_cast<size_t>(a.mp), 0);
+  // Cheap O(M*K) pass: split over threads only when each gets a sizeable share.
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(k, 1));
+  at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int8_t* src = x + i * k;
+      std::memcpy(a.data.data() + i * kpad, src, static_cast<size_t>(k));
+      int32_t s = 0;
+      int mx = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int v = src[j];
+        s += v;
+        mx = std::max(mx, v < 0 ? -v : v);
+      }
+      a.rowsum[i] = s;
+      row_max[i] = mx;
+    }
+  });
+  for (int v : row_max) a.xmax = std::max(a.xmax, v);
+  return a;
+}
+
+// Panel for the int8 sign kernel: per group of 4, the 4 bytes of x then the 4 bytes of |x|
+// (|-128| = 128 read as unsigned by maddubs).
+void interleave_abs(PackedActivations& a) {
+  std::vector<int8_t> out(a.data.size() * 2);
+  const int64_t total_groups = static_cast<int64_t>(a.data.size()) / kGroup;
+  at::parallel_for(0, total_groups, int64_t{1} << 16, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      for (int j = 0; j < kGroup; ++j) {
+        const int8_t v = a.data[g * kGroup + j];
+        out[g * 2 * kGroup + j] = v;
+        out[g * 2 * kGroup + kGroup + j] = static_cast<int8_t>(v < 0 ? -static_cast<int>(v) : v);
+      }
+    }
+  });
+  a.data.swap(out);
+  a.kpad *= 2;  // row stride in bytes
+}
+
+// ----------------------------------------------------------------------------- epilogue
+struct Epilogue {
+  int32_t* out_i32 = nullptr;       // int_gemm: exact int32
+  float* out_f32 = nullptr;         // packed_linear fp32
+  at::BFloat16* out_bf16 = nullptr; // packed_linear bf16
+  const float* a_scale = nullptr;
+  bool a_scale_per_row = false;
+  const float* w_scale = nullptr;
+  const float* bias = nullptr;
+  int64_t ldo = 0;
+};
+
+#if defined(__x86_64__)
+// fp32 -> bf16 with round-to-nearest-even (NaN stays NaN), as torch's .to(bfloat16).
+MIXQ_AVX2 inline __m128i f32_to_bf16_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+  const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit lane: 4 values, repeated
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+}
+
+MIXQ_AVX2 void finish_tile_avx2(const int32_t* acc, const int32_t* rowsum, int32_t offset, int64_t m0,
+                                int64_t rows, int64_t n0, const Epilogue& ep) {
+  const bool int_out = ep.out_i32 != nullptr;
+  const __m256 ws = int_out ? _mm256_setzero_ps() : _mm256_loadu_ps(ep.w_scale + n0);
+  const __m256 b = ep.bias ? _mm256_loadu_ps(ep.bias + n0) : _mm256_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kTileN));
+    v = _mm256_sub_epi32(v, _mm256_set1_epi32(offset * rowsum[r]));
+    if (ep.out_i32) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ep.out_i32 + m * ep.ldo + n0), v);
+      continue;
+    }
+    const __m256 as = _mm256_set1_ps(ep.a_scale[ep.a_scale_per_row ? m : 0]);
+    __m256 o = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), as), ws);
+    if (ep.bias) o = _mm256_add_ps(o, b);
+    if (ep.out_f32) {
+      _mm256_storeu_ps(ep.out_f32 + m * ep.ldo + n0, o);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ep.out_bf16 + m * ep.ldo + n0), f32_to_bf16_avx2(o));
+    }
+  }
+}
+#endif
+
+// Same arithmetic in the same order as the reference: ((float)acc * a_scale) * w_scale + bias.
+void finish_tile_scalar(const int32_t* acc, const int32_t* rowsum, int32_t offset, int64_t m0, int64_t rows,
+                        int64_t n0, int64_t cols, const Epilogue& ep) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const float as = ep.out_i32 ? 0.f : ep.a_scale[ep.a_scale_per_row ? m : 0];
+    for (int64_t c = 0; c < cols; ++c) {
+      // Wrapping int32 arithmetic: the true result fits, intermediates may wrap.
+      const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(acc[r * kTileN + c]) -
+                                             static_cast<uint32_t>(offset) * static_cast<uint32_t>(rowsum[r]));
+      const int64_t n = n0 + c;
+      if (ep.out_i32) {
+        ep.out_i32[m * ep.ldo + n] = v;
+        continue;
+      }
+      float o = static_cast<float>(v) * as;
+      o = o * ep.w_scale[n];
+      if (ep.bias) o = o + ep.bias[n];
+      if (ep.out_f32) {
+        ep.out_f32[m * ep.ldo + n] = o;
+      } else {
+        ep.out_bf16[m * ep.ldo + n] = c10::BFloat16(o);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- driver
+void check_prepacked(const at::Tensor& w, int64_t bits, int64_t k, int64_t n) {
+  check_bits(bits);
+  TORCH_CHECK(k > 0 && n > 0, "mixq cpu: k and n must be positive, got k=", k, " n=", n);
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "mixq cpu: prepacked weights must be a contiguous uint8 CPU tensor (from CpuBackend.prepack), got ",
+              w.scalar_type(), " on ", w.device());
+  const int64_t expect = round_up(n, kTileN) / kTileN * prepacked_tile_bytes(k, bits);
+  TORCH_CHECK(w.numel() == expect, "mixq cpu: prepacked weights have ", w.numel(), " bytes but k=", k, " n=", n,
+              " at ", bits, " bits need ", expect, "; pass the output of CpuBackend.prepack, not canonical weights");
+}
+
+void run_gemm(const at::Tensor& xq, const at::Tensor& w, int64_t bits, int64_t k, int64_t n, const Epilogue& ep_in) {
+  const int64_t m = xq.size(0);
+  if (m == 0) return;
+  const int64_t kpad = round_up(k, prepack_k_unit(bits));
+  const int64_t tile_bytes = prepacked_tile_bytes(k, bits);
+  const int64_t ntiles = round_up(n, kTileN) / kTileN;
+  PackedActivations a = pack_activations(xq.data_ptr<int8_t>(), m, k, kpad);
+  const KernelChoice kc = choose_kernel(bits, a.xmax);
+  if (kc.interleaved) interleave_abs(a);
+  const int64_t ldx = a.kpad;
+  const bool avx2 = use_avx2();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t ngroups = kpad / kGroup;
+
+  // Cache blocking: a block of weight tiles (<= ~192 KiB, kept in L2) is swept by a chunk of
+  // rows; each kMR-row panel of activations stays in L1 while it meets every tile of the block.
+  const int64_t threads = at::get_num_threads();
+  int64_t tiles_per_block = std::max<int64_t>(1, (192 * 1024) / tile_bytes);
+  tiles_per_block = std::min(tiles_per_block, ntiles);
+  const int64_t rows_per_chunk = 64;
+  const int64_t mchunks = (a.mp + rows_per_chunk - 1) / rows_per_chunk;
+  // Enough work items for every thread when M is small.
+  while (tiles_per_block > 1 && mchunks * ((ntiles + tiles_per_block - 1) / tiles_per_block) < 4 * threads) {
+    tiles_per_block = (tiles_per_block + 1) / 2;
+  }
+  const int64_t nblocks = (ntiles + tiles_per_block - 1) / tiles_per_block;
+  const Epilogue ep = ep_in;
+
+  // K panels of up to 1024 values: the kMR-row activation panel and one weight tile panel stay
+  // in L1 together; int32 partial sums of a whole (row chunk x tile block) carry across panels.
+  const int64_t ug = unit_groups(bits);
+  const int64_t panel_groups = std::min<int64_t>(ngroups, 256);  // a multiple of 4, so of ug
+  const int64_t npanels = (ngroups + panel_groups - 1) / panel_groups;
+  const int64_t x_group_bytes = kc.interleaved ? 2 * kGroup : kGroup;
+  const int64_t tile_panel_bytes = panel_groups / ug * unit_bytes(bits);
+
+  at::parallel_for(0, mchunks * nblocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) int32_t tmp[kMR * kTileN];
+    std::vector<int32_t> accbuf(static_cast<size_t>(rows_per_chunk * tiles_per_block * kTileN));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t mc = item / nblocks, nb = item % nblocks;
+      const int64_t mbeg = mc * rows_per_chunk;
+      const int64_t mend = std::min(std::min(a.mp, mbeg + rows_per_chunk), round_up(m, kMR));
+      const int64_t tbeg = nb * tiles_per_block;
+      const int64_t tend = std::min(ntiles, tbeg + tiles_per_block);
+      auto slot = [&](int64_t m0, int64_t t) {
+        return accbuf.data() + ((m0 - mbeg) / kMR * tiles_per_block + (t - tbeg)) * kMR * kTileN;
+      };
+      for (int64_t p = 0; p < npanels; ++p) {
+        const int64_t g0 = p * panel_groups;
+        const int64_t gn = std::min(panel_groups, ngroups - g0);
+        for (int64_t m0 = mbeg; m0 < mend; m0 += kMR) {
+          const int8_t* xpanel = a.data.data() + m0 * ldx + g0 * x_group_bytes;
+          for (int64_t t = tbeg; t < tend; ++t) {
+            int32_t* dst = slot(m0, t);
+            if (p == 0) {
+              kc.fn(xpanel, ldx, wp + t * tile_bytes, gn, dst);
+            } else {
+              kc.fn(xpanel, ldx, wp + t * tile_bytes + p * tile_panel_bytes, gn, tmp);
+              for (int i = 0; i < kMR * kTileN; ++i) {  // wrapping add: only the final sum must fit
+                dst[i] = static_cast<int32_t>(static_cast<uint32_t>(dst[i]) + static_cast<uint32_t>(tmp[i]));
+              }
+            }
+          }
+        }
+      }
+      for (int64_t m0 = mbeg; m0 < mend; m0 += kMR) {
+        const int64_t rows = std::min<int64_t>(kMR, m - m0);
+        for (int64_t t = tbeg; t < tend; ++t) {
+          const int64_t n0 = t * kTileN;
+          const int64_t cols = std::min<int64_t>(kTileN, n - n0);
+#if defined(__x86_64__)
+          if (avx2 && cols == kTileN) {
+            finish_tile_avx2(slot(m0, t), a.rowsum.data() + m0, kc.offset, m0, rows, n0, ep);
+            continue;
+          }
+#endif
+          finish_tile_scalar(slot(m0, t), a.rowsum.data() + m0, kc.offset, m0, rows, n0, cols, ep);
+        }
+      }
+    }
+  });
+}
+
+void check_activations(const at::Tensor& xq, int64_t k) {
+  TORCH_CHECK(xq.device().is_cpu() && xq.scalar_type() == at::kChar && xq.dim() == 2,
+              "mixq cpu: activations must be a 2-D int8 CPU tensor [M, K], got ", xq.scalar_type(), " ",
+              xq.sizes(), " on ", xq.device());
+  TORCH_CHECK(xq.size(1) == k, "mixq cpu: activations have K=", xq.size(1), " but the weights have k=", k);
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- public
+int64_t prepack_k_unit(int64_t bits) {
+  check_bits(bits);
+  return kGroup * unit_groups(bits);
+}
+
+int64_t prepacked_tile_bytes(int64_t k, int64_t bits) {
+  const int64_t kpad = round_up(k, prepack_k_unit(bits));
+  return kpad / (kGroup * unit_groups(bits)) * unit_bytes(bits);
+}
+
+at::Tensor prepack_weight(const at::Tensor& canonical, int64_t bits, int64_t k) {
+  check_bits(bits);
+  TORCH_CHECK(canonical.device().is_cpu() && canonical.scalar_type() == at::kByte && canonical.dim() == 2,
+              "mixq cpu: prepack expects canonical packed weights, a 2-D uint8 CPU tensor [N, row_bytes], got ",
+              canonical.scalar_type(), " ", canonical.sizes(), " on ", canonical.device());
+  TORCH_CHECK(k > 0, "mixq cpu: k must be positive, got ", k);
+  TORCH_CHECK(canonical.size(1) == canonical_row_bytes(k, bits), "mixq cpu: canonical rows have ",
+              canonical.size(1), " bytes but k=", k, " at ", bits, " bits needs ", canonical_row_bytes(k, bits));
+  const at::Tensor src = canonical.contiguous();
+  const int64_t n = src.size(0);
+  const int64_t kpad = round_up(k, prepack_k_unit(bits));
+  const int64_t ntiles = round_up(n, kTileN) / kTileN;
+  const int64_t tile_bytes = prepacked_tile_bytes(k, bits);
+  at::Tensor out = at::zeros({ntiles * tile_bytes}, at::kByte);
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  const int64_t rb = src.size(1);
+  const int off = bits == 8 ? 0 : static_cast<int>(code_offset(bits));
+  bool has_min8 = false;
+
+  at::parallel_for(0, ntiles, 1, [&](int64_t tb, int64_t te) {
+    std::vector<int8_t> w(static_cast<size_t>(kpad));
+    for (int64_t t = tb; t < te; ++t) {
+      uint8_t* tile = dst + t * tile_bytes;
+      for (int c = 0; c < kTileN; ++c) {
+        const int64_t ch = t * kTileN + c;
+        std::fill(w.begin(), w.end(), 0);
+        if (ch < n) decode_canonical_row(s + ch * rb, bits, k, w.data());
+        for (int64_t kk = 0; kk < kpad; ++kk) {
+          const int64_t g = kk / kGroup;
+          const int i = c * 4 + static_cast<int>(kk % kGroup);
+          if (bits == 8 && w[kk] == -128) has_min8 = true;
+          const int code = w[kk] + off;
+          if (bits == 8) {
+            tile[g * 32 + i] = static_cast<uint8_t>(code);
+          } else if (bits == 4) {
+            tile[(g / 2) * 32 + i] |= static_cast<uint8_t>(code << (4 * (g % 2)));
+          } else {
+            uint8_t* quad = tile + (g / 4) * 96;
+            const int j = static_cast<int>(g % 4);
+            quad[(j / 2) * 32 + i] |= static_cast<uint8_t>((code & 0xF) << (4 * (j % 2)));
+            quad[64 + i] |= static_cast<uint8_t>((code >> 4) << (2 * j));
+          }
+        }
+      }
+    }
+  });
+  TORCH_CHECK(!has_min8, "mixq cpu: 8-bit weights hold -128, outside the symmetric range [-127, 127] of the format");
+  return out;
+}
+
+at::Tensor int_gemm(const at::Tensor& xq_in, const at::Tensor& w, int64_t bits, int64_t k, int64_t n) {
+  check_prepacked(w, bits, k, n);
+  check_activations(xq_in, k);
+  const at::Tensor xq = xq_in.contiguous();
+  at::Tensor out = at::empty({xq.size(0), n}, at::kInt);
+  Epilogue ep;
+  ep.out_i32 = out.data_ptr<int32_t>();
+  ep.ldo = n;
+  run_gemm(xq, w, bits, k, n, ep);
+  return out;
+}
+
+at::Tensor packed_linear(const at::Tensor& xq_in, const at::Tensor& a_scale_in, const at::Tensor& w,
+                         const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in, int64_t bits,
+                         int64_t k, int64_t n, at::ScalarType out_dtype) {
+  check_prepacked(w, bits, k, n);
+  check_activations(xq_in, k);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16,
+              "mixq cpu: out_dtype must be float32 or bfloat16, got ", out_dtype);
+  const int64_t m = xq_in.size(0);
+  const at::Tensor xq = xq_in.contiguous();
+  const at::Tensor a_scale = a_scale_in.to(at::kFloat).contiguous().reshape({-1});
+  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous().reshape({-1});
+  TORCH_CHECK(a_scale.numel() == m || a_scale.numel() == 1, "mixq cpu: a_scale must have M=", m,
+              " or 1 elements, got ", a_scale.numel());
+  TORCH_CHECK(w_scale.numel() == n, "mixq cpu: w_scale must have N=", n, " elements, got ", w_scale.numel());
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->to(at::kFloat).contiguous().reshape({-1});
+    TORCH_CHECK(bias.numel() == n, "mixq cpu: bias must have N=", n, " elements, got ", bias.numel());
+  }
+  at::Tensor out = at::empty({m, n}, out_dtype);
+  // The AVX2 epilogue loads 8 scales at once: pad per-channel vectors to whole tiles.
+  const int64_t np = round_up(n, kTileN);
+  at::Tensor ws_pad = at::zeros({np}, at::kFloat);
+  ws_pad.narrow(0, 0, n).copy_(w_scale);
+  at::Tensor b_pad;
+  if (bias.defined()) {
+    b_pad = at::zeros({np}, at::kFloat);
+    b_pad.narrow(0, 0, n).copy_(bias);
+  }
+  Epilogue ep;
+  if (out_dtype == at::kFloat) ep.out_f32 = out.data_ptr<float>();
+  else ep.out_bf16 = out.data_ptr<at::BFloat16>();
+  ep.a_scale = a_scale.data_ptr<float>();
+  ep.a_scale_per_row = a_scale.numel() == m;
+  ep.w_scale = ws_pad.data_ptr<float>();
+  ep.bias = b_pad.defined() ? b_pad.data_ptr<float>() : nullptr;
+  ep.ldo = n;
+  run_gemm(xq, w, bits, k, n, ep);
+  return out;
+}
+
+}  // namespace mixq

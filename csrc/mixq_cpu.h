@@ -1,0 +1,45 @@
+// Shared declarations of the mixq CPU kernels (the `mixq._C` extension).
+//
+// Every kernel obeys the integer contract of mixq/formats.py bit for bit; the AVX2 + FMA
+// paths are compiled per function (target attribute) and chosen at run time, so the
+// shared object loads on any x86-64 and falls back to portable scalar code.
+#pragma once
+
+// Per-op ATen headers instead of <ATen/ATen.h>: they keep each file's compile time short.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "cpu_features.h"
+
+namespace mixq {
+
+// ----------------------------------------------------------------------------- weights
+// Prepacked layout, per tile of 8 output channels, along K in groups of 4 (see gemm.cpp).
+constexpr int kTileN = 8;
+int64_t prepack_k_unit(int64_t bits);                 // K padding of the prepacked layout
+int64_t prepacked_tile_bytes(int64_t k, int64_t bits);
+at::Tensor prepack_weight(const at::Tensor& canonical, int64_t bits, int64_t k);
+
+// ----------------------------------------------------------------------------- GEMM
+at::Tensor int_gemm(const at::Tensor& xq, const at::Tensor& w, int64_t bits, int64_t k, int64_t n);
+at::Tensor packed_linear(const at::Tensor& xq, const at::Tensor& a_scale, const at::Tensor& w,
+                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t bits,
+                         int64_t k, int64_t n, at::ScalarType out_dtype);
+
+// ----------------------------------------------------------------------------- activations
+std::tuple<at::Tensor, at::Tensor> quantize_dynamic(const at::Tensor& x, int64_t bits);
+at::Tensor quantize_static(const at::Tensor& x, const at::Tensor& inv_scale, int64_t bits);
+at::Tensor layernorm_quantize(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              double eps, const at::Tensor& inv_scale, int64_t bits);
+
+// ----------------------------------------------------------------------------- peak
+// Measured int8 throughput of the GEMM's inner instruction sequence, in GOP/s (2 ops per MAC).
+double measure_int8_peak(const std::string& sequence, int64_t iters, int64_t threads);
+
+}  // namespace mixq

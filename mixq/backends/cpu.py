@@ -1,0 +1,132 @@
+"""The ``cpu`` backend: the C++ AVX2 + OpenMP kernels of ``mixq._C`` (built from csrc/).
+
+Weights are prepacked once at load time into tiles of 8 output channels whose codes are
+the unsigned operand of AVX2 ``maddubs`` (see csrc/gemm.cpp); the canonical packed form
+stays what checkpoints hold. When the extension is not built this module still imports,
+registers a backend that reports itself unavailable, and warns once, so CPU tensors fall
+back to the reference backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from .. import formats
+from . import register_backend
+
+try:
+    from .. import _C  # type: ignore[attr-defined]
+except ImportError as _err:  # extension not built (MIXQ_NO_EXT=1, or a failed compile)
+    _C = None
+    _IMPORT_ERROR: Optional[ImportError] = _err
+    warnings.warn(
+        "mixq: the C++ CPU kernels (mixq._C) are not built, so the slow reference backend serves "
+        f"CPU tensors ({_err}). Reinstall with `pip install --no-build-isolation -e .` to build them.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    _IMPORT_ERROR = None
+
+_FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def extension_available() -> bool:
+    """True when ``mixq._C`` imported."""
+    return _C is not None
+
+
+def _require_ext() -> None:
+    if _C is None:
+        raise RuntimeError(f"mixq cpu backend: the C++ extension mixq._C is not built ({_IMPORT_ERROR})")
+
+
+def _check_cpu(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"mixq cpu backend: {what} must be on the CPU, got {t.device}")
+
+
+def _check_float_2d(x: torch.Tensor, what: str) -> None:
+    _check_cpu(x, what)
+    if x.dim() != 2 or x.dtype not in _FLOAT_INPUTS:
+        raise ValueError(
+            f"mixq cpu backend: {what} must be a 2-D float32/bfloat16/float16 tensor [M, K], "
+            f"got {x.dtype} {tuple(x.shape)}"
+        )
+
+
+class CpuBackend:
+    """Backend protocol (mixq.backends.Backend) over the C++ kernels."""
+
+    name = "cpu"
+    priority = 10
+
+    def available(self, device: torch.device) -> bool:
+        return _C is not None and torch.device(device).type == "cpu"
+
+    def prepack(self, packed: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
+        """Canonical [N, row_bytes] uint8 -> flat uint8 prepacked tiles (a plain tensor, usable as a buffer)."""
+        _require_ext()
+        formats.check_bits(w_bits, "w_bits")
+        _check_cpu(packed, "packed weights")
+        return _C.prepack_weight(packed, w_bits, k)
+
+    def quantize_dynamic(self, x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _require_ext()
+        formats.check_bits(a_bits, "a_bits")
+        _check_float_2d(x, "x")
+        return _C.quantize_dynamic(x, a_bits)
+
+    def quantize_static(self, x: torch.Tensor, inv_scale: torch.Tensor, a_bits: int) -> torch.Tensor:
+        _require_ext()
+        formats.check_bits(a_bits, "a_bits")
+        _check_float_2d(x, "x")
+        _check_cpu(inv_scale, "inv_scale")
+        return _C.quantize_static(x, inv_scale, a_bits)
+
+    def layernorm_quantize(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        eps: float,
+        inv_scale: torch.Tensor,
+        a_bits: int,
+    ) -> torch.Tensor:
+        """LayerNorm over the last dim fused with static quantization (one pass over x, no float copy)."""
+        _require_ext()
+        formats.check_bits(a_bits, "a_bits")
+        _check_float_2d(x, "x")
+        return _C.layernorm_quantize(x, weight, bias, float(eps), inv_scale, a_bits)
+
+    def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
+        _require_ext()
+        formats.check_bits(w_bits, "w_bits")
+        return _C.int_gemm(xq, w, w_bits, k, n)
+
+    def packed_linear(
+        self,
+        xq: torch.Tensor,
+        a_scale: torch.Tensor,
+        w: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        w_bits: int,
+        k: int,
+        n: int,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        _require_ext()
+        formats.check_bits(w_bits, "w_bits")
+        if out_dtype not in _OUT_DTYPES:
+            raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+        if out_dtype == torch.float16:  # the kernel writes fp32 or bf16; fp16 rounds from fp32 like the reference
+            return _C.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, torch.float32).to(torch.float16)
+        return _C.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, out_dtype)
+
+
+register_backend(CpuBackend())

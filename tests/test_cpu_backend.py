@@ -1,0 +1,272 @@
+"""The C++ CPU backend (mixq._C) against the reference backend: bit-exact integers, float
+results within float rounding, every (w_bits, a_bits), odd shapes, extreme values, and both
+the AVX2 and the portable scalar path. Skipped only when the extension is not built."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mixq import formats, ops
+
+_C = pytest.importorskip("mixq._C", reason="mixq._C (the C++ CPU kernels) is not built; run setup.py build_ext")
+
+from mixq import backends  # noqa: E402
+from mixq.backends.cpu import CpuBackend  # noqa: E402
+
+BITS = [4, 6, 8]
+PAIRS = [(w, a) for w in BITS for a in BITS]
+CPU = CpuBackend()
+PATHS = ["avx2", "scalar"] if _C.has_avx2() else ["scalar"]
+
+
+@pytest.fixture(params=PATHS)
+def kernel_path(request):
+    """Runs a test on the AVX2 kernels and again with the scalar fallback forced."""
+    _C.set_force_scalar(request.param == "scalar")
+    yield request.param
+    _C.set_force_scalar(False)
+
+
+def _weights(n: int, k: int, bits: int, gen: torch.Generator) -> torch.Tensor:
+    lim = formats.qmax(bits)
+    return torch.randint(-lim, lim + 1, (n, k), dtype=torch.int8, generator=gen)
+
+
+def _acts(m: int, k: int, bits: int, gen: torch.Generator) -> torch.Tensor:
+    lim = formats.qmax(bits)
+    return torch.randint(-lim, lim + 1, (m, k), dtype=torch.int8, generator=gen)
+
+
+def _gemm_both(xq: torch.Tensor, wq: torch.Tensor, w_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = wq.shape
+    canonical = formats.pack_weight(wq, w_bits)
+    ref = ops.int_gemm(xq, canonical, w_bits, k, n, "reference")
+    got = ops.int_gemm(xq, CPU.prepack(canonical, w_bits, k), w_bits, k, n, "cpu")
+    return ref, got
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_cpu_backend_is_registered_and_selected():
+    assert backends.get_backend("cpu").available(torch.device("cpu"))
+    assert not backends.get_backend("cpu").available(torch.device("meta"))
+    assert backends.select_backend("cpu") == "cpu"
+
+
+# ----------------------------------------------------------------------------- int GEMM
+
+
+@pytest.mark.parametrize("w_bits,a_bits", PAIRS)
+@pytest.mark.parametrize("m", [1, 7, 197])
+@pytest.mark.parametrize("k,n", [(37, 13), (100, 70), (2053, 9)])  # 2053: several K panels
+def test_int_gemm_bit_exact(kernel_path, w_bits, a_bits, m, k, n):
+    if kernel_path == "scalar" and m * k * n > 2_000_000:
+        pytest.skip("the scalar path is checked on the smaller shapes")
+    gen = torch.Generator().manual_seed(1000 * w_bits + 10 * a_bits + m + k + n)
+    ref, got = _gemm_both(_acts(m, k, a_bits, gen), _weights(n, k, w_bits, gen), w_bits)
+    assert got.dtype == torch.int32 and got.shape == (m, n)
+    assert torch.equal(got, ref)
+
+
+@given(
+    m=st.integers(1, 40),
+    k=st.integers(1, 90),
+    n=st.integers(1, 40),
+    w_bits=st.sampled_from(BITS),
+    a_bits=st.sampled_from(BITS + [0]),  # 0: the full int8 range, -128 included
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_int_gemm_hypothesis_shapes(m, k, n, w_bits, a_bits, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if a_bits:
+        xq = _acts(m, k, a_bits, gen)
+    else:
+        xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    ref, got = _gemm_both(xq, _weights(n, k, w_bits, gen), w_bits)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+@pytest.mark.parametrize("a_bits", BITS + [0])
+def test_int_gemm_extremes_do_not_overflow(kernel_path, w_bits, a_bits):
+    """Every int16 partial sum of the kernels at its largest: all weights at +-qmax times
+    all activations at +-qmax (and -128 for the full int8 range), over a long K."""
+    k = 4099 if kernel_path == "avx2" else 515
+    lw = formats.qmax(w_bits)
+    la = formats.qmax(a_bits) if a_bits else 127
+    lo_a = -la if a_bits else -128
+    xq = torch.tensor([[la] * k, [lo_a] * k, [la, lo_a] * (k // 2) + [la]], dtype=torch.int8)[:, :k]
+    wq = torch.tensor([[lw] * k, [-lw] * k, [lw, -lw] * (k // 2) + [lw]], dtype=torch.int8)[:, :k]
+    ref, got = _gemm_both(xq, wq, w_bits)
+    assert torch.equal(got, ref)
+    assert int(ref[1, 1]) == lw * abs(lo_a) * k  # the exact extreme itself, e.g. 127 * 128 * 4099
+
+
+def test_prepack_rejects_bad_input():
+    wq = torch.zeros(4, 10, dtype=torch.int8)
+    canonical = formats.pack_weight(wq, 4)
+    with pytest.raises(RuntimeError, match="k=11 at 4 bits"):
+        CPU.prepack(canonical, 4, 11)
+    with pytest.raises(ValueError, match="unsupported w_bits"):
+        CPU.prepack(canonical, 5, 10)
+    bad8 = torch.full((2, 3), 0x80, dtype=torch.uint8)  # -128: outside the symmetric format
+    with pytest.raises(RuntimeError, match="-128"):
+        CPU.prepack(bad8, 8, 3)
+    xq = torch.zeros(2, 10, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="CpuBackend.prepack"):
+        CPU.int_gemm(xq, canonical, 4, 10, 4)  # canonical, not prepacked
+    with pytest.raises(RuntimeError, match="K=9"):
+        CPU.int_gemm(xq[:, :9].contiguous(), CPU.prepack(canonical, 4, 10), 4, 10, 4)
+
+
+# ----------------------------------------------------------------------------- packed linear
+
+
+@pytest.mark.parametrize("w_bits,a_bits", PAIRS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_packed_linear_matches_reference(kernel_path, w_bits, a_bits, out_dtype, per_token):
+    m, k, n = 9, 83, 21  # N: two full tiles of 8 and a partial one
+    gen = torch.Generator().manual_seed(w_bits * 7 + a_bits)
+    xq, wq = _acts(m, k, a_bits, gen), _weights(n, k, w_bits, gen)
+    a_scale = torch.rand(m if per_token else 1, generator=gen) * 0.1 + 1e-3
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=gen)
+    canonical = formats.pack_weight(wq, w_bits)
+    args = (a_scale, w_scale, bias, w_bits, k, n, out_dtype)
+    ref = ops.packed_linear(xq, args[0], canonical, *args[1:], "reference")
+    got = ops.packed_linear(xq, args[0], CPU.prepack(canonical, w_bits, k), *args[1:], "cpu")
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    # Same fp32 operations in the same order as the reference: identical bits.
+    assert torch.equal(got, ref)
+    exact = (xq.double() @ wq.double().T) * a_scale.double().reshape(-1, 1) * w_scale.double() + bias.double()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[out_dtype]
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+def test_packed_linear_without_bias_and_empty_batch():
+    k, n = 40, 16
+    wq = torch.ones(n, k, dtype=torch.int8)
+    w = CPU.prepack(formats.pack_weight(wq, 8), 8, k)
+    xq = torch.full((3, k), 2, dtype=torch.int8)
+    out = CPU.packed_linear(xq, torch.tensor([0.5]), w, torch.full((n,), 0.25), None, 8, k, n, torch.float32)
+    assert torch.equal(out, torch.full((3, n), 2 * k * 0.5 * 0.25))
+    empty = CPU.packed_linear(xq[:0], torch.tensor([0.5]), w, torch.ones(n), None, 8, k, n, torch.float32)
+    assert empty.shape == (0, n)
+    with pytest.raises(RuntimeError, match="a_scale must have M=3"):
+        CPU.packed_linear(xq, torch.ones(2), w, torch.ones(n), None, 8, k, n, torch.float32)
+    with pytest.raises(ValueError, match="out_dtype"):
+        CPU.packed_linear(xq, torch.ones(3), w, torch.ones(n), None, 8, k, n, torch.int32)
+
+
+# ----------------------------------------------------------------------------- activation quantize
+
+
+def _boundary_rows(k: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows with huge values, zeros, exact .5 ties after scaling, and random values."""
+    x = torch.randn(6, k, generator=gen) * 3
+    x[1] = 0.0  # amax = 0 -> scale from SCALE_EPS
+    x[2, : k // 2] = 3e4  # clamped by static scales (and finite in fp16)
+    x[3] = torch.arange(k, dtype=torch.float32) * 0.5 - k / 4  # ties at x * inv = .5 for static inv 1
+    x[4] = -x[4].abs() * 1e-6  # tiny
+    return x
+
+
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 31, 77, 200])
+def test_quantize_dynamic_bit_exact(kernel_path, a_bits, dtype, k):
+    x = _boundary_rows(k, torch.Generator().manual_seed(k + a_bits)).to(dtype)
+    q_ref, s_ref = ops.quantize_act_dynamic(x, a_bits, "reference")
+    q, s = ops.quantize_act_dynamic(x, a_bits, "cpu")
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channelwise", [True, False])
+def test_quantize_static_bit_exact(kernel_path, a_bits, dtype, channelwise):
+    k = 75
+    gen = torch.Generator().manual_seed(a_bits)
+    x = _boundary_rows(k, gen).to(dtype)
+    inv = torch.rand(k, generator=gen) * 4 + 0.25 if channelwise else torch.tensor([1.0])
+    if channelwise:
+        inv[::5] = 1.0  # keep some exact ties
+    q_ref = ops.quantize_act_static(x, inv, a_bits, "reference")
+    q = ops.quantize_act_static(x, inv, a_bits, "cpu")
+    assert torch.equal(q, q_ref)
+    assert int(q.abs().max()) <= formats.qmax(a_bits)
+
+
+@given(m=st.integers(1, 20), k=st.integers(1, 150), a_bits=st.sampled_from(BITS), seed=st.integers(0, 2**31 - 1))
+def test_quantize_dynamic_hypothesis(m, k, a_bits, seed):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 10
+    q_ref, s_ref = formats.quantize_act_dynamic(x, a_bits)
+    q, s = CPU.quantize_dynamic(x, a_bits)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
+        CPU.quantize_dynamic(torch.zeros(2, 3, dtype=torch.float64), 8)
+    with pytest.raises(ValueError, match="unsupported a_bits"):
+        CPU.quantize_dynamic(torch.zeros(2, 3), 3)
+    with pytest.raises(RuntimeError, match="K=3 or 1"):
+        CPU.quantize_static(torch.zeros(2, 3), torch.ones(2), 8)
+
+
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layernorm_quantize_matches_float64(a_bits, dtype):
+    m, k = 13, 96
+    gen = torch.Generator().manual_seed(a_bits)
+    x = (torch.randn(m, k, generator=gen) * 2 + 0.5).to(dtype)
+    weight, bias = torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen) * 0.1
+    inv = torch.rand(k, generator=gen) * 10 + 1
+    q = ops.layernorm_quantize(x, weight, bias, 1e-6, inv, a_bits, "cpu")
+    xd = x.double()
+    y = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    t = (y * weight.double() + bias.double()) * inv.double()
+    lim = formats.qmax(a_bits)
+    expect = torch.round(t.clamp(-lim, lim))
+    diff = (q.double() - expect).abs()
+    assert diff.max() <= 1
+    # A 1-LSB difference only where the exact value sits within float error of a rounding boundary.
+    near_tie = ((t - t.floor() - 0.5).abs() < 1e-4 * t.abs().clamp_min(1)) & (t.abs() < lim)
+    assert bool((near_tie | (diff == 0)).all())
+
+
+# ----------------------------------------------------------------------------- fallback
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    import mixq.backends as pkg
+
+    monkeypatch.setattr(pkg, "_REGISTRY", dict(pkg._REGISTRY))
+    monkeypatch.setattr(pkg, "cpu", sys.modules["mixq.backends.cpu"], raising=False)
+    monkeypatch.delitem(sys.modules, "mixq.backends.cpu")
+    import mixq
+
+    monkeypatch.delattr(mixq, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "mixq._C", None)  # `from .. import _C` now raises ImportError
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        missing = importlib.import_module("mixq.backends.cpu")
+        importlib.import_module("mixq.backends.cpu")  # a second import is cached: no second warning
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "not built" in msgs[0] and "reference backend" in msgs[0]
+    assert not missing.extension_available()
+    assert not pkg.get_backend("cpu").available(torch.device("cpu"))
+    assert pkg.select_backend("cpu") == "reference"
+    with pytest.raises(RuntimeError, match="not built"):
+        pkg.get_backend("cpu").quantize_dynamic(torch.zeros(1, 4), 8)
