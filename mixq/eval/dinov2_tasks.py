@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from mixq.models.base import saliency_probs
 from mixq.models.images import load_batch
 from mixq.models.textile import CLASSES, LabelledImages, textile_split
 
@@ -107,6 +106,11 @@ def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def _pixel_distribution(maps: torch.Tensor) -> torch.Tensor:
+    p = maps.flatten(1).clamp_min(0) + KL_EPS
+    return p / p.sum(-1, keepdim=True)
+
+
 def saliency_agreement(fp_maps: torch.Tensor, q_maps: torch.Tensor, top_fraction: float = TOP_FRACTION) -> SaliencyAgreement:
     """Agreement of saliency maps [N, H, W] (values in [0, 1]) with the full-precision maps."""
     if fp_maps.shape != q_maps.shape or fp_maps.dim() != 3:
@@ -117,7 +121,7 @@ def saliency_agreement(fp_maps: torch.Tensor, q_maps: torch.Tensor, top_fraction
     iou_05 = _iou(fp >= 0.5, q >= 0.5)
     thr = torch.quantile(fp.flatten(1), 1 - top_fraction, dim=1)[:, None, None]
     iou_top = _iou(fp >= thr, q >= thr)
-    p, r = saliency_probs(fp).double(), saliency_probs(q).double()
+    p, r = _pixel_distribution(fp), _pixel_distribution(q)
     kl = (p * (torch.log(p + KL_EPS) - torch.log(r + KL_EPS))).sum(-1)
     return SaliencyAgreement(iou_05.mean().item(), iou_top.mean().item(), kl.mean().item())
 
@@ -132,8 +136,18 @@ class Dinov2Row:
     probe_top1: float
     saliency: SaliencyAgreement
     seconds: float
-    features: Optional[torch.Tensor] = field(default=None, repr=False)  # test CLS features
-    maps: Optional[torch.Tensor] = field(default=None, repr=False)  # test saliency maps
+    saliency_features: Optional[torch.Tensor] = field(default=None, repr=False)  # CLS features, saliency subset
+    maps: Optional[torch.Tensor] = field(default=None, repr=False)  # saliency maps, saliency subset
+
+
+@dataclass
+class RunAgreement:
+    """How closely two executions of one quantized model agree (e.g. integer kernels vs simulation)."""
+
+    max_abs_feature_diff: float
+    rel_feature_diff: float  # ||f_a - f_b|| / ||f_a||
+    probe_prediction_agreement: float  # percent of images with the same probe class
+    saliency: SaliencyAgreement  # maps of run b scored against run a
 
 
 @dataclass
@@ -142,6 +156,7 @@ class Dinov2Result:
 
     n_train: int
     n_test: int
+    n_saliency: int
     calibration: str
     rows: list[Dinov2Row] = field(default_factory=list)
 
@@ -149,7 +164,7 @@ class Dinov2Result:
         fp = self.rows[0].probe_top1 if self.rows else float("nan")
         lines = [
             f"Linear probe: {self.n_train} train / {self.n_test} test textile images ({len(CLASSES)} classes); "
-            f"saliency on the {self.n_test} test images. Calibration: {self.calibration}.",
+            f"saliency agreement on {self.n_saliency} of the test images. Calibration: {self.calibration}.",
             "",
             "| model | quantized | probe top-1 (%) | delta vs FP | saliency IoU@0.5 | IoU@top10% | KL(FP‖Q) |",
             "|---|---|---:|---:|---:|---:|---:|",
@@ -165,25 +180,58 @@ class Dinov2Result:
 
 
 class Dinov2Evaluator:
-    """Computes the FP reference once (probe + maps); then scores any number of quantized models."""
+    """Computes the FP reference once (probe + maps); then scores any number of quantized models.
+
+    The probe is scored on all ``n_test`` test images (CLS features only, no decoder); saliency on a
+    stratified subset of ``n_saliency`` of them (the decoder is as costly as the backbone).
+    """
 
     def __init__(self, fp_model: nn.Module, transform, n_train: Optional[int] = None, n_test: Optional[int] = None,
-                 batch_size: int = 16, seed: int = 0, calibration: str = "", cache: Optional[Path] = None) -> None:
+                 n_saliency: int = 32, batch_size: int = 16, seed: int = 0, calibration: str = "",
+                 cache: Optional[Path] = None) -> None:
         self.transform, self.batch_size = transform, batch_size
         self.train: LabelledImages = textile_split("train").subset(n_train, seed)
         self.test: LabelledImages = textile_split("test").subset(n_test, seed)
-        self.result = Dinov2Result(len(self.train), len(self.test), calibration or "n/a")
-        self.probe = self._probe(fp_model, cache)
-        t = time.perf_counter()
-        self.fp_features, self.fp_maps = run_features_and_saliency(fp_model, self.test.paths, transform, batch_size)
+        self.saliency_set: LabelledImages = self.test.subset(n_saliency, seed + 1)
         self.test_labels = torch.tensor(self.test.labels)
-        self.result.rows.append(Dinov2Row("FP32", "nothing (float)", self.probe.accuracy(self.fp_features, self.test_labels),
-                                          saliency_agreement(self.fp_maps, self.fp_maps), time.perf_counter() - t))
+        self.result = Dinov2Result(len(self.train), len(self.test), len(self.saliency_set), calibration or "n/a")
+        self._model_digest = self._digest(fp_model)
+        self.probe = self._probe(fp_model, cache)
+        fp_row = self._fp_row(fp_model, cache)
+        self.fp_maps = fp_row.maps
+        fp_row.saliency = saliency_agreement(self.fp_maps, self.fp_maps)
+
+    @staticmethod
+    def _digest(model: nn.Module) -> str:
+        digest = hashlib.sha256()
+        for name, v in model.state_dict().items():
+            digest.update(name.encode() + str(float(v.double().sum())).encode())
+        return digest.hexdigest()
+
+    def _cache_path(self, cache: Optional[Path], kind: str, paths: Sequence[Path]) -> Optional[Path]:
+        if cache is None:
+            return None
+        key = hashlib.sha256((self._model_digest + "|".join(str(p) for p in paths)).encode()).hexdigest()[:16]
+        return cache / f"dinov2_{kind}-{key}.pt"
+
+    def _fp_row(self, fp_model: nn.Module, cache: Optional[Path]) -> Dinov2Row:
+        """The FP row, from the cache when this model was already run on these test images."""
+        path = self._cache_path(cache, "fp_test", self.test.paths + self.saliency_set.paths)
+        if path is not None and path.is_file():
+            d = torch.load(path, weights_only=False)
+            row = Dinov2Row("FP32", "nothing (float)", self.probe.accuracy(d["features"], self.test_labels),
+                            SaliencyAgreement(1.0, 1.0, 0.0), d["seconds"], d["saliency_features"], d["maps"])
+            self.result.rows.append(row)
+            return row
+        row = self.evaluate(fp_model, "FP32", "nothing (float)", _reference=True)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"features": self._last_features, "saliency_features": row.saliency_features,
+                        "maps": row.maps, "seconds": row.seconds}, path)
+        return row
 
     def _probe(self, fp_model: nn.Module, cache: Optional[Path]) -> LinearProbe:
-        key = hashlib.sha256(("|".join(str(p) for p in self.train.paths) + str(sum(
-            float(v.double().sum()) for v in fp_model.state_dict().values()))).encode()).hexdigest()[:16]
-        path = cache / f"dinov2_probe-{key}.pt" if cache is not None else None
+        path = self._cache_path(cache, "probe", self.train.paths)
         if path is not None and path.is_file():
             return LinearProbe(**torch.load(path, weights_only=True))
         feats, _ = run_features_and_saliency(fp_model, self.train.paths, self.transform, self.batch_size,
@@ -194,10 +242,24 @@ class Dinov2Evaluator:
             torch.save(vars(probe), path)
         return probe
 
-    def evaluate(self, model: nn.Module, label: str, quantized: str) -> Dinov2Row:
+    def evaluate(self, model: nn.Module, label: str, quantized: str, _reference: bool = False) -> Dinov2Row:
+        """Score ``model`` (probe top-1 on the test set, saliency agreement with FP) and add its row."""
         t = time.perf_counter()
-        feats, maps = run_features_and_saliency(model, self.test.paths, self.transform, self.batch_size)
-        row = Dinov2Row(label, quantized, self.probe.accuracy(feats, self.test_labels),
-                        saliency_agreement(self.fp_maps, maps), time.perf_counter() - t, feats, maps)
+        feats, _ = run_features_and_saliency(model, self.test.paths, self.transform, self.batch_size,
+                                             keep_saliency=False)
+        sal_feats, maps = run_features_and_saliency(model, self.saliency_set.paths, self.transform, self.batch_size)
+        self._last_features = feats
+        agreement = SaliencyAgreement(1.0, 1.0, 0.0) if _reference else saliency_agreement(self.fp_maps, maps)
+        row = Dinov2Row(label, quantized, self.probe.accuracy(feats, self.test_labels), agreement,
+                        time.perf_counter() - t, sal_feats, maps)
         self.result.rows.append(row)
         return row
+
+    def agreement(self, row: Dinov2Row, model: nn.Module) -> RunAgreement:
+        """Run ``model`` on the saliency subset and compare it with the stored ``row`` of another run."""
+        feats, maps = run_features_and_saliency(model, self.saliency_set.paths, self.transform, self.batch_size)
+        a = row.saliency_features.double()
+        diff = (a - feats.double())
+        same = (self.probe.logits(a).argmax(-1) == self.probe.logits(feats).argmax(-1)).double().mean().item()
+        return RunAgreement(diff.abs().max().item(), (diff.norm() / a.norm().clamp_min(1e-12)).item(), 100.0 * same,
+                            saliency_agreement(row.maps, maps))

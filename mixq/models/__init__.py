@@ -4,6 +4,7 @@
 
 * ``sam-vit-b:/path/sam_vit_b.pth`` (also ``sam-vit-l``, ``sam-vit-h``)
 * ``timm:<arch>:/path/checkpoint`` (.pth, .pt or .safetensors)
+* ``toy-vit``: a tiny random-weight ViT for smoke tests
 
 Weights always come from a local file the user names, never from a model hub.
 """
@@ -15,12 +16,13 @@ from typing import Any
 from .base import ModelAdapter, ModelDescription
 
 DEFAULT_MODEL = "dinov2-s"
+TOY_MODEL = "toy-vit"  # tiny random-weight ViT for smoke tests
 _SAM_PREFIXES = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h"}
 
 
 def list_models() -> list[str]:
     """The spec forms :func:`get_adapter` accepts."""
-    return [DEFAULT_MODEL] + [f"{p}:/path/{v.replace('vit', 'sam_vit')}.pth" for p, v in _SAM_PREFIXES.items()] + [
+    return [DEFAULT_MODEL, TOY_MODEL] + [f"{p}:/path/{v.replace('vit', 'sam_vit')}.pth" for p, v in _SAM_PREFIXES.items()] + [
         "timm:<arch>:/path/checkpoint.(pth|pt|safetensors)"
     ]
 
@@ -33,6 +35,10 @@ def get_adapter(spec: str = DEFAULT_MODEL, **kwargs: Any) -> ModelAdapter:
         from .dinov2_adapter import Dinov2SaliencyAdapter
 
         return Dinov2SaliencyAdapter(**kwargs)
+    if spec == TOY_MODEL:
+        from .toy import ToyVitAdapter
+
+        return ToyVitAdapter(**kwargs)
     family, sep, rest = spec.partition(":")
     if family in _SAM_PREFIXES:
         if not sep or not rest:

@@ -15,23 +15,27 @@ from typing import Any
 import torch
 from torch import nn
 
-try:  # the scorers' output helpers; the fallbacks below compute the same distributions
-    from mixq.scores.outputs import mask_probs, saliency_probs, softmax_probs  # type: ignore
-except ImportError:  # pragma: no cover - depends on which parts of mixq are present
+try:  # the scorers' output helpers, output_fn(model, batch) -> probabilities [B, D]
+    from mixq.scores.outputs import mask_probs, saliency_probs, softmax_probs
+except ImportError:  # pragma: no cover - fallbacks computing the same distributions
+    from mixq.data import run_model
 
-    def softmax_probs(logits: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, C] -> class probabilities [B, C]."""
-        return torch.softmax(logits.float().reshape(logits.shape[0], -1), dim=-1)
+    def softmax_probs(model: nn.Module, batch: Any) -> torch.Tensor:
+        """Classifier logits [B, K] -> class probabilities [B, K]."""
+        logits = run_model(model, batch).float()
+        return torch.softmax(logits.reshape(logits.shape[0], -1), dim=-1)
 
-    def mask_probs(mask_logits: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        """Mask logits [B, ...] -> per-pixel sigmoid, normalized to a distribution over pixels [B, P]."""
-        p = torch.sigmoid(mask_logits.float()).reshape(mask_logits.shape[0], -1)
-        return p / p.sum(dim=-1, keepdim=True).clamp_min(eps)
+    def mask_probs(model: nn.Module, batch: Any) -> torch.Tensor:
+        """Mask logits [B, ..., H, W] -> per-pixel sigmoid, normalized over the pixels of an image."""
+        p = torch.sigmoid(run_model(model, batch).float())
+        p = p.reshape(p.shape[0], -1) + 1e-12
+        return p / p.sum(dim=1, keepdim=True)
 
-    def saliency_probs(saliency: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        """Saliency maps in [0, 1] [B, ...] -> a distribution over pixels [B, P]."""
-        p = saliency.float().reshape(saliency.shape[0], -1).clamp_min(0)
-        return p / p.sum(dim=-1, keepdim=True).clamp_min(eps)
+    def saliency_probs(model: nn.Module, batch: Any) -> torch.Tensor:
+        """Saliency maps in [0, 1] [B, ..., H, W] -> normalized over the pixels of an image."""
+        s = run_model(model, batch).float()
+        s = s.reshape(s.shape[0], -1) + 1e-12
+        return s / s.sum(dim=1, keepdim=True)
 
 
 @dataclass

@@ -36,7 +36,7 @@ class Dinov2SaliencyAdapter(ModelAdapter):
         return isinstance(module, nn.Linear) and name.startswith("backbone.vit.blocks.")
 
     def output_fn(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return saliency_probs(model(batch))
+        return saliency_probs(model, batch)
 
     def calibration_paths(self, n: int = 32, seed: int = 0) -> list[Path]:
         if self.calib_dir is not None:

@@ -175,8 +175,7 @@ class SamAdapter(ModelAdapter):
         return name.startswith("image_encoder.blocks.") or name.startswith("mask_decoder.transformer.")
 
     def output_fn(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        logits = model(**batch) if isinstance(batch, dict) else model(*batch)
-        return mask_probs(logits.reshape(-1, *logits.shape[-2:]))
+        return mask_probs(model, batch)
 
     def prepare(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> SamInput:
         return preprocess(image, boxes_xyxy, self.config.img_size)

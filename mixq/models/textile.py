@@ -33,12 +33,16 @@ class LabelledImages:
         if n < len(CLASSES):
             raise ValueError(f"a subset needs at least one image per class ({len(CLASSES)}), got n={n}")
         gen = torch.Generator().manual_seed(seed)
+        by_class = {c: [i for i, y in enumerate(self.labels) if y == c] for c in sorted(set(self.labels))}
+        # exact total n: floor of each class's share, remainder to the largest fractions (largest remainder)
+        shares = {c: n * len(idx) / len(self) for c, idx in by_class.items()}
+        counts = {c: max(1, int(s)) for c, s in shares.items()}
+        for c in sorted(shares, key=lambda c: int(shares[c]) - shares[c])[: max(0, n - sum(counts.values()))]:
+            counts[c] += 1
         keep: list[int] = []
-        for c in sorted(set(self.labels)):
-            idx = [i for i, y in enumerate(self.labels) if y == c]
-            take = max(1, round(n * len(idx) / len(self)))
+        for c, idx in by_class.items():
             perm = torch.randperm(len(idx), generator=gen).tolist()
-            keep += [idx[j] for j in perm[:take]]
+            keep += [idx[j] for j in perm[: counts[c]]]
         keep.sort()
         return LabelledImages(tuple(self.paths[i] for i in keep), tuple(self.labels[i] for i in keep))
 

@@ -76,7 +76,7 @@ class TimmAdapter(ModelAdapter):
         return not any(name == p or name.startswith(p + ".") for p in _HEAD_PREFIXES)
 
     def output_fn(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        return softmax_probs(model(batch))
+        return softmax_probs(model, batch)
 
     def calibration_batches(self, n: int = 32, seed: int = 0) -> torch.Tensor:
         if self.calib_dir is None:
