@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -73,3 +73,22 @@ def store(root: Optional[Path], kind: str, key: str, value: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
     tmp.replace(path)
+
+
+def cached(cache_dir: CacheDir, kind: str, model: nn.Module, calib_data: Any, params: dict,
+           compute: Callable[[], dict]) -> dict:
+    """``compute()`` (run with the model in eval mode) unless a result for this model, data and params
+    is on disk; the result is stored for the next run."""
+    root = cache_root(cache_dir)
+    key = fingerprint(model, calib_data, params) if root is not None else ""
+    hit = load(root, kind, key)
+    if hit is not None:
+        return hit
+    was_training = model.training
+    model.eval()
+    try:
+        result = compute()
+    finally:
+        model.train(was_training)
+    store(root, kind, key, result)
+    return result

@@ -49,14 +49,8 @@ def kl_importance(model: nn.Module, calib_data: Any, names: list[str], output_fn
     output_fn = output_fn or softmax_probs
     params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size,
               "out": getattr(output_fn, "__qualname__", repr(output_fn))}
-    root = cache.cache_root(cache_dir)
-    key = cache.fingerprint(model, calib_data, params) if root is not None else ""
-    hit = cache.load(root, "kl", key)
-    if hit is not None:
-        return hit
-    was_training = model.training
-    model.eval()
-    try:
+
+    def compute() -> dict:
         with torch.no_grad():
             batches = list(iter_batches(calib_data, batch_size))
             reference = _reference(model, batches, output_fn)
@@ -64,10 +58,8 @@ def kl_importance(model: nn.Module, calib_data: Any, names: list[str], output_fn
                 perturbation_kl(model, batches, reference, n, output_fn, w_bits, a_bits, mode)
                 for n in progress_bar(names, f"KL importance ({mode})", progress)
             ])
-    finally:
-        model.train(was_training)
-    shares = normalize_per_image(raw)
-    result = {"names": list(names), "raw": raw.tolist(), "per_image": shares.tolist(),
-              "importance": shares.mean(dim=1).tolist()}
-    cache.store(root, "kl", key, result)
-    return result
+        shares = normalize_per_image(raw)
+        return {"names": list(names), "raw": raw.tolist(), "per_image": shares.tolist(),
+                "importance": shares.mean(dim=1).tolist()}
+
+    return cache.cached(cache_dir, "kl", model, calib_data, params, compute)

@@ -145,19 +145,11 @@ def lrp_importance(model: nn.Module, calib_data: Any, names: list[str], target_f
     """``{"names", "per_image": [L][N] relevance shares, "importance": [L]}``."""
     params = {"kind": "lrp", "names": names, "eps": eps, "bs": batch_size,
               "target": getattr(target_fn, "__qualname__", repr(target_fn))}
-    root = cache.cache_root(cache_dir)
-    key = cache.fingerprint(model, calib_data, params) if root is not None else ""
-    hit = cache.load(root, "lrp", key)
-    if hit is not None:
-        return hit
-    was_training = model.training
-    model.eval()
-    try:
+
+    def compute() -> dict:
         parts = [lrp_relevance(model, b, names, target_fn, eps)[0]
                  for b in progress_bar(list(iter_batches(calib_data, batch_size)), "LRP relevance", progress)]
-    finally:
-        model.train(was_training)
-    shares = normalize_per_image(torch.cat(parts, dim=1).abs())
-    result = {"names": list(names), "per_image": shares.tolist(), "importance": shares.mean(dim=1).tolist()}
-    cache.store(root, "lrp", key, result)
-    return result
+        shares = normalize_per_image(torch.cat(parts, dim=1).abs())
+        return {"names": list(names), "per_image": shares.tolist(), "importance": shares.mean(dim=1).tolist()}
+
+    return cache.cached(cache_dir, "lrp", model, calib_data, params, compute)

@@ -21,24 +21,16 @@ def sensitivity_scores(model: nn.Module, calib_data: Any, names: list[str], cand
     output_fn = output_fn or softmax_probs
     params = {"kind": "sensitivity", "names": names, "cands": [list(c) for c in candidates], "bs": batch_size,
               "out": getattr(output_fn, "__qualname__", repr(output_fn))}
-    root = cache.cache_root(cache_dir)
-    key = cache.fingerprint(model, calib_data, params) if root is not None else ""
-    hit = cache.load(root, "sensitivity", key)
-    if hit is not None:
-        return hit
-    was_training = model.training
-    model.eval()
-    try:
+
+    def compute() -> dict:
         with torch.no_grad():
             batches = list(iter_batches(calib_data, batch_size))
             reference = _reference(model, batches, output_fn)
             jobs = [(n, c) for n in names for c in candidates]
             values = [float(perturbation_kl(model, batches, reference, n, output_fn, w, a, "quantize").mean())
                       for n, (w, a) in progress_bar(jobs, "sensitivity", progress)]
-    finally:
-        model.train(was_training)
-    C = len(candidates)
-    result = {"names": list(names), "candidates": [list(c) for c in candidates],
-              "kl": [values[i * C:(i + 1) * C] for i in range(len(names))]}
-    cache.store(root, "sensitivity", key, result)
-    return result
+        C = len(candidates)
+        return {"names": list(names), "candidates": [list(c) for c in candidates],
+                "kl": [values[i * C:(i + 1) * C] for i in range(len(names))]}
+
+    return cache.cached(cache_dir, "sensitivity", model, calib_data, params, compute)
