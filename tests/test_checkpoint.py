@@ -108,3 +108,17 @@ def test_roundtrip_with_fused_layernorm(tmp_path):
     x = _data(2)
     assert loaded.fc1.fused_norm
     assert torch.equal(loaded(x), q(x))
+
+
+def test_roundtrip_with_scalar_and_integer_buffers(tmp_path):
+    # BatchNorm's num_batches_tracked is a 0-dim int64 tensor; bf16 parameters have no numpy dtype.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)).eval()
+    model[1].weight.data = model[1].weight.data.bfloat16().float()
+    float_model = copy.deepcopy(model)
+    q = quantize_(model, QuantConfig(act_quant="dynamic", layer_bits={"2": (4, 4)}), None, progress=False)
+    q.register_buffer("extra_bf16", torch.ones(3, dtype=torch.bfloat16))
+    float_model.register_buffer("extra_bf16", torch.zeros(3, dtype=torch.bfloat16))
+    loaded = mixq.load(mixq.save(q, tmp_path / "m.safetensors"), float_model)
+    x = torch.randn(5, 8)
+    assert torch.equal(loaded(x), q(x)) and torch.equal(loaded.extra_bf16, q.extra_bf16)
