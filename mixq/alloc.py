@@ -43,7 +43,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -164,6 +166,20 @@ class Solution:
     bound: float
     solve_time_s: float
     nodes: int
+
+
+def _quiet_highs(highspy: Any) -> Any:
+    """A ``Highs`` instance without the banner its constructor prints to stdout (fd 1)."""
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _csc(rows: list[int], cols: list[int], vals: list[float], n_cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -630,7 +646,7 @@ def solve_milp(
     lp.a_matrix_.value_ = value
     lp.integrality_ = [highspy.HighsVarType.kInteger] * nx + [highspy.HighsVarType.kContinuous] * (n_cols - nx)
 
-    h = highspy.Highs()
+    h = _quiet_highs(highspy)
     h.setOptionValue("output_flag", False)
     h.setOptionValue("mip_rel_gap", 0.0)
     h.setOptionValue("mip_abs_gap", 1e-9)
