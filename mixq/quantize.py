@@ -70,8 +70,7 @@ def find_linears(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> dict
     return {
         name: m
         for name, m in model.named_modules()
-        if type(m) is nn.Linear or (isinstance(m, nn.Linear) and not isinstance(m, QuantLinear))
-        if filter_fn is None or filter_fn(name, m)
+        if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(name, m))
     }
 
 

@@ -223,6 +223,24 @@ def _to_html(title: str, md_lines: list[str]) -> str:
         "\n".join(body) + "</body></html>"
 
 
+def rows_from_layer_configs(layers: dict[str, dict]) -> list[LayerRow]:
+    """Rows from per-layer QuantLinear configs (``checkpoint.layer_configs`` or a checkpoint's metadata)."""
+    return [LayerRow(n, c["w_bits"], c["a_bits"], c["in_features"] * c["out_features"], 0, None,
+                     c["out_features"]) for n, c in layers.items()]
+
+
+def rows_from_plan(plan: dict) -> list[LayerRow]:
+    """Rows from a plan's JSON (per-layer bits with params, MACs and scores where recorded)."""
+    rows = []
+    for name, info in plan["layers"].items():
+        if isinstance(info, dict):
+            rows.append(LayerRow(name, int(info["w_bits"]), int(info["a_bits"]), int(info.get("params", 0)),
+                                 int(info.get("macs", 0)), info.get("score"), int(info.get("out_features", 0))))
+        else:
+            rows.append(LayerRow(name, int(info[0]), int(info[1])))
+    return rows
+
+
 def load_points(path: str | Path) -> list[dict]:
     """Accuracy points from a results JSON written by ``mixq demo`` / ``mixq eval`` (key "points")."""
     data: Any = json.loads(Path(path).read_text())

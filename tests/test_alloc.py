@@ -216,12 +216,12 @@ def test_chain_presolve_keeps_the_optimum(seed):
 def test_plan_json_is_what_the_report_reads():
     import json
 
-    from mixq.cli import _plan_rows
+    from mixq.report import rows_from_plan
 
     plan = solve_plan(_chain_problem(L=5), 6.0, "0.6x", scorer="kl")
     d = json.loads(plan.to_json())
     assert d["size_budget_bits"] == math.floor(6 * plan.weight_params) and d["bops_budget"] == plan.bops_budget
-    rows = _plan_rows(d)
+    rows = rows_from_plan(d)
     assert [(r.name, r.w_bits, r.a_bits) for r in rows] == [(n, w, a) for n, (w, a) in plan.layers.items()]
     legacy = dict(d, layers={n: list(b) for n, b in plan.layers.items()})  # plain [w, a] pairs load too
     assert Plan.from_dict(legacy).layers == plan.layers

@@ -86,4 +86,6 @@ class ModelAdapter(ABC):
 
     def quantizable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
         """The model's Linears that ``quant_filter`` accepts, by module name."""
-        return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and self.quant_filter(n, m)}
+        from mixq.quantize import find_linears
+
+        return find_linears(model, self.quant_filter)
