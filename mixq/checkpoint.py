@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .data import model_device
 from .nn import QuantLinear
 
 FORMAT_NAME = "mixq"
@@ -176,7 +177,7 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
                 f"tensor {key!r}: checkpoint has {a.dtype} {tuple(a.shape)}, model expects {b.dtype} {tuple(b.shape)}"
             )
     # Everything checked: now mutate.
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     from .quantize import _set_module
 
     for name in fused_norms:

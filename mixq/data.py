@@ -73,6 +73,11 @@ def run_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a parameterless model)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def batch_to(batch: Any, device: torch.device | str) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .data import batch_to, iter_batches, run_model
+from .data import batch_to, iter_batches, model_device, run_model
 from .nn import ACT_MODES, QuantLinear
 from .progress import progress_bar
 
@@ -152,7 +152,7 @@ def calibrate(
         handles.append(m.register_forward_pre_hook(linear_hook(name)))
     was_training = model.training
     model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     try:
         for batch in progress_bar(iter_batches(calib_data, config.batch_size), "calibrating", progress):
             ln_outputs.clear()
@@ -207,8 +207,7 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
                                    simulate=config.simulate, backend=config.backend)
         _set_module(model, name, q)
     if config.fold_layernorm and fed_by:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        check = batch_to(next(iter_batches(calib_data, config.batch_size)), device)
+        check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
         _fuse_layernorms(model, fed_by, check)
     return model
 
