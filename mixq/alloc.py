@@ -986,6 +986,24 @@ def noise_factor(w_bits: int, a_bits: int) -> float:
     return (4.0 ** (-(w_bits - 4)) + 4.0 ** (-(a_bits - 4))) / 2
 
 
+def split_kl_costs(raw_w: np.ndarray, raw_a: np.ndarray, cands: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-choice costs [L, C] and per-image shares [L, N] from two KL probes per layer.
+
+    ``raw_w`` [L, N]: KL per image with only the layer's weights at the lowest candidate bits;
+    ``raw_a``: with only its activations there. Both are normalized by one per-image total, so
+    weight and activation noise stay comparable, and cost(w, a) = I_w 4^-(w - w_min) + I_a 4^-(a - a_min):
+    a layer whose activations are fragile (post-GELU, say) pays for low a_bits, not for low w_bits.
+    """
+    total = raw_w.sum(axis=0) + raw_a.sum(axis=0)
+    total = np.where(total > 0, total, 1.0)
+    share_w, share_a = raw_w / total, raw_a / total
+    w_min, a_min = min(w for w, _ in cands), min(a for _, a in cands)
+    fw = np.array([4.0 ** (-(w - w_min)) for w, _ in cands])
+    fa = np.array([4.0 ** (-(a - a_min)) for _, a in cands])
+    costs = share_w.mean(axis=1)[:, None] * fw[None, :] + share_a.mean(axis=1)[:, None] * fa[None, :]
+    return costs, share_w + share_a
+
+
 def _scorer_weights(scorer: Scorer) -> dict[str, float]:
     if isinstance(scorer, str):
         weights = {scorer: 1.0}
@@ -1053,15 +1071,20 @@ def allocate(
     lowest = (min(w for w, _ in cands), min(a for _, a in cands))
     noise = np.array([noise_factor(w, a) for w, a in cands]) / noise_factor(*lowest)
     common = dict(batch_size=batch_size, progress=progress, cache_dir=cache_dir)
-    kl = None
+    kl_costs = per_image = None
     if "kl" in weights or (synergy and lam > 0):
-        kl = kl_importance(model, calib_data, names, output_fn, lowest[0], lowest[1], **common)
+        # Two probes per layer, weights alone and activations alone at the lowest bits (the other
+        # side at the highest candidate), so the costs tell weight noise from activation noise.
+        highest = (max(w for w, _ in cands), max(a for _, a in cands))
+        raw_w = kl_importance(model, calib_data, names, output_fn, lowest[0], highest[1], **common)["raw"]
+        raw_a = kl_importance(model, calib_data, names, output_fn, highest[0], lowest[1], **common)["raw"]
+        kl_costs, per_image = split_kl_costs(np.asarray(raw_w), np.asarray(raw_a), cands)
     costs = np.zeros((len(names), len(cands)))
     for name, wgt in weights.items():
         if wgt == 0:
             continue
         if name == "kl":
-            table = np.asarray(kl["importance"])[:, None] * noise[None, :]
+            table = kl_costs
         elif name == "lrp":
             table = np.asarray(lrp_importance(model, calib_data, names, **common)["importance"])[:, None] * noise[None, :]
         else:
@@ -1071,7 +1094,7 @@ def allocate(
     pairs = adjacent_pairs(layers)
     syn = [0.0] * len(pairs)
     if synergy and lam > 0 and pairs:
-        syn = synergy_scores(kl["per_image"], pairs)
+        syn = synergy_scores(per_image.tolist(), pairs)
         top = max(syn) if syn else 0.0
         syn = [s / top if top > 0 else 0.0 for s in syn]
     problem = AllocationProblem(

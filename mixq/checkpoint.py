@@ -150,7 +150,8 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
         try:
             shell = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["w_bits"],
                                 cfg["a_bits"], cfg["act_quant"], device="cpu",
-                                fused_norm=cfg.get("fused_norm", False), norm_eps=cfg.get("norm_eps", 1e-5))
+                                fused_norm=cfg.get("fused_norm", False), norm_eps=cfg.get("norm_eps", 1e-5),
+                                input_prescaled=cfg.get("input_prescaled", False))
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"layer {name!r} has an invalid config {cfg}: {e}") from e
         shell.norm_module = cfg.get("norm_module", "")

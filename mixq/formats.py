@@ -224,6 +224,30 @@ def calibrate_channelwise(samples: torch.Tensor, bits: int) -> tuple[torch.Tenso
     return s, t
 
 
+def smooth_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Channel factors s_k = amax_k^alpha / wmax_k^(1-alpha), geometric mean 1 (SmoothQuant's rule).
+
+    Dividing input channel k by s_k and multiplying weight column k by it leaves the product
+    unchanged while moving range from outlier activation channels into the weights; a dynamic
+    per-token step then quantizes the flattened activations. alpha=1 moves all of it (every
+    channel gets the same range), alpha=0 none (only weight ranges count).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smooth alpha must be in [0, 1], got {alpha}")
+    a = act_amax.detach().to(torch.float64).reshape(-1)
+    if weight.dim() != 2 or weight.shape[1] != a.numel():
+        raise ValueError(f"weight must be [N, {a.numel()}] to match the activation channels, got {tuple(weight.shape)}")
+    if not torch.isfinite(a).all():
+        raise ValueError("activation amax contains NaN/Inf; check the calibration data")
+    w = weight.detach().to(torch.float64).abs().amax(dim=0)
+    # Dead channels (never active, or all-zero weight column) keep factor 1 relative to the rest.
+    a = torch.where(a > 0, a, a[a > 0].median() if (a > 0).any() else torch.ones_like(a))
+    w = torch.where(w > 0, w, w[w > 0].median() if (w > 0).any() else torch.ones_like(w))
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    s = s / torch.exp(torch.log(s).mean())
+    return s.to(torch.float32)
+
+
 def log2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Fake-quantize post-softmax probabilities in [0, 1] on a log2 grid (simulation only).
 

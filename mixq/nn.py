@@ -20,7 +20,8 @@ from .backends import get_backend, select_backend
 
 log = logging.getLogger("mixq")
 
-ACT_MODES = ("dynamic", "static", "channel")
+ACT_MODES = ("dynamic", "static", "channel", "smooth")
+WEIGHT_METHODS = ("rtn", "gptq")
 _ANNOUNCED: set[tuple[str, str]] = set()
 
 
@@ -53,6 +54,7 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
         fused_norm: bool = False,
         norm_eps: float = 1e-5,
+        input_prescaled: bool = False,
     ) -> None:
         super().__init__()
         formats.check_bits(w_bits, "w_bits")
@@ -70,10 +72,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(n, dtype=torch.float32, **kw) if bias else None)
         if fused_norm and act_quant != "channel":
             raise ValueError("a LayerNorm can only be fused into a QuantLinear with act_quant='channel'")
+        if input_prescaled and act_quant != "smooth":
+            raise ValueError("input_prescaled (producer already divides by the channel factors) needs act_quant='smooth'")
         self.fused_norm, self.norm_eps = fused_norm, float(norm_eps)
         self.norm_module = ""  # qualified name of the fused LayerNorm (now an Identity) in the model
-        n_act = k if act_quant == "channel" and not fused_norm else 1
-        # Static step t (per tensor) and the inverse step the kernels multiply by: 1/(s_k t) per channel.
+        # smooth mode: the producer (a LayerNorm's affine) already divides by s_k, so no runtime multiply.
+        self.input_prescaled = bool(input_prescaled)
+        n_act = k if (act_quant == "channel" and not fused_norm) or act_quant == "smooth" else 1
+        # Static step t (per tensor) and the inverse step the kernels multiply by: 1/(s_k t) per channel;
+        # in smooth mode only 1/s_k (the per-token step is dynamic).
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, **kw))
         self.register_buffer("act_inv_scale", torch.ones(n_act, dtype=torch.float32, **kw))
         # Channel factors s_k already folded into the weight columns (ones unless channel mode).
@@ -99,15 +106,27 @@ class QuantLinear(nn.Module):
         simulate: bool = False,
         backend: Optional[str] = None,
         clip_search: bool = True,
+        smooth_alpha: float = 0.5,
+        weight_method: str = "rtn",
     ) -> "QuantLinear":
-        """Quantize ``linear``; ``act_samples`` [R, in_features] calibrates static/channel scales."""
+        """Quantize ``linear``; ``act_samples`` [R, in_features] calibrates static/channel scales, or
+        the smooth factors (from its per-channel amax), and GPTQ's Hessian (``weight_method="gptq"``;
+        "rtn" rounds to nearest)."""
+        if weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"unknown weight_method={weight_method!r}; allowed: {list(WEIGHT_METHODS)}")
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
         device = linear.weight.device
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, w_bits, a_bits,
                 act_quant, simulate, backend, device="cpu")
         w = linear.weight.detach().to("cpu", torch.float32)
-        if act_quant in ("static", "channel"):
+        if act_quant == "smooth":
+            samples = _check_act_samples(act_samples, linear.in_features, act_quant).cpu()
+            s = formats.smooth_factors(samples.abs().amax(dim=0), w, smooth_alpha)
+            w = w * s[None, :]
+            m.act_channel_factor.copy_(s)
+            m.act_inv_scale.copy_(formats.reciprocal_fp32(s))
+        elif act_quant in ("static", "channel"):
             samples = _check_act_samples(act_samples, linear.in_features, act_quant).cpu()
             if act_quant == "channel":
                 s, t = formats.calibrate_channelwise(samples, a_bits)
@@ -118,7 +137,14 @@ class QuantLinear(nn.Module):
                 t = formats.calibrate_per_tensor(samples, a_bits)
                 m.act_inv_scale.copy_(formats.reciprocal_fp32(t).reshape(1))
             m.act_scale.copy_(t.reshape(1))
-        q, scale = formats.quantize_weight(w, w_bits, clip_search=clip_search)
+        if weight_method == "gptq":
+            from .gptq import hessian, quantize_weight_gptq
+
+            samples = _check_act_samples(act_samples, linear.in_features, "dynamic (with GPTQ)").cpu()
+            h = hessian(samples / m.act_channel_factor)  # in the basis the folded weights see
+            q, scale = quantize_weight_gptq(w, w_bits, h, clip_search=clip_search)
+        else:
+            q, scale = formats.quantize_weight(w, w_bits, clip_search=clip_search)
         m.qweight.copy_(formats.pack_weight(q, w_bits))
         m.w_scale.copy_(scale)
         if linear.bias is not None:
@@ -178,6 +204,21 @@ class QuantLinear(nn.Module):
         self.act_inv_scale = formats.reciprocal_fp32(self.act_scale).clone()
         return self
 
+    def prescale_producer(self, norm: nn.LayerNorm) -> "QuantLinear":
+        """Fold this smooth layer's 1/s_k into the LayerNorm that feeds it (its gamma and beta), so
+        the runtime multiply disappears; the norm stays a float module. Changes ``norm`` in place."""
+        if self.act_quant != "smooth" or self.input_prescaled:
+            raise ValueError("only a smooth QuantLinear that is not yet prescaled can fold into its producer")
+        if tuple(norm.normalized_shape) != (self.in_features,) or norm.weight is None:
+            raise ValueError(f"need an affine LayerNorm over ({self.in_features},), got {norm}")
+        with torch.no_grad():
+            inv = self.act_inv_scale.to(norm.weight.device, norm.weight.dtype)
+            norm.weight.mul_(inv)
+            if norm.bias is not None:
+                norm.bias.mul_(inv)
+        self.input_prescaled = True
+        return self
+
     def set_simulate(self, simulate: bool) -> "QuantLinear":
         self.simulate = simulate
         self.refresh()
@@ -199,19 +240,26 @@ class QuantLinear(nn.Module):
             "fused_norm": self.fused_norm,
             "norm_eps": self.norm_eps,
             "norm_module": self.norm_module,
+            "input_prescaled": self.input_prescaled,
         }
 
     def extra_repr(self) -> str:
         mode = "simulate" if self.simulate else f"backend={self.backend}"
-        norm = ", fused LayerNorm" if self.fused_norm else ""
+        norm = ", fused LayerNorm" if self.fused_norm else ", prescaled by producer" if self.input_prescaled else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, W{self.w_bits}A{self.a_bits}, act={self.act_quant}{norm}, {mode}")
 
     # ------------------------------------------------------------------ forward
 
+    def _smoothed(self, x2: torch.Tensor) -> torch.Tensor:
+        """Smooth mode's input in the folded basis, x / s_k (one fp32 multiply, the same on every path)."""
+        return x2 if self.input_prescaled else x2.to(torch.float32) * self.act_inv_scale
+
     def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.act_quant == "dynamic":
             return ops.quantize_act_dynamic(x2, self.a_bits, self.backend)
+        if self.act_quant == "smooth":
+            return ops.quantize_act_dynamic(self._smoothed(x2).contiguous(), self.a_bits, self.backend)
         if self.fused_norm:
             xq = ops.layernorm_quantize(x2, self.norm_weight, self.norm_bias, self.norm_eps, self.act_inv_scale,
                                         self.a_bits, self.backend)
@@ -249,6 +297,9 @@ class QuantLinear(nn.Module):
             xf = F.layer_norm(xf, (self.in_features,), self.norm_weight, self.norm_bias, self.norm_eps)
             q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale
         elif self.act_quant == "dynamic":
+            q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
+        elif self.act_quant == "smooth":
+            xf = self._smoothed(xf)
             q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
         else:
             q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale

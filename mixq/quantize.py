@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import difflib
 import fnmatch
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -15,7 +13,7 @@ from torch import nn
 
 from . import formats
 from .data import batch_to, iter_batches, model_device, run_model
-from .nn import ACT_MODES, QuantLinear
+from .nn import ACT_MODES, WEIGHT_METHODS, QuantLinear
 from .progress import progress_bar
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -26,11 +24,13 @@ class QuantConfig:
     """What to quantize and how.
 
     ``layer_bits`` maps module names to (w_bits, a_bits) and overrides the defaults; ``skip`` holds
-    names or fnmatch patterns kept in float. ``act_quant="auto"`` uses clipped channel-wise static
-    scales for Linears fed directly by a LayerNorm (where inter-channel variation is strong) and
-    dynamic per-token scales elsewhere. ``fold_layernorm`` fuses such a LayerNorm into the Linear it
-    feeds (its quantize step then runs inside the LayerNorm kernel); it is checked numerically on a
-    calibration batch and undone if the LayerNorm's output had another consumer.
+    names or fnmatch patterns kept in float. ``act_quant="auto"`` is ``"smooth"``: calibrated
+    channel factors (``smooth_alpha``) move activation outliers into the weight columns and a dynamic
+    per-token step quantizes what is left, which holds up at 4-6 bits and on images unlike the
+    calibration set (static ranges do not: see docs/DESIGN_NOTES.md). ``fold_layernorm`` folds a
+    LayerNorm that feeds only one such Linear into it: the channel factors go into its gamma and beta
+    (smooth), or the norm runs inside the quantize kernel (channel). ``weight_method="auto"`` is GPTQ
+    when calibration data is given, else round-to-nearest.
     """
 
     w_bits: int = 8
@@ -45,6 +45,8 @@ class QuantConfig:
     batch_size: int = 8
     seed: int = 0
     fold_layernorm: bool = False
+    smooth_alpha: float = 0.5
+    weight_method: str = "auto"
 
     def __post_init__(self) -> None:
         formats.check_bits(self.w_bits, "w_bits")
@@ -56,6 +58,10 @@ class QuantConfig:
                 raise ValueError(f"layer_bits[{name!r}] must be a (w_bits, a_bits) pair, got {bits!r}")
             formats.check_bits(bits[0], f"w_bits of layer {name!r}")
             formats.check_bits(bits[1], f"a_bits of layer {name!r}")
+        if self.weight_method not in WEIGHT_METHODS + ("auto",):
+            raise ValueError(f"unknown weight_method={self.weight_method!r}; allowed: {list(WEIGHT_METHODS + ('auto',))}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.max_calib_rows < 1:
             raise ValueError(f"max_calib_rows must be >= 1, got {self.max_calib_rows}")
         self.skip = tuple(self.skip)
@@ -193,18 +199,23 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
     targets = _targets(model, config)
     samples: dict[str, torch.Tensor] = {}
     fed_by: dict[str, str] = {}
-    if config.act_quant != "dynamic":
+    weight_method = config.weight_method
+    if weight_method == "auto":
+        weight_method = "gptq" if calib_data is not None else "rtn"
+    if config.act_quant != "dynamic" or weight_method == "gptq":
         if calib_data is None:
-            raise ValueError(f"act_quant={config.act_quant!r} needs calibration data; pass calib_data")
+            need = f"act_quant={config.act_quant!r}" if config.act_quant != "dynamic" else "weight_method='gptq'"
+            raise ValueError(f"{need} needs calibration data; pass calib_data")
         samples, fed_by = calibrate(model, targets, calib_data, config, progress)
     for name in progress_bar(list(targets), "quantizing", progress):
         lin = targets[name]
         w_bits, a_bits = config.bits_for(name)
         mode = config.act_quant
         if mode == "auto":
-            mode = "channel" if name in fed_by else "dynamic"
+            mode = "smooth"
         q = QuantLinear.from_float(lin, w_bits, a_bits, act_quant=mode, act_samples=samples.get(name),
-                                   simulate=config.simulate, backend=config.backend)
+                                   simulate=config.simulate, backend=config.backend,
+                                   smooth_alpha=config.smooth_alpha, weight_method=weight_method)
         _set_module(model, name, q)
     if config.fold_layernorm and fed_by:
         check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
@@ -212,51 +223,93 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
     return model
 
 
-def _fuse_layernorms(
-    model: nn.Module, fed_by: dict[str, str], check_batch: Any, tol: float = 1e-2
-) -> list[str]:
-    """Fuse each LayerNorm that feeds exactly one channel-wise QuantLinear into it; returns the fused names.
+def _fuse_layernorms(model: nn.Module, fed_by: dict[str, str], check_batch: Any) -> list[str]:
+    """Fold each LayerNorm that feeds exactly one channel-wise or smooth QuantLinear into it.
 
-    Fusing changes what the LayerNorm module outputs, which is only right if nothing else read it;
-    hooks cannot see functional consumers, so the result is compared with the unfused model.
+    Channel mode takes the norm over (fused LayerNorm + quantize kernel); smooth mode divides the
+    norm's gamma and beta by its channel factors. Either changes what the LayerNorm module outputs,
+    which is only right if nothing else reads it; hooks cannot see functional consumers, so
+    :func:`_sole_consumers` checks by poisoning. Returns the folded norms' names.
     """
     modules = dict(model.named_modules())
     consumers: dict[str, list[str]] = {}
     for lin, ln in fed_by.items():
         consumers.setdefault(ln, []).append(lin)
-    pairs = [(ln, lins[0]) for ln, lins in consumers.items()
-             if len(lins) == 1 and isinstance(modules.get(ln), nn.LayerNorm)
-             and isinstance(modules.get(lins[0]), QuantLinear) and modules[lins[0]].act_quant == "channel"]
-    if not pairs:
-        return []
-    with torch.no_grad():
-        before = run_model(model, check_batch)
-    undo = []
+    pairs = []
+    for ln_name, lins in consumers.items():
+        ln, q = modules.get(ln_name), modules.get(lins[0])
+        if (len(lins) == 1 and isinstance(ln, nn.LayerNorm) and isinstance(q, QuantLinear)
+                and tuple(ln.normalized_shape) == (q.in_features,)
+                and (q.act_quant == "channel" or (q.act_quant == "smooth" and ln.weight is not None))):
+            pairs.append((ln_name, lins[0]))
+    pairs = _sole_consumers(model, pairs, check_batch)
     for ln_name, lin_name in pairs:
         ln, q = modules[ln_name], modules[lin_name]
-        fused = copy.deepcopy(q).fuse_layernorm(ln, ln_name)
-        undo.append((ln_name, ln, lin_name, q))
-        _set_module(model, ln_name, nn.Identity())
-        _set_module(model, lin_name, fused)
-    with torch.no_grad():
-        after = run_model(model, check_batch)
-    b, a = _first_tensor(before), _first_tensor(after)
-    rel = float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)) if b is not None else math.inf
-    if not rel <= tol:
-        for ln_name, ln, lin_name, q in undo:
-            _set_module(model, ln_name, ln)
-            _set_module(model, lin_name, q)
-        warnings.warn(f"mixq: LayerNorm folding changed the output (relative difference {rel:.3g}); "
-                      "a LayerNorm output has another consumer, so nothing was folded")
-        return []
+        if q.act_quant == "smooth":
+            q.prescale_producer(ln)
+        else:
+            _set_module(model, ln_name, nn.Identity())
+            _set_module(model, lin_name, q.fuse_layernorm(ln, ln_name))
     return [ln for ln, _ in pairs]
 
 
-def _first_tensor(out: Any) -> Optional[torch.Tensor]:
+@torch.no_grad()
+def _sole_consumers(model: nn.Module, pairs: list[tuple[str, str]], batch: Any) -> list[tuple[str, str]]:
+    """The (norm, linear) pairs whose norm output reaches the model output only through the linear.
+
+    The norm's output is replaced by NaN and the linear alone gets the real values back; a NaN in
+    any other module's input or in the model's output means something else read the norm. (Module
+    inputs are watched because a quantized layer would turn NaN into integers.) Exact, unlike
+    comparing outputs.
+    """
+    if not pairs:
+        return []
+
+    def poisoned_run(subset: list[tuple[str, str]]) -> bool:
+        clean: dict[int, torch.Tensor] = {}
+        handles = []
+        leaked = []
+
+        def watch(mod, args):
+            if not leaked and any(not torch.isfinite(t).all() for t in _tensors(list(args)) if t.is_floating_point()):
+                leaked.append(mod)
+
+        def ln_hook(mod, inp, out):
+            bad = torch.full_like(out, float("nan"))
+            clean[id(bad)] = out
+            return bad
+
+        def lin_hook(mod, args):
+            real = clean.get(id(args[0]))
+            return (real, *args[1:]) if real is not None else None
+
+        for ln_name, lin_name in subset:
+            handles.append(model.get_submodule(ln_name).register_forward_hook(ln_hook))
+            handles.append(model.get_submodule(lin_name).register_forward_pre_hook(lin_hook))
+        handles += [m.register_forward_pre_hook(watch) for m in model.modules()]  # after the restores
+        try:
+            out = run_model(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return not leaked and all(torch.isfinite(t).all() for t in _tensors(out) if t.is_floating_point())
+
+    if not poisoned_run([]):
+        warnings.warn("mixq: the model sees non-finite values on the check batch; no LayerNorm was folded")
+        return []
+    if poisoned_run(pairs):
+        return pairs
+    ok = [p for p in pairs if poisoned_run([p])]
+    shared = [ln for ln, _ in pairs if ln not in {o[0] for o in ok}]
+    warnings.warn(f"mixq: LayerNorm output read by more than the quantized Linear, not folded: {shared}")
+    return ok
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
-        return out
+        return [out]
     items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
-    return next((t for t in (_first_tensor(v) for v in items) if t is not None), None)
+    return [t for v in items for t in _tensors(v)]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -15,8 +15,8 @@ from test_quantize import TinyBlock, _data
 def models():
     torch.manual_seed(0)
     float_model = TinyBlock().eval()
-    q = quantize_(copy.deepcopy(float_model), QuantConfig(layer_bits={"fc1": (4, 8), "fc2": (6, 6)}), _data(),
-                  progress=False)
+    q = quantize_(copy.deepcopy(float_model), QuantConfig(layer_bits={"fc1": (4, 8), "fc2": (6, 6)},
+                                                          act_quant="channel"), _data(), progress=False)
     return float_model, q
 
 
@@ -101,7 +101,8 @@ def test_mismatched_architecture_names_the_layer(models, tmp_path):
 def test_roundtrip_with_fused_layernorm(tmp_path):
     torch.manual_seed(0)
     float_model = TinyBlock().eval()
-    q = quantize_(copy.deepcopy(float_model), QuantConfig(fold_layernorm=True), _data(), progress=False)
+    q = quantize_(copy.deepcopy(float_model), QuantConfig(act_quant="channel", fold_layernorm=True), _data(),
+                  progress=False)
     path = mixq.save(q, tmp_path / "m.safetensors")
     skeleton = copy.deepcopy(float_model)
     loaded = mixq.load(path, skeleton)

@@ -39,8 +39,7 @@ def test_quantize_in_place_with_per_layer_bits_and_auto_modes():
     assert isinstance(model.fc1, QuantLinear) and isinstance(model.fc2, QuantLinear)
     assert type(model.head) is nn.Linear
     assert (model.fc2.w_bits, model.fc2.a_bits) == (4, 6)
-    assert model.fc1.act_quant == "channel"  # fed by the LayerNorm
-    assert model.fc2.act_quant == "dynamic"
+    assert model.fc1.act_quant == model.fc2.act_quant == "smooth"  # auto
     torch.testing.assert_close(model(x), ref, rtol=0.1, atol=0.1)
 
 
@@ -99,8 +98,8 @@ def test_find_linears_and_lazy_public_api():
 
 def test_fold_layernorm_fuses_and_matches_unfused():
     x = _data(4)
-    unfused = quantize_(_model(), QuantConfig(), _data(), progress=False)
-    folded = quantize_(_model(), QuantConfig(fold_layernorm=True), _data(), progress=False)
+    unfused = quantize_(_model(), QuantConfig(act_quant="channel"), _data(), progress=False)
+    folded = quantize_(_model(), QuantConfig(act_quant="channel", fold_layernorm=True), _data(), progress=False)
     assert isinstance(folded.norm, nn.Identity) and folded.fc1.fused_norm
     assert folded.fc1.act_inv_scale.shape == (1,)
     torch.testing.assert_close(folded(x), unfused(x), rtol=2e-2, atol=2e-2)
@@ -109,16 +108,20 @@ def test_fold_layernorm_fuses_and_matches_unfused():
     torch.testing.assert_close(folded(x), sim, rtol=1e-5, atol=1e-5)
 
 
-def test_fold_layernorm_is_undone_when_output_has_another_consumer():
+@pytest.mark.parametrize("mode", ["channel", "smooth"])
+def test_fold_layernorm_is_skipped_when_output_has_another_consumer(mode):
     class Shared(TinyBlock):
         def forward(self, x):
             h = self.norm(x)
             return self.head((h + self.fc2(torch.relu(self.fc1(h)))).mean(1))
 
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="nothing was folded"):
-        model = quantize_(Shared().eval(), QuantConfig(fold_layernorm=True), _data(), progress=False)
-    assert isinstance(model.norm, nn.LayerNorm) and not model.fc1.fused_norm
+    fp = Shared().eval()
+    gamma = fp.norm.weight.detach().clone()
+    with pytest.warns(UserWarning, match="not folded: \\['norm'\\]"):
+        model = quantize_(fp, QuantConfig(act_quant=mode, fold_layernorm=True), _data(), progress=False)
+    assert isinstance(model.norm, nn.LayerNorm) and torch.equal(model.norm.weight, gamma)
+    assert not model.fc1.fused_norm and not model.fc1.input_prescaled
 
 
 @pytest.mark.parametrize("fold", [False, True])

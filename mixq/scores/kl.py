@@ -15,7 +15,7 @@ from ..data import iter_batches
 from ..progress import progress_bar
 from . import cache
 from .outputs import OutputFn, check_probs, kl_per_row, softmax_probs
-from .perturb import perturbed
+from .perturb import input_amax, perturbed
 
 
 def _reference(model: nn.Module, batches: list, output_fn: OutputFn) -> list[torch.Tensor]:
@@ -23,10 +23,11 @@ def _reference(model: nn.Module, batches: list, output_fn: OutputFn) -> list[tor
 
 
 def perturbation_kl(model: nn.Module, batches: list, reference: list[torch.Tensor], name: str,
-                    output_fn: OutputFn, w_bits: int, a_bits: int, mode: str) -> torch.Tensor:
+                    output_fn: OutputFn, w_bits: int, a_bits: int, mode: str,
+                    act_amax: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KL per image [N] with layer ``name`` perturbed."""
     out = []
-    with perturbed(model, name, w_bits, a_bits, mode):
+    with perturbed(model, name, w_bits, a_bits, mode, act_amax):
         for b, p in zip(batches, reference):
             out.append(kl_per_row(p, output_fn(model, b).detach()))
     return torch.cat(out)
@@ -47,15 +48,16 @@ def kl_importance(model: nn.Module, calib_data: Any, names: list[str], output_fn
     ``mode="ablate"`` zeroes the layer's output instead of quantizing it (the causal-MI proxy).
     """
     output_fn = output_fn or softmax_probs
-    params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size,
+    params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size, "act": "smooth",
               "out": getattr(output_fn, "__qualname__", repr(output_fn))}
 
     def compute() -> dict:
         with torch.no_grad():
             batches = list(iter_batches(calib_data, batch_size))
             reference = _reference(model, batches, output_fn)
+            amax = input_amax(model, batches, names)
             raw = torch.stack([
-                perturbation_kl(model, batches, reference, n, output_fn, w_bits, a_bits, mode)
+                perturbation_kl(model, batches, reference, n, output_fn, w_bits, a_bits, mode, amax.get(n))
                 for n in progress_bar(names, f"KL importance ({mode})", progress)
             ])
         shares = normalize_per_image(raw)
