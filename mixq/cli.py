@@ -124,6 +124,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             raise CliError(str(e)) from e
         config = plan.to_config(filter_fn=adapter.quant_filter)
     config.fold_layernorm = args.fold_layernorm
+    config.act_quant, config.weight_method = args.act, args.weights
     mixq.quantize_(model, config, calib)
     out.mkdir(parents=True)
     ckpt = mixq.save(model, out / "model.safetensors", model_spec=args.model,
@@ -295,7 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-synergy", action="store_true", help="drop the cross-layer synergy term")
     s.add_argument("--uniform", metavar="WxAy", help="skip allocation: every layer at these bits, e.g. W8A8")
     s.add_argument("--fold-layernorm", action="store_true",
-                   help="fuse LayerNorms into the Linear they feed (quantize inside the LayerNorm kernel)")
+                   help="fold a LayerNorm into the one Linear it feeds (smooth: its gamma/beta take the channel "
+                   "factors; channel: the quantize runs inside the LayerNorm kernel)")
+    s.add_argument("--act", choices=["auto", "smooth", "dynamic", "static", "channel"], default="auto",
+                   help="activation quantization (default auto = smooth: channel factors folded into the weights, "
+                   "dynamic per-token step)")
+    s.add_argument("--weights", choices=["auto", "gptq", "rtn"], default="auto",
+                   help="weight rounding: GPTQ on the calibration activations, or round-to-nearest (default auto = gptq)")
     s.add_argument("--out", default="runs/quantized", help="output folder (default runs/quantized)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(fn=cmd_quantize)

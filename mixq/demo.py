@@ -50,7 +50,7 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     print(f"mixq demo: building {adapter.name} from the shipped ONNX file")
     fp = adapter.build()
     calib = adapter.calibration_batches(n_calib)
-    n_train, n_test = (120, 60) if quick else (400, 200)
+    n_train, n_test = (120, 60) if quick else (600, 300)
     print(f"mixq demo: FP reference (linear probe on {n_train} train images, {n_test} test images)")
     ev = Dinov2Evaluator(fp, adapter.transform, n_train=n_train, n_test=n_test,
                          calibration=f"{n_calib} textile train images", cache=out / "cache")
@@ -65,12 +65,14 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
         bits = sum(m.in_features * m.out_features * m.w_bits for m in layers.values())
         row = ev.evaluate(model, label, bits_summary(model))
         points.append({"label": label, "kind": kind, "avg_bits": bits / n_params, "probe_top1": row.probe_top1,
-                       "saliency_iou": row.saliency.iou_top, "saliency_kl": row.saliency.kl})
-        print(f"mixq demo: {label}: probe {row.probe_top1:.2f}%, saliency IoU {row.saliency.iou_top:.4f}")
+                       "same_as_fp": row.fp_agreement, "saliency_iou": row.saliency.iou_05,
+                       "saliency_kl": row.saliency.kl})
+        print(f"mixq demo: {label}: probe {row.probe_top1:.2f}% (same class as FP on {row.fp_agreement:.1f}%), "
+              f"saliency IoU@0.5 {row.saliency.iou_05:.4f}")
 
     for w, a in UNIFORM:
-        model = mixq.quantize_(copy.deepcopy(fp), QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter),
-                               calib)
+        model = mixq.quantize_(copy.deepcopy(fp), QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter,
+                                                              fold_layernorm=True), calib)
         evaluate(model, f"W{w}A{a}", "uniform")
 
     mixed_models = {}
@@ -80,7 +82,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
         plan = allocate(fp, calib[:n_score], budget=size_bits, bops_budget=f"{bops_fraction:.6f}x",
                         scorer="kl", synergy=True, filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
         plan.save(out / f"plan-{label}.json")
-        model = mixq.quantize_(copy.deepcopy(fp), plan.to_config(filter_fn=adapter.quant_filter), calib)
+        model = mixq.quantize_(copy.deepcopy(fp), plan.to_config(filter_fn=adapter.quant_filter, fold_layernorm=True),
+                               calib)
         mixq.save(model, out / f"{label}.safetensors", model_spec="dinov2-s")
         mixed_models[label] = model
         evaluate(model, label, "mixed")
@@ -106,8 +109,9 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
                              f"{', '.join(backends)}", f"total time {time.perf_counter() - t_start:.0f} s"],
                       tables=[ev.result.markdown(), lat_table])
     md = write_report(data, out / "report")
-    _table("mixq demo summary", ["model", "avg bits", "probe top-1 %", "saliency IoU", "latency ms"],
-           [(p["label"], p["avg_bits"], p["probe_top1"], p["saliency_iou"],
+    _table("mixq demo summary", ["model", "avg bits", "probe top-1 %", "same class as FP %", "saliency IoU@0.5",
+                                 "latency ms"],
+           [(p["label"], p["avg_bits"], p["probe_top1"], p.get("same_as_fp", 100.0), p["saliency_iou"],
              next((r["median_ms"] for r in latency if r["name"] == p["label"] or
                    (p["label"] == "FP32" and r["name"] == "float32")), float("nan"))) for p in points])
     print(f"mixq demo: report {md}; results {out / 'results.json'}; "

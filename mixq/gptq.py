@@ -43,10 +43,13 @@ def quantize_weight_gptq(w: torch.Tensor, bits: int, h: torch.Tensor, damp: floa
     lim = formats.qmax(bits)
     W = w.detach().to(torch.float64).clone()
     H = h.detach().to(torch.float64).clone()
-    dead = torch.diagonal(H) <= 0
-    H[dead, dead] = 1.0
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    # Damping relative to the live channels only, so the result does not depend on the input scale.
+    ref = diag[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=H.dtype)
+    H[dead, dead] = ref
     W[:, dead] = 0.0
-    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    H += damp * ref * torch.eye(H.shape[0], dtype=H.dtype)
     try:
         L = torch.linalg.cholesky(H)
         U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)

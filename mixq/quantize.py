@@ -258,8 +258,8 @@ def _sole_consumers(model: nn.Module, pairs: list[tuple[str, str]], batch: Any) 
     """The (norm, linear) pairs whose norm output reaches the model output only through the linear.
 
     The norm's output is replaced by NaN and the linear alone gets the real values back; a NaN in
-    any other module's input or in the model's output means something else read the norm. (Module
-    inputs are watched because a quantized layer would turn NaN into integers.) Exact, unlike
+    any other leaf module's input or in the model's output means something else read the norm.
+    (Leaf inputs are watched because a quantized layer would turn NaN into integers.) Exact, unlike
     comparing outputs.
     """
     if not pairs:
@@ -286,7 +286,9 @@ def _sole_consumers(model: nn.Module, pairs: list[tuple[str, str]], batch: Any) 
         for ln_name, lin_name in subset:
             handles.append(model.get_submodule(ln_name).register_forward_hook(ln_hook))
             handles.append(model.get_submodule(lin_name).register_forward_pre_hook(lin_hook))
-        handles += [m.register_forward_pre_hook(watch) for m in model.modules()]  # after the restores
+        # Leaves only: a container (an attention block) is handed the norm output and passes it on.
+        handles += [m.register_forward_pre_hook(watch) for m in model.modules()
+                    if next(m.children(), None) is None]  # registered after the restores
         try:
             out = run_model(model, batch)
         finally:

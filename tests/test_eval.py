@@ -209,13 +209,14 @@ def test_dinov2_evaluator_on_a_handful_of_real_images(tmp_path):
 
     adapter = get_adapter("dinov2-s")
     model = adapter.build()
-    ev = Dinov2Evaluator(model, adapter.transform, n_train=3, n_test=3, n_saliency=3, batch_size=8, cache=tmp_path)
+    ev = Dinov2Evaluator(model, adapter.transform, n_train=15, n_test=3, n_saliency=3, batch_size=8, cache=tmp_path)
     fp = ev.result.rows[0]
-    cached = Dinov2Evaluator(model, adapter.transform, n_train=3, n_test=3, n_saliency=3, cache=tmp_path)
+    cached = Dinov2Evaluator(model, adapter.transform, n_train=15, n_test=3, n_saliency=3, cache=tmp_path)
     assert len(list(tmp_path.glob("dinov2_*.pt"))) == 2  # probe + FP test outputs, reused above
     assert cached.result.rows[0].probe_top1 == fp.probe_top1 and torch.equal(cached.fp_maps, ev.fp_maps)
     assert fp.saliency.iou_05 == 1.0 and 0.0 <= fp.probe_top1 <= 100.0
-    assert fp.maps.shape == (3, 224, 224) and fp.saliency_features.shape == (3, 384)
+    assert fp.maps.shape == (3, 224, 224) and fp.saliency_features.shape == (3, 768)
+    assert ev.result.weight_decay in (1e-3, 1e-2, 1e-1, 1.0) and fp.fp_agreement == 100.0
     agree = ev.agreement(fp, model)  # the same model run twice agrees with itself
     assert agree.probe_prediction_agreement == 100.0 and agree.max_abs_feature_diff < 1e-4
     assert "| FP32 |" in ev.result.markdown()

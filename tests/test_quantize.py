@@ -140,3 +140,26 @@ def test_whole_model_simulation_is_bit_identical_to_kernels(fold):
     y_kernel = model(x)
     y_sim = set_simulate(model, True)(x)
     assert torch.equal(y_kernel, y_sim)
+
+
+def test_fold_layernorm_through_a_container():
+    # The norm's output is handed to a submodule that passes it to the Linear: still a sole consumer.
+    class Mlp(nn.Module):
+        def __init__(self, d=24):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    class Block(nn.Module):
+        def __init__(self, d=24):
+            super().__init__()
+            self.norm, self.mlp = nn.LayerNorm(d), Mlp(d)
+
+        def forward(self, x):
+            return x + self.mlp(self.norm(x))
+
+    torch.manual_seed(0)
+    model = quantize_(Block().eval(), QuantConfig(fold_layernorm=True), _data(), progress=False)
+    assert model.mlp.fc1.input_prescaled and isinstance(model.norm, nn.LayerNorm)

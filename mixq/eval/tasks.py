@@ -32,7 +32,9 @@ def run_task(task: str, adapter: ModelAdapter, fp_model: nn.Module, qmodel: nn.M
 
         if not hasattr(fp_model, "features_and_saliency"):
             raise ValueError(f"task 'dinov2' needs the built-in dinov2-s model, not {adapter.name}")
-        ev = Dinov2Evaluator(fp_model, adapter.transform, n_test=n_test)
+        from mixq.models.dinov2 import cache_dir
+
+        ev = Dinov2Evaluator(fp_model, adapter.transform, n_test=n_test, cache=cache_dir())
         row = ev.evaluate(qmodel, "quantized", described)
         return TaskResult(task, ev.result.markdown(), {"probe_top1": row.probe_top1,
                                                        "fp_probe_top1": ev.result.rows[0].probe_top1})

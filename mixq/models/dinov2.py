@@ -152,13 +152,15 @@ class Dinov2Saliency(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)[:, 0]
 
-    def features_and_saliency(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass: (CLS feature [B, D], saliency map [B, 1, H, W])."""
+    def features_and_saliency(self, x: torch.Tensor, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass: (CLS feature [B, D], or with ``pooled`` CLS and mean patch token [B, 2D];
+        saliency map [B, 1, H, W])."""
         tokens = self.backbone(x)
         b, _, h, w = x.shape
         p = self.backbone.patch_size
         grid = tokens[:, 1:].transpose(1, 2).reshape(b, tokens.shape[-1], h // p, w // p)
-        return tokens[:, 0], self.decoder(grid, (h, w))
+        feats = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1) if pooled else tokens[:, 0]
+        return feats, self.decoder(grid, (h, w))
 
 
 # ----------------------------------------------------------------------------- ONNX conversion

