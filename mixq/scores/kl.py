@@ -48,7 +48,7 @@ def kl_importance(model: nn.Module, calib_data: Any, names: list[str], output_fn
     ``mode="ablate"`` zeroes the layer's output instead of quantizing it (the causal-MI proxy).
     """
     output_fn = output_fn or softmax_probs
-    params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size, "act": "smooth",
+    params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size, "act": "smooth-median-floor",
               "out": getattr(output_fn, "__qualname__", repr(output_fn))}
 
     def compute() -> dict:

@@ -20,7 +20,7 @@ def sensitivity_scores(model: nn.Module, calib_data: Any, names: list[str], cand
                        cache_dir: cache.CacheDir = None) -> dict:
     """Mean KL(P_fp || P) over images for every (layer, candidate): ``{"names", "candidates", "kl": [L][C]}``."""
     output_fn = output_fn or softmax_probs
-    params = {"kind": "sensitivity", "names": names, "cands": [list(c) for c in candidates], "bs": batch_size, "act": "smooth",
+    params = {"kind": "sensitivity", "names": names, "cands": [list(c) for c in candidates], "bs": batch_size, "act": "smooth-median-floor",
               "out": getattr(output_fn, "__qualname__", repr(output_fn))}
 
     def compute() -> dict:
