@@ -267,7 +267,6 @@ class Dinov2Evaluator:
                             SaliencyAgreement(1.0, 1.0, 0.0), d["seconds"], 100.0, d["saliency_features"], d["maps"])
             self.result.rows.append(row)
             return row
-        self._fp_pred = None
         row = self.evaluate(fp_model, "FP32", "nothing (float)", _reference=True)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

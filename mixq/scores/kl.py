@@ -18,8 +18,17 @@ from .outputs import OutputFn, check_probs, kl_per_row, softmax_probs
 from .perturb import input_amax, perturbed
 
 
-def _reference(model: nn.Module, batches: list, output_fn: OutputFn) -> list[torch.Tensor]:
-    return [check_probs(output_fn(model, b)).detach() for b in batches]
+# Part of every perturbation-score cache key: changing how layers are perturbed invalidates old scores.
+PERTURBATION = "smooth-median-floor"
+
+
+def prepare(model: nn.Module, calib_data: Any, names: list[str], output_fn: OutputFn, batch_size: int
+            ) -> tuple[list, list[torch.Tensor], dict[str, torch.Tensor]]:
+    """What every perturbation score needs once: the batches, the FP output distributions, and each
+    layer's input amax (for the smooth-mode perturbation)."""
+    batches = list(iter_batches(calib_data, batch_size))
+    reference = [check_probs(output_fn(model, b)).detach() for b in batches]
+    return batches, reference, input_amax(model, batches, names)
 
 
 def perturbation_kl(model: nn.Module, batches: list, reference: list[torch.Tensor], name: str,
@@ -48,14 +57,12 @@ def kl_importance(model: nn.Module, calib_data: Any, names: list[str], output_fn
     ``mode="ablate"`` zeroes the layer's output instead of quantizing it (the causal-MI proxy).
     """
     output_fn = output_fn or softmax_probs
-    params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size, "act": "smooth-median-floor",
-              "out": getattr(output_fn, "__qualname__", repr(output_fn))}
+    params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size,
+              "act": PERTURBATION, "out": getattr(output_fn, "__qualname__", repr(output_fn))}
 
     def compute() -> dict:
         with torch.no_grad():
-            batches = list(iter_batches(calib_data, batch_size))
-            reference = _reference(model, batches, output_fn)
-            amax = input_amax(model, batches, names)
+            batches, reference, amax = prepare(model, calib_data, names, output_fn, batch_size)
             raw = torch.stack([
                 perturbation_kl(model, batches, reference, n, output_fn, w_bits, a_bits, mode, amax.get(n))
                 for n in progress_bar(names, f"KL importance ({mode})", progress)

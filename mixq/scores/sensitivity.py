@@ -7,11 +7,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..data import iter_batches
 from ..progress import progress_bar
 from . import cache
-from .kl import _reference, perturbation_kl
-from .perturb import input_amax
+from .kl import PERTURBATION, perturbation_kl, prepare
 from .outputs import OutputFn, softmax_probs
 
 
@@ -20,14 +18,12 @@ def sensitivity_scores(model: nn.Module, calib_data: Any, names: list[str], cand
                        cache_dir: cache.CacheDir = None) -> dict:
     """Mean KL(P_fp || P) over images for every (layer, candidate): ``{"names", "candidates", "kl": [L][C]}``."""
     output_fn = output_fn or softmax_probs
-    params = {"kind": "sensitivity", "names": names, "cands": [list(c) for c in candidates], "bs": batch_size, "act": "smooth-median-floor",
-              "out": getattr(output_fn, "__qualname__", repr(output_fn))}
+    params = {"kind": "sensitivity", "names": names, "cands": [list(c) for c in candidates], "bs": batch_size,
+              "act": PERTURBATION, "out": getattr(output_fn, "__qualname__", repr(output_fn))}
 
     def compute() -> dict:
         with torch.no_grad():
-            batches = list(iter_batches(calib_data, batch_size))
-            reference = _reference(model, batches, output_fn)
-            amax = input_amax(model, batches, names)
+            batches, reference, amax = prepare(model, calib_data, names, output_fn, batch_size)
             jobs = [(n, c) for n in names for c in candidates]
             values = [float(perturbation_kl(model, batches, reference, n, output_fn, w, a, "quantize", amax.get(n)).mean())
                       for n, (w, a) in progress_bar(jobs, "sensitivity", progress)]
