@@ -9,7 +9,7 @@ Three ways to run it, all on a CUDA GPU (everything skips or exits without one):
   ViT-B batch-1 Linear stack replayed in a CUDA graph.
 * ``python bench/bench_gpu.py --counts``: operations and bytes per shape (arithmetic; any machine).
 * ``python bench/bench_gpu.py --tune``: times GEMM configs per shape and rewrites the GPU's table
-  in ``kernels/configs/`` (e.g. h100.json), so users never pay an autotune.
+  in ``mixq/kernels/configs/`` (e.g. h100.json), so users never pay an autotune.
 
 Shapes: SAM ViT-B encoder Linears (M = 64*64 and 70*70 tokens per image, batch 1 and 8) and
 ViT-B/16 (M = 197 and 197*64); K x N = 768x2304 (qkv), 768x3072 (fc1), 3072x768 (fc2),
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--table", action="store_true", help="print the Markdown tables of the report")
-    mode.add_argument("--tune", action="store_true", help="time GEMM configs, rewrite kernels/configs/<gpu>.json")
+    mode.add_argument("--tune", action="store_true", help="time GEMM configs, rewrite mixq/kernels/configs/<gpu>.json")
     mode.add_argument("--counts", action="store_true", help="print operations and bytes per shape (no GPU needed)")
     parser.add_argument("--out", type=Path, help="--table: also write the tables here; --tune: table file to write")
     args = parser.parse_args(argv)
