@@ -740,13 +740,39 @@ def parse_size_budget(budget: Budget) -> SizeBudget:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]+)\s*", budget)
         if m and m.group(2).lower() in _UNITS:
             value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-            if value > 0:
+            if 0 < value < math.inf:
                 return SizeBudget("bytes", value)
         raise ValueError(
-            f"cannot read size budget {budget!r}; use bits per weight (e.g. 6.0) or bytes with a unit "
-            f"(e.g. '12MB', '1.5GiB'; units: {sorted(_UNITS)})"
+            f"cannot read size budget {budget!r}; use bits per weight (e.g. 6.0) or a finite, positive size "
+            f"with a unit (e.g. '12MB', '1.5GiB'; units: {sorted(_UNITS)})"
         )
     raise TypeError(f"budget must be a number or a string like '12MB', got {type(budget).__name__}")
+
+
+def _bops_spec(bops_budget: Union[float, int, str]) -> tuple[Fraction, bool]:
+    """(value, is_fraction_of_w8a8) of a BOPs budget, or ValueError naming the allowed forms."""
+    if isinstance(bops_budget, (int, float)) and not isinstance(bops_budget, bool):
+        if not (bops_budget > 0 and math.isfinite(bops_budget)):
+            raise ValueError(f"bops_budget must be a finite, positive number, got {bops_budget}")
+        return Fraction(bops_budget), False
+    if isinstance(bops_budget, str):
+        s = bops_budget.strip().lower()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(x|[kmgt]?(?:bops)?)", s)
+        if m and math.isfinite(float(m.group(1))) and float(m.group(1)) > 0:
+            unit = m.group(2)
+            if unit == "x":
+                return Fraction(m.group(1)), True
+            return Fraction(m.group(1)) * _BOPS_UNITS[unit.removesuffix("bops")], False
+    raise ValueError(
+        f"cannot read bops_budget {bops_budget!r}; use a finite, positive number of BOPs per input (3.2e12, "
+        "'800G', '3.2T') or a fraction of uniform W8A8 ('0.5x')"
+    )
+
+
+def check_bops_budget(bops_budget: Union[float, int, str, None]) -> None:
+    """Raise ValueError now, before any scoring, if ``bops_budget`` cannot be read."""
+    if bops_budget is not None:
+        _bops_spec(bops_budget)
 
 
 def parse_bops_budget(bops_budget: Union[float, int, str, None], problem: AllocationProblem) -> Optional[int]:
@@ -754,23 +780,10 @@ def parse_bops_budget(bops_budget: Union[float, int, str, None], problem: Alloca
     ``"0.5x"``. Returns the integer right-hand side, or None."""
     if bops_budget is None:
         return None
-    w8a8 = int(np.asarray(problem.macs, dtype=np.int64).sum()) * 64
-    if isinstance(bops_budget, (int, float)) and not isinstance(bops_budget, bool):
-        if not (bops_budget > 0 and math.isfinite(bops_budget)):
-            raise ValueError(f"bops_budget must be positive, got {bops_budget}")
-        return math.floor(Fraction(bops_budget))
-    if isinstance(bops_budget, str):
-        s = bops_budget.strip().lower()
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*x", s)
-        if m:
-            return math.floor(Fraction(m.group(1)) * w8a8)
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)(?:bops)?", s)
-        if m:
-            return math.floor(Fraction(m.group(1)) * _BOPS_UNITS[m.group(2)])
-    raise ValueError(
-        f"cannot read bops_budget {bops_budget!r}; use BOPs per input (3.2e12, '800G', '3.2T') "
-        "or a fraction of uniform W8A8 ('0.5x')"
-    )
+    value, relative = _bops_spec(bops_budget)
+    if relative:
+        value *= int(np.asarray(problem.macs, dtype=np.int64).sum()) * 64
+    return math.floor(value)
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -1058,6 +1071,9 @@ def allocate(
 
     cands = [tuple(map(int, c)) for c in (candidates if candidates is not None else DEFAULT_CANDIDATES)]
     weights = _scorer_weights(scorer)
+    if budget is not None:
+        parse_size_budget(budget)  # bad budgets fail here, not after minutes of scoring
+    check_bops_budget(bops_budget)
     layers = build_inventory(model, calib_data, filter_fn, batch_size)
     names = [l.name for l in layers]
     pin_idx: dict[int, int] = {}

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+from .console import table as _table
 
 EPILOG = """examples:
   mixq demo                                   # the built-in default: DINOv2 ViT-S, ~15 min on 2 CPU cores
@@ -31,33 +36,48 @@ class CliError(Exception):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False)
-
-
-def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c, justify="left" if c == columns[0] else "right")
-    for r in rows:
-        t.add_row(*[x if isinstance(x, str) else f"{x:.4g}" if isinstance(x, float) else str(x) for x in r])
-    _console().print(t)
+def _check_output(path: Path, force: bool) -> None:
+    """Refuse to replace a user's file or folder unless --force (nothing is deleted here)."""
+    if path.exists() and not force:
+        raise CliError(f"output path {path} exists; choose another --out or pass --force to replace it")
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise CliError(f"output path {path} is neither a file nor a folder; choose another --out")
 
 
-def _claim_output(path: Path, force: bool) -> Path:
-    """Refuse to overwrite a user's file or folder unless --force."""
-    if path.exists():
-        if not force:
-            raise CliError(f"output path {path} exists; choose another --out or pass --force to replace it")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return path
+def _replace_path(new: Path, path: Path) -> None:
+    """Put ``new`` at ``path``; an old file or folder there is moved aside first and removed last."""
+    old = None
+    if path.exists() or path.is_symlink():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+@contextmanager
+def _staged_output(path: Path, force: bool, is_dir: bool = True) -> Iterator[Path]:
+    """A fresh sibling of ``path`` to write into; it replaces ``path`` only when the block completes.
+
+    A failed or interrupted command leaves the existing output untouched (and no partial output).
+    """
+    _check_output(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _check_output(path, force)  # another process may have created it meanwhile
+        _replace_path(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
 
 
 def _adapter(spec: str, calib: Optional[str] = None):
@@ -74,6 +94,8 @@ def _adapter(spec: str, calib: Optional[str] = None):
 
 
 _UNIFORM = re.compile(r"^W([468])A([468])$", re.IGNORECASE)
+# --scorer names; "combined" sums the three (each normalized first, as allocate does for a list).
+SCORER_CHOICES = {"kl": "kl", "lrp": "lrp", "sensitivity": "sensitivity", "combined": ["kl", "lrp", "sensitivity"]}
 
 
 def _parse_uniform(text: str) -> tuple[int, int]:
@@ -83,10 +105,46 @@ def _parse_uniform(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _budget_check(budget: float) -> None:
-    # Average weight bits can only lie between the all-4 and the all-8 plan.
-    if not 4.0 <= budget <= 8.0:
-        raise CliError(f"--budget {budget} is out of range: average weight bits must lie in [4, 8]")
+def _budget_arg(text: str) -> float | str:
+    """--budget: a number (average weight bits) or a size with a unit ('12MB'), checked later."""
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _budget_check(budget: float | str) -> None:
+    from .alloc import parse_size_budget
+
+    if isinstance(budget, float):
+        # Average weight bits can only lie between the all-4 and the all-8 plan.
+        if not 4.0 <= budget <= 8.0:
+            raise CliError(f"--budget {budget} is out of range: average weight bits must lie in [4, 8] "
+                           "(or give a size with a unit, e.g. 12MB)")
+        return
+    try:
+        parse_size_budget(budget)
+    except ValueError as e:
+        raise CliError(f"--budget: {e}") from e
+
+
+def _bops_check(bops: Optional[str]) -> None:
+    from .alloc import check_bops_budget
+
+    try:
+        check_bops_budget(bops)
+    except ValueError as e:
+        raise CliError(f"--bops: {e}") from e
 
 
 # ----------------------------------------------------------------------------- commands
@@ -104,43 +162,47 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import mixq
 
-    out = _claim_output(Path(args.out), args.force)
-    adapter = _adapter(args.model, args.calib)
-    t0 = time.perf_counter()
-    model = adapter.build()
-    calib = adapter.calibration_batches(args.n_calib)
-    if args.uniform:
-        w, a = _parse_uniform(args.uniform)
-        config = mixq.QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter)
-        plan = None
-    else:
-        _budget_check(args.budget)
-        from .alloc import InfeasibleBudgetError, allocate
-
-        try:
-            plan = allocate(model, calib, budget=args.budget, bops_budget=args.bops, scorer=args.scorer,
-                            synergy=not args.no_synergy, filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
-        except InfeasibleBudgetError as e:
-            raise CliError(str(e)) from e
-        config = plan.to_config(filter_fn=adapter.quant_filter)
-    config.fold_layernorm = args.fold_layernorm
-    config.act_quant, config.weight_method = args.act, args.weights
-    mixq.quantize_(model, config, calib)
-    out.mkdir(parents=True)
-    ckpt = mixq.save(model, out / "model.safetensors", model_spec=args.model,
-                     extra={"calibration": adapter.describe().calibration, "n_calib": args.n_calib})
-    if plan is not None:
-        plan.save(out / "plan.json")
+    from .alloc import InfeasibleBudgetError, allocate
     from .checkpoint import layer_configs
     from .eval.quantized import bits_summary
     from .report import ReportData, rows_from_layer_configs
 
+    # Every argument is checked before anything is built or any old output is touched.
+    if args.uniform:
+        w, a = _parse_uniform(args.uniform)
+    else:
+        _budget_check(args.budget)
+        _bops_check(args.bops)
+    final = Path(args.out)
+    with _staged_output(final, args.force) as out:
+        adapter = _adapter(args.model, args.calib)
+        t0 = time.perf_counter()
+        model = adapter.build()
+        calib = adapter.calibration_batches(args.n_calib)
+        if args.uniform:
+            config = mixq.QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter)
+            plan = None
+        else:
+            try:
+                plan = allocate(model, calib, budget=args.budget, bops_budget=args.bops,
+                                scorer=SCORER_CHOICES[args.scorer], synergy=not args.no_synergy,
+                                filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
+            except InfeasibleBudgetError as e:
+                raise CliError(str(e)) from e
+            config = plan.to_config(filter_fn=adapter.quant_filter)
+        config.fold_layernorm = args.fold_layernorm
+        config.act_quant, config.weight_method = args.act, args.weights
+        mixq.quantize_(model, config, calib)
+        mixq.save(model, out / "model.safetensors", model_spec=args.model,
+                  extra={"calibration": adapter.describe().calibration, "n_calib": args.n_calib})
+        if plan is not None:
+            plan.save(out / "plan.json")
     data = ReportData(f"mixq plan for {args.model}", rows_from_layer_configs(layer_configs(model)))
     _table(f"mixq quantize {args.model}", ["item", "value"], [
         ("quantized Linears", bits_summary(model)),
         ("average weight bits", f"{data.avg_w_bits:.3f}"),
-        ("checkpoint", str(ckpt)),
-        ("plan", str(out / "plan.json") if plan is not None else "uniform (no plan)"),
+        ("checkpoint", str(final / "model.safetensors")),
+        ("plan", str(final / "plan.json") if plan is not None else "uniform (no plan)"),
         ("time", f"{time.perf_counter() - t0:.1f} s"),
     ])
     return 0
@@ -180,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     spec = _checkpoint_spec(args.checkpoint)
     if args.out:
-        _claim_output(Path(args.out), args.force)
+        _check_output(Path(args.out), args.force)
     adapter = _adapter(spec)
     model = _load_checkpoint(args.checkpoint)
     try:
@@ -190,7 +252,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     print(result.markdown)
     if args.out:
-        Path(args.out).write_text(json.dumps(result.as_json(), indent=2))
+        with _staged_output(Path(args.out), args.force, is_dir=False) as tmp:
+            tmp.write_text(json.dumps(result.as_json(), indent=2))
     return 0
 
 
@@ -200,6 +263,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .latency import compare, torch_int8_dynamic
     from .quantize import quantized_layers
 
+    if args.threads < 0:
+        raise CliError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise CliError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1): {e}") from e
     spec = _checkpoint_spec(args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,7 +278,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .data import batch_to, iter_batches
 
     batch = next(iter_batches(adapter.calibration_batches(args.batch), args.batch))
-    device = torch.device(args.device)
     models = {"float32": fp.to(device), "mixq": model.to(device)}
     if device.type == "cpu":
         models["torch int8 dynamic"] = torch_int8_dynamic(fp, list(quantized_layers(model)))
@@ -227,7 +295,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     src = Path(args.source)
     if not src.is_file():
         raise CliError(f"{src} does not exist: give a plan JSON or a checkpoint")
-    out = _claim_output(Path(args.out) if args.out else src.with_suffix("").parent / "report", args.force)
+    final = Path(args.out) if args.out else src.with_suffix("").parent / "report"
+    _check_output(final, args.force)
     if src.suffix == ".json":
         try:
             plan = json.loads(src.read_text())
@@ -247,24 +316,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.results:
         data.points = load_points(args.results)
         data.metric = args.metric
-    md = write_report(data, out)
-    _table("mixq report", ["file", "path"], [("markdown", str(md)), ("html", str(out / "report.html"))] +
-           [(p.name, str(p)) for p in sorted(out.glob("*.png"))])
+    with _staged_output(final, args.force) as out:
+        write_report(data, out)
+    _table("mixq report", ["file", "path"], [("markdown", str(final / "report.md")),
+                                             ("html", str(final / "report.html"))] +
+           [(p.name, str(p)) for p in sorted(final.glob("*.png"))])
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    out = _claim_output(Path(args.out), args.force)
-    return run_demo(out, quick=args.quick)
+    final = Path(args.out)
+    with _staged_output(final, args.force) as out:
+        code = run_demo(out, quick=args.quick, shown_as=final)
+    return code
 
 
 # ----------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), like every other mixq user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mixq",
         description="Mixed-precision post-training quantization for ViT and SAM: score every Linear layer, "
         "choose its bits (4/6/8 for weights and activations) under size and BOPs budgets with an exact "
@@ -285,14 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a built-in name (dinov2-s, default) or family + local checkpoint: "
                    "sam-vit-b:/path/sam_vit_b.pth, timm:deit_small_patch16_224:/path/ckpt.pth")
     s.add_argument("--calib", help="folder of calibration images (default: the model's shipped images)")
-    s.add_argument("--n-calib", type=int, default=32, help="number of calibration images (default 32)")
-    s.add_argument("--budget", type=float, default=6.0,
-                   help="average weight bits per quantized weight (4..8, default 6)")
+    s.add_argument("--n-calib", type=_positive_int, default=32, help="number of calibration images (default 32)")
+    s.add_argument("--budget", type=_budget_arg, default=6.0,
+                   help="average weight bits per quantized weight (4..8, default 6), or the stored size of the "
+                   "quantized layers with a unit ('12MB', '1.5GiB')")
     s.add_argument("--bops", default=None,
                    help="bit-operation budget per input: absolute (3.2e12, '800G', '3.2T') or a fraction of "
                    "uniform W8A8 ('0.5x'); BOPs = sum of MACs x w_bits x a_bits")
-    s.add_argument("--scorer", choices=["kl", "lrp", "sensitivity", "combined"], default="kl",
-                   help="layer score used as the per-choice cost (default kl)")
+    s.add_argument("--scorer", choices=list(SCORER_CHOICES), default="kl",
+                   help="layer score used as the per-choice cost (default kl; combined = the sum of all three, "
+                   "each normalized)")
     s.add_argument("--no-synergy", action="store_true", help="drop the cross-layer synergy term")
     s.add_argument("--uniform", metavar="WxAy", help="skip allocation: every layer at these bits, e.g. W8A8")
     s.add_argument("--fold-layernorm", action="store_true",
@@ -316,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", help="image folder (coco, classify)")
     s.add_argument("--ann", help="COCO instances JSON (coco)")
     s.add_argument("--detections", help="detections JSON to prompt with instead of ground-truth boxes (coco)")
-    s.add_argument("--n-test", type=int, default=None, help="limit the number of test images")
+    s.add_argument("--n-test", type=_positive_int, default=None, help="limit the number of test images")
     s.add_argument("--out", help="write the results as JSON here")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(fn=cmd_eval)
@@ -325,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Median latency through the real kernels on the current device.")
     s.add_argument("checkpoint")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    s.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
-    s.add_argument("--iters", type=int, default=10, help="timed iterations (default 10)")
+    s.add_argument("--batch", type=_positive_int, default=1, help="images per forward (default 1)")
+    s.add_argument("--iters", type=_positive_int, default=10, help="timed iterations (default 10)")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.set_defaults(fn=cmd_bench)
 

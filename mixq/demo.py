@@ -13,6 +13,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -33,10 +34,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8) -> int:
+def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8,
+             shown_as: Optional[Path] = None) -> int:
+    """The built-in default run, written into the folder ``out`` (created if missing); ``shown_as`` is
+    the path printed for it (the CLI writes into a staging folder that takes its place at the end)."""
     import mixq
     from .alloc import allocate
-    from .cli import _table
+    from .console import table as _table
     from .eval.dinov2_tasks import Dinov2Evaluator
     from .eval.quantized import bits_summary
     from .latency import compare, torch_int8_dynamic
@@ -45,7 +49,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     from .report import ReportData, rows_from_plan, write_report
 
     t_start = time.perf_counter()
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = shown_as or out
     adapter = get_adapter("dinov2-s")
     print(f"mixq demo: building {adapter.name} from the shipped ONNX file")
     fp = adapter.build()
@@ -114,6 +119,6 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
            [(p["label"], p["avg_bits"], p["probe_top1"], p.get("same_as_fp", 100.0), p["saliency_iou"],
              next((r["median_ms"] for r in latency if r["name"] == p["label"] or
                    (p["label"] == "FP32" and r["name"] == "float32")), float("nan"))) for p in points])
-    print(f"mixq demo: report {md}; results {out / 'results.json'}; "
+    print(f"mixq demo: report {shown / md.relative_to(out)}; results {shown / 'results.json'}; "
           f"{time.perf_counter() - t_start:.0f} s in total")
     return 0

@@ -105,3 +105,54 @@ def test_bad_input_errors(argv, message, tmp_path, capsys):
 def test_parser_defaults_match_the_docs():
     args = build_parser().parse_args(["quantize"])
     assert args.model == "dinov2-s" and args.budget == 6.0 and args.n_calib == 32 and args.scorer == "kl"
+
+
+def test_force_keeps_the_old_output_when_the_new_run_fails(tmp_path, capsys):
+    """--force replaces the output only once the new one is complete: bad arguments or a failing run
+    leave the old folder as it was, and no partial folder beside it."""
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "user.txt").write_text("keep me")
+    assert main(["quantize", "toy-vit", "--budget", "9", "--out", str(keep), "--force"]) == 2
+    assert main(["quantize", "toy-vit", "--budget", "6", "--bops", "1e-9x", "--n-calib", "4",
+                 "--out", str(keep), "--force"]) == 2
+    assert (keep / "user.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    assert main(["quantize", "toy-vit", "--uniform", "W8A8", "--n-calib", "4", "--weights", "rtn",
+                 "--out", str(keep), "--force"]) == 0
+    assert sorted(p.name for p in keep.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+    assert ".partial" not in capsys.readouterr().out  # the summary names the final paths
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--scorer", "nope"], "invalid choice"),
+    (["--bops", "garbage"], "--bops: cannot read bops_budget 'garbage'"),
+    (["--bops", "1e400"], "finite"),
+    (["--n-calib", "0"], "whole number >= 1"),
+    (["--budget", "1e400MB"], "--budget: cannot read size budget"),
+    (["--budget", "twelve"], "--budget: cannot read size budget"),
+])
+def test_user_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        code = main(["quantize", "toy-vit", *argv, "--out", str(tmp_path / "x")])
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_combined_scorer_sums_all_three(tmp_path, monkeypatch):
+    import mixq.alloc
+
+    seen = {}
+
+    def fake_allocate(model, calib, **kw):
+        seen.update(kw)
+        raise mixq.alloc.InfeasibleBudgetError("stop here")
+
+    monkeypatch.setattr(mixq.alloc, "allocate", fake_allocate)
+    assert main(["quantize", "toy-vit", "--scorer", "combined", "--n-calib", "2", "--out", str(tmp_path / "x")]) == 2
+    assert seen["scorer"] == ["kl", "lrp", "sensitivity"]
+    mixq.alloc._scorer_weights(seen["scorer"])  # a scorer allocate accepts
