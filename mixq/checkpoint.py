@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,15 +23,22 @@ from .data import model_device
 from .nn import QuantLinear
 
 FORMAT_NAME = "mixq"
-FORMAT_VERSION = 1
+# 2: the checksum covers the header metadata too (version 1 covered the tensors only; still read).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is corrupt, truncated, of another version, or not for this model."""
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and, from version 2, every metadata entry
+    but the checksum itself: a header edited to say a_bits 4 where the weights were saved for 8 fails."""
     h = hashlib.sha256()
+    for key in sorted(meta or {}):
+        if key != "sha256":
+            h.update(json.dumps([key, meta[key]]).encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(name.encode())
@@ -56,10 +64,8 @@ def save(
     ``model_spec`` (e.g. ``"dinov2-s"``) lets :func:`load` rebuild the architecture without a
     skeleton. An existing file is refused unless ``overwrite``; the write is atomic.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite:  # early and friendly; the exclusive link below is the real check
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     layers = layer_configs(model)
     if not layers:
@@ -70,20 +76,71 @@ def save(
         "format_version": str(FORMAT_VERSION),
         "mixq_version": __version__,
         "layers": json.dumps(layers, sort_keys=True),
-        "sha256": _digest(tensors),
         "model_spec": model_spec or "",
         "extra": json.dumps(extra or {}, sort_keys=True),
     }
+    meta["sha256"] = _digest(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _publish(_serialize(tensors, meta), path, overwrite)
     return path
+
+
+def _serialize(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=meta)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def _publish(data: bytes, path: Path, overwrite: bool) -> None:
+    """Make ``data`` appear at ``path`` whole or not at all.
+
+    Without ``overwrite`` the file is linked into place, which fails if anything is there (two saves
+    to one path: exactly one wins, the other gets FileExistsError). On Linux the data is written to an
+    unnamed file (O_TMPFILE) first, so a save killed mid-write leaves nothing behind; elsewhere a
+    named temporary file is removed on any exception.
+    """
+    try:
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except (AttributeError, OSError):  # no O_TMPFILE (not Linux, or the file system lacks it)
+        fd = None
+    if fd is not None:
+        fd_dir = -1
+        try:
+            _write_all(fd, data)
+            # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names the unnamed file (a dir fd forces linkat).
+            fd_dir = os.open("/proc/self/fd", os.O_RDONLY)
+            if not overwrite:
+                os.link(str(fd), path, src_dir_fd=fd_dir, follow_symlinks=True)
+                return
+            tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+            os.link(str(fd), tmp, src_dir_fd=fd_dir, follow_symlinks=True)
+            os.replace(tmp, path)
+        finally:
+            os.close(fd)
+            if fd_dir >= 0:
+                os.close(fd_dir)
+        return
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        _write_all(fd, data)
+        os.close(fd)
+        fd = -1
+        if overwrite:
+            os.replace(tmp_name, path)
+        else:
+            os.link(tmp_name, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -105,13 +162,16 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is a safetensors file but not a mixq checkpoint (no mixq metadata)")
     version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has mixq checkpoint format version {version}; this mixq ({__version__}) reads version "
-            f"{FORMAT_VERSION}"
+            f"{path} has mixq checkpoint format version {version}; this mixq ({__version__}) reads versions "
+            f"{', '.join(READABLE_VERSIONS)}"
         )
-    if _digest(tensors) != meta.get("sha256"):
-        raise CheckpointError(f"{path} is corrupt: its tensor data does not match the stored checksum")
+    if _digest(tensors, meta if version != "1" else None) != meta.get("sha256"):
+        raise CheckpointError(f"{path} is corrupt: its tensors or header metadata do not match the stored checksum")
+    if version == "1":
+        warnings.warn(f"mixq: {path} is a version-1 checkpoint, whose checksum does not cover its header; "
+                      "save it again to protect the layer configs", stacklevel=2)
     try:
         meta["layers"] = json.loads(meta["layers"])
         meta["extra"] = json.loads(meta.get("extra") or "{}")

@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import struct
 
 import pytest
@@ -81,8 +82,8 @@ def test_version_mismatch(models, tmp_path):
     float_model, q = models
     path = mixq.save(q, tmp_path / "m.safetensors")
     other = tmp_path / "v2.safetensors"
-    other.write_bytes(_rewrite_metadata(path.read_bytes(), format_version="2"))
-    with pytest.raises(CheckpointError, match="format version 2"):
+    other.write_bytes(_rewrite_metadata(path.read_bytes(), format_version="99"))
+    with pytest.raises(CheckpointError, match="format version 99"):
         mixq.load(other, copy.deepcopy(float_model))
 
 
@@ -123,3 +124,89 @@ def test_roundtrip_with_scalar_and_integer_buffers(tmp_path):
     loaded = mixq.load(mixq.save(q, tmp_path / "m.safetensors"), float_model)
     x = torch.randn(5, 8)
     assert torch.equal(loaded(x), q(x)) and torch.equal(loaded.extra_bf16, q.extra_bf16)
+
+
+def test_checksum_covers_the_header(models, tmp_path):
+    """Editing a layer's a_bits 8 -> 4 in the header must not load silently as W4A4."""
+    float_model, q = models
+    path = mixq.save(q, tmp_path / "m.safetensors")
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])["__metadata__"]
+    layers = json.loads(header["layers"])
+    assert layers["fc1"]["a_bits"] == 8
+    layers["fc1"]["a_bits"] = 4
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(_rewrite_metadata(raw, layers=json.dumps(layers, sort_keys=True)))
+    target = copy.deepcopy(float_model)
+    with pytest.raises(CheckpointError, match="header metadata"):
+        mixq.load(edited, target)
+    assert _untouched(target)
+
+
+def test_version_1_files_still_load_with_a_warning(models, tmp_path):
+    from mixq.checkpoint import _digest, read
+
+    float_model, q = models
+    path = mixq.save(q, tmp_path / "m.safetensors")
+    tensors, _ = read(path)
+    v1 = tmp_path / "v1.safetensors"
+    v1.write_bytes(_rewrite_metadata(path.read_bytes(), format_version="1", sha256=_digest(tensors)))
+    with pytest.warns(UserWarning, match="version-1"):
+        loaded = mixq.load(v1, copy.deepcopy(float_model))
+    x = _data(2)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_concurrent_save_to_one_path_has_one_winner(models, tmp_path, monkeypatch):
+    """A second writer that creates the file after the exists-check must not be overwritten."""
+    import mixq.checkpoint as ckpt
+
+    _, q = models
+    path = tmp_path / "m.safetensors"
+    real = ckpt._serialize
+
+    def other_process_wins(tensors, meta):
+        path.write_text("the other process's checkpoint")
+        return real(tensors, meta)
+
+    monkeypatch.setattr(ckpt, "_serialize", other_process_wins)
+    with pytest.raises(FileExistsError):
+        mixq.save(q, path)
+    assert path.read_text() == "the other process's checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_failed_or_killed_save_leaves_no_temp_file(models, tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    import mixq.checkpoint as ckpt
+
+    _, q = models
+
+    def disk_full(fd, data):
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_all", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        mixq.save(q, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    # SIGKILL in the middle of the write: no cleanup code runs, and still nothing is left.
+    script = f"""
+import os, sys, time, torch
+import mixq, mixq.checkpoint as ckpt
+from mixq.nn import QuantLinear
+def stall(fd, data):
+    os.write(fd, data[: len(data) // 2]); print("writing", flush=True); time.sleep(60)
+ckpt._write_all = stall
+mixq.save(torch.nn.Sequential(QuantLinear(8, 8)), {str(tmp_path / "k.safetensors")!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert list(tmp_path.iterdir()) == []
