@@ -335,8 +335,15 @@ def test_shipped_tables_parse_and_name_valid_configs():
             assert w_bits in BITS and bucket in tuning.M_BUCKETS and n > 0 and k > 0
             assert isinstance(cfg, kernels.GemmConfig)
         assert "source" in json.loads(f.read_text())
+    assert any(f.name == "h200.json" for f in files)
     assert tuning.table_path_for("NVIDIA H100 80GB HBM3").name == "h100.json"
+    assert tuning.table_path_for("NVIDIA H200").name == "h200.json"
     assert tuning.table_path_for("NVIDIA GeForce RTX 4090") is None
+
+
+def test_table_env_variable_overrides_the_gpu_name(monkeypatch, tmp_path):
+    monkeypatch.setenv(tuning.TABLE_ENV, str(tmp_path / "mine.json"))
+    assert tuning.table_path_for("NVIDIA H100 80GB HBM3") == tmp_path / "mine.json"
 
 
 def test_broken_table_entry_is_reported(tmp_path):

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -25,9 +26,11 @@ import torch
 from .layout import K_TILE
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# Substring of torch.cuda.get_device_name() (lower case) -> table file. Hopper parts share the
-# H100 table until they get their own.
-DEVICE_TABLES: dict[str, str] = {"h100": "h100.json", "h800": "h100.json", "h200": "h100.json"}
+# Substring of torch.cuda.get_device_name() (lower case) -> table file, first match wins. The H200
+# has the H100's SMs and clocks with more, faster memory: its own file, so a tune on one never
+# overwrites the other's. $MIXQ_GEMM_TABLE (a path) overrides the choice for any GPU.
+DEVICE_TABLES: dict[str, str] = {"h200": "h200.json", "h100": "h100.json", "h800": "h100.json"}
+TABLE_ENV = "MIXQ_GEMM_TABLE"
 M_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -62,6 +65,10 @@ def m_bucket(m: int) -> int:
 
 
 def table_path_for(device_name: str) -> Optional[Path]:
+    """The config table for a GPU name ($MIXQ_GEMM_TABLE if set), or None when none is known."""
+    forced = os.environ.get(TABLE_ENV)
+    if forced:
+        return Path(forced)
     name = device_name.lower()
     for key, fname in DEVICE_TABLES.items():
         if key in name:
