@@ -8,6 +8,7 @@ block size). Inputs are fresh random draws; the seed is in every failure message
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 
@@ -111,6 +112,103 @@ def test_int_gemm_at_the_grid_extremes_and_with_canonical_weights(w_bits):
     canon = formats.pack_weight(torch.full((n, k), lim, dtype=torch.int8), w_bits)
     got = BACKEND.int_gemm(xq.to(DEVICE), canon.to(DEVICE), w_bits, k, n)
     assert torch.equal(got.cpu(), torch.full((m, n), -127 * lim * k, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_swapped_operands_give_the_same_integers(w_bits, split_k):
+    # out^T = W @ X^T (weights as wgmma's register operand): same integers, same epilogue
+    g, seed = fresh_generator()
+    m, k, n = 19, 2 * K_TILE + 11, 21
+    xq = rand_int(g, 8, (m, k))
+    canon = rand_weights(g, w_bits, n, k)
+    w_gpu = kernels.prepack_gpu(canon, w_bits, k).to(DEVICE)
+    cfg = kernels.GemmConfig(block_m=16, block_n=32, split_k=split_k, num_warps=4, num_stages=2, swap_ab=1)
+    got = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, config=cfg)
+    assert torch.equal(got.cpu(), REF.int_gemm(xq, canon, w_bits, k, n)), f"seed={seed}"
+    a_scale, w_scale = torch.rand(m, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
+    bias = torch.randn(n, generator=g)
+    lin = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, a_scale.to(DEVICE), w_scale.to(DEVICE),
+                             bias.to(DEVICE), torch.bfloat16, config=cfg)
+    plain = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, a_scale.to(DEVICE), w_scale.to(DEVICE),
+                               bias.to(DEVICE), torch.bfloat16, config=dataclasses.replace(cfg, swap_ab=0))
+    assert torch.equal(lin, plain), f"seed={seed}"
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+def test_64_bit_offsets_give_the_same_integers(w_bits, monkeypatch):
+    # the INT64 variant is chosen only past 2**31 elements; force it on a small odd shape
+    from mixq.kernels import gemm
+
+    g, seed = fresh_generator()
+    m, k, n = 9, K_TILE + 5, 13
+    xq = rand_int(g, 8, (m, k))
+    canon = rand_weights(g, w_bits, n, k)
+    monkeypatch.setattr(gemm, "INT64_THRESHOLD", 0)
+    for split_k in (1, 2):
+        cfg = kernels.GemmConfig(block_m=16, block_n=16, split_k=split_k, num_warps=4, num_stages=2)
+        got = kernels.mixed_gemm(xq.to(DEVICE), BACKEND.prepack(canon, w_bits, k).to(DEVICE), w_bits, k, n, config=cfg)
+        assert torch.equal(got.cpu(), REF.int_gemm(xq, canon, w_bits, k, n)), f"seed={seed} split_k={split_k}"
+
+
+@pytest.mark.parametrize("w_bits", [4, 6])
+def test_k_past_the_preshifted_accumulator_is_refused(w_bits):
+    k = 200_000
+    w = torch.zeros(gpu_layout_shape(1, k, w_bits), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="too large"):
+        kernels.mixed_gemm(torch.zeros(1, k, dtype=torch.int8), w, w_bits, k, 1)
+
+
+class _Ptx:
+    """Just enough of PTX (shl/and/or .b32 on registers and immediates) to run the unpack asm on the CPU."""
+
+    def __init__(self, asm: str, args: list[int]):
+        self.regs = {f"${i + 1}": a for i, a in enumerate(args)}
+        for stmt in asm.replace("{", ";").replace("}", ";").split(";"):
+            stmt = stmt.strip()
+            if not stmt or stmt.startswith(".reg"):
+                continue
+            op, rest = stmt.split(None, 1)
+            dst, x, y = (t.strip() for t in rest.split(","))
+            a, b = self.val(x), self.val(y)
+            r = {"shl.b32": lambda: a << b, "and.b32": lambda: a & b, "or.b32": lambda: a | b}[op]()
+            self.regs[dst] = r & 0xFFFFFFFF
+
+    def val(self, tok: str) -> int:
+        return int(tok, 0) if tok[0].isdigit() else self.regs[tok]
+
+
+def _asm_of(fn) -> str:
+    import inspect
+    import re
+
+    src = inspect.getsource(fn.fn if hasattr(fn, "fn") else fn)
+    return "".join(re.findall(r'"([^"]*)"', src.split("inline_asm_elementwise(", 1)[1].split('"=r', 1)[0]))
+
+
+def test_inline_ptx_unpack_matches_the_bytewise_ops_on_every_byte():
+    # The asm path runs only on a GPU; here its PTX text is executed on 32-bit words (4 bytes) and
+    # compared with the byte-wise Triton ops that the interpreter tests check bit-exactly.
+    from mixq.kernels import gemm
+
+    def s8(v):
+        return ((v & 0xFF) ^ 0x80) - 0x80
+
+    g, seed = fresh_generator()
+    rest = torch.randint(0, 256, (256, 3, 3), generator=g).tolist()
+    for v in range(256):
+        for lane in range(4):
+            words = []
+            for j in range(3):
+                bytes_ = rest[v][j][:lane] + [v if j == 0 else (v * 7 + j) & 0xFF] + rest[v][j][lane:]
+                words.append(sum(b << (8 * i) for i, b in enumerate(bytes_[:4])))
+            b0, b1, b2 = (s8(w >> (8 * lane)) for w in words)
+            lane_of = lambda w: s8(w >> (8 * lane))  # noqa: E731
+            assert lane_of(_Ptx(_asm_of(gemm._w4_lo), words[:1]).regs["$0"]) == s8(b0 << 4), seed
+            assert lane_of(_Ptx(_asm_of(gemm._w4_hi), words[:1]).regs["$0"]) == s8(b0 & -16), seed
+            assert lane_of(_Ptx(_asm_of(gemm._w6_top), words[:1]).regs["$0"]) == s8(b0 & -4), seed
+            want = s8((b0 << 6) | ((b1 & 3) << 4) | ((b2 & 3) << 2))
+            assert lane_of(_Ptx(_asm_of(gemm._w6_last), words).regs["$0"]) == want, seed
 
 
 @pytest.mark.parametrize("w_bits", BITS)

@@ -1,12 +1,25 @@
 """Mixed-bit integer GEMM: int8 activations x 4/6/8-bit packed weights on int8 tensor cores.
 
 One kernel family; the weight bit-width is a compile-time constant. Each K tile's packed bytes
-are loaded once (see :mod:`.layout`), unpacked to int8 sub-tiles in registers with shifts and
-masks, and fed to ``tl.dot`` with an int32 accumulator. The epilogue applies the per-token (or
-per-tensor) activation scale, the per-output-channel weight scale and the bias in fp32:
-``out = (float(acc) * a_scale[m]) * w_scale[n] + bias[n]``. For small M, K is split across
-programs (``split_k``) and a second small kernel sums the int32 partials exactly and applies
-the epilogue, so the result does not depend on the split.
+are loaded once (see :mod:`.layout`), turned into int8 sub-tiles in registers with one mask (and
+for some sub-tiles one shift) per weight, and fed to ``tl.dot`` with an int32 accumulator. The
+layout puts each field where the masked byte is the weight times 16 (W4) or 4 (W6), so no sign
+extension is needed; the accumulator is shifted back (exactly) before the epilogue. The
+epilogue applies the per-token (or per-tensor) activation scale, the per-output-channel weight
+scale and the bias in fp32: ``out = (float(acc) * a_scale[m]) * w_scale[n] + bias[n]``.
+
+Config switches (:class:`.tuning.GemmConfig`), all giving the same integers:
+
+* ``split_k``: for small M, K is split across programs and a second small kernel sums the int32
+  partials exactly and applies the epilogue, so the result does not depend on the split;
+* ``swap_ab``: compute out^T = W @ X^T, so the unpacked weights are wgmma's A operand, which
+  Hopper reads from registers, and the token count is wgmma's N (small M wastes less);
+* ``asm_unpack``: on a GPU, do the W4/W6 masks and shifts with inline PTX on 32-bit words, four
+  weights per instruction (Triton's byte-wise ops cost byte permutes around each op). The
+  interpreter cannot run PTX, so there the same config runs the byte-wise ops; the PTX text is
+  checked on the CPU by a small PTX emulator in the tests.
+
+Offsets are 32-bit unless some operand has 2**31 elements or more (``INT64``).
 """
 
 from __future__ import annotations
@@ -19,16 +32,11 @@ import triton.language as tl
 
 from mixq import formats
 
-from .layout import K_TILE, SUB_K, check_gpu_layout
+from .layout import K_TILE, PRESHIFT, SUB_K, check_gpu_layout
 from .tuning import GemmConfig, pick_config
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-@triton.jit
-def _sign_extend(u, BITS: tl.constexpr):
-    """Two's complement code of BITS bits (int32 in [0, 2**BITS)) -> int8 value."""
-    return ((u ^ (1 << (BITS - 1))) - (1 << (BITS - 1))).to(tl.int8)
+INT64_THRESHOLD = 2**31  # elements; past it the kernel computes offsets in 64 bits
 
 
 @triton.jit
@@ -45,9 +53,63 @@ def _round_to_bf16_grid(x):
 
 
 @triton.jit
-def _load_act(a_ptr, offs_m, ks, M, K, stride_am, stride_ak):
-    ptrs = a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak
-    return tl.load(ptrs, mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0)
+def _w4_lo(b, ASM: tl.constexpr):
+    """16 * low nibble of each int8 byte: (b << 4), or on 32-bit words (4 bytes) shl + and."""
+    if ASM:
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }",
+                                         "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return b << 4
+
+
+@triton.jit
+def _w4_hi(b, ASM: tl.constexpr):
+    """16 * high nibble of each int8 byte: (b & 0xF0), one and.b32 per 4 bytes."""
+    if ASM:
+        return tl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [b], dtype=tl.int8,
+                                         is_pure=True, pack=4)
+    else:
+        return b & -16
+
+
+@triton.jit
+def _w6_top(b, ASM: tl.constexpr):
+    """4 * the 6-bit code in each byte's top six bits: (b & 0xFC)."""
+    if ASM:
+        return tl.inline_asm_elementwise("and.b32 $0, $1, 0xFCFCFCFC;", "=r,r", [b], dtype=tl.int8,
+                                         is_pure=True, pack=4)
+    else:
+        return b & -4
+
+
+@triton.jit
+def _w6_last(b0, b1, b2, ASM: tl.constexpr):
+    """4 * the fourth sub-tile's code from the low two bits of the three plane bytes."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 x, y, z; shl.b32 x, $1, 6; shl.b32 y, $2, 4; shl.b32 z, $3, 2; "
+            "and.b32 x, x, 0xC0C0C0C0; and.b32 y, y, 0x30303030; and.b32 z, z, 0x0C0C0C0C; "
+            "or.b32 x, x, y; or.b32 $0, x, z; }",
+            "=r,r,r,r", [b0, b1, b2], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return (b0 << 6) | ((b1 & 3) << 4) | ((b2 & 3) << 2)
+
+
+@triton.jit
+def _mma(acc, w, a_ptr, offs_m, ks, M, K, stride_am, stride_ak, SWAP_AB: tl.constexpr):
+    """acc += A_tile @ W_tile, or with SWAP_AB acc^T += W_tile @ A_tile^T.
+
+    Swapped, the unpacked weights are wgmma's A operand, which Hopper reads from registers (only B
+    must come from shared memory), and the token count becomes wgmma's N, which may be as small as 8.
+    """
+    if SWAP_AB:
+        mask = (offs_m[None, :] < M) & (ks[:, None] < K)
+        a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + ks[:, None] * stride_ak, mask=mask, other=0)
+        return tl.dot(w, a_t, acc, out_dtype=tl.int32)
+    else:
+        mask = (offs_m[:, None] < M) & (ks[None, :] < K)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak, mask=mask, other=0)
+        return tl.dot(a, w, acc, out_dtype=tl.int32)
 
 
 @triton.jit
@@ -77,7 +139,8 @@ def _mixed_gemm_kernel(
     stride_am, stride_ak, stride_wn, stride_os, stride_om, stride_on, stride_as,
     W_BITS: tl.constexpr, K_TILE: tl.constexpr, SUB_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, INT64: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -90,47 +153,55 @@ def _mixed_gemm_kernel(
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
 
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:  # only when an offset can pass 2**31: 64-bit address math costs registers and IMADs
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     offs_s = tl.arange(0, SUB_K)
-    mask_w = (offs_n < N)[None, :]
-    # [SUB_K, BLOCK_N] byte tile of one plane; the tile's planes follow each other by SUB_K bytes.
-    w_cols = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_s[:, None]
+    # one plane's bytes of a K tile: [SUB_K, BLOCK_N], or [BLOCK_N, SUB_K] swapped; planes follow
+    # each other by SUB_K bytes. Weights arrive as int8 (the launcher passes an int8 view).
+    if SWAP_AB:
+        w_cols = w_ptr + offs_n[:, None] * stride_wn + offs_s[None, :]
+        mask_w = (offs_n < N)[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        w_cols = w_ptr + offs_n[None, :] * stride_wn + offs_s[:, None]
+        mask_w = (offs_n < N)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     t_lo = pid_k * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(K, K_TILE))
     for t in range(t_lo, t_hi):
         k0 = t * K_TILE
         w_tile = w_cols + t * (K_TILE * W_BITS // 8)
         if W_BITS == 8:
-            w = tl.load(w_tile, mask=mask_w, other=0).to(tl.int8, bitcast=True)
-            a = _load_act(a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak)
-            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            w = tl.load(w_tile, mask=mask_w, other=0)
+            acc = _mma(acc, w, a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
         elif W_BITS == 4:
-            b = tl.load(w_tile, mask=mask_w, other=0).to(tl.int32)
-            a0 = _load_act(a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak)
-            acc = tl.dot(a0, _sign_extend(b & 0xF, 4), acc, out_dtype=tl.int32)
-            a1 = _load_act(a_ptr, offs_m, k0 + SUB_K + offs_s, M, K, stride_am, stride_ak)
-            acc = tl.dot(a1, _sign_extend(b >> 4, 4), acc, out_dtype=tl.int32)
+            # int8 b = lo | hi << 4: (b << 4) = 16 lo and (b & 0xF0) = 16 hi, signs in place
+            b = tl.load(w_tile, mask=mask_w, other=0)
+            acc = _mma(acc, _w4_lo(b, ASM), a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
+            acc = _mma(acc, _w4_hi(b, ASM), a_ptr, offs_m, k0 + SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
         else:
-            p01 = tl.load(w_tile, mask=mask_w, other=0).to(tl.int32)
-            p23 = tl.load(w_tile + SUB_K, mask=mask_w, other=0).to(tl.int32)
-            ph = tl.load(w_tile + 2 * SUB_K, mask=mask_w, other=0).to(tl.int32)
-            a0 = _load_act(a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak)
-            w0 = _sign_extend((p01 & 0xF) | ((ph & 0x3) << 4), 6)
-            acc = tl.dot(a0, w0, acc, out_dtype=tl.int32)
-            a1 = _load_act(a_ptr, offs_m, k0 + SUB_K + offs_s, M, K, stride_am, stride_ak)
-            w1 = _sign_extend((p01 >> 4) | (((ph >> 2) & 0x3) << 4), 6)
-            acc = tl.dot(a1, w1, acc, out_dtype=tl.int32)
-            a2 = _load_act(a_ptr, offs_m, k0 + 2 * SUB_K + offs_s, M, K, stride_am, stride_ak)
-            w2 = _sign_extend((p23 & 0xF) | (((ph >> 4) & 0x3) << 4), 6)
-            acc = tl.dot(a2, w2, acc, out_dtype=tl.int32)
-            a3 = _load_act(a_ptr, offs_m, k0 + 3 * SUB_K + offs_s, M, K, stride_am, stride_ak)
-            w3 = _sign_extend((p23 >> 4) | ((ph >> 6) << 4), 6)
-            acc = tl.dot(a3, w3, acc, out_dtype=tl.int32)
+            # int8 b_j = code_j << 2 | piece_j of the fourth sub-tile: (b_j & 0xFC) = 4 w_j
+            b0 = tl.load(w_tile, mask=mask_w, other=0)
+            b1 = tl.load(w_tile + SUB_K, mask=mask_w, other=0)
+            b2 = tl.load(w_tile + 2 * SUB_K, mask=mask_w, other=0)
+            acc = _mma(acc, _w6_top(b0, ASM), a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
+            acc = _mma(acc, _w6_top(b1, ASM), a_ptr, offs_m, k0 + SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
+            acc = _mma(acc, _w6_top(b2, ASM), a_ptr, offs_m, k0 + 2 * SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
+            w3 = _w6_last(b0, b1, b2, ASM)
+            acc = _mma(acc, w3, a_ptr, offs_m, k0 + 3 * SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
 
-    _epilogue_store(acc, out_ptr + pid_k * stride_os, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n,
+    if W_BITS == 4:
+        acc = acc >> 4  # exact: every product was a multiple of 16
+    elif W_BITS == 6:
+        acc = acc >> 2
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    split_base = pid_k.to(tl.int64) * stride_os if INT64 else pid_k * stride_os
+    _epilogue_store(acc, out_ptr + split_base, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n,
                     M, N, stride_om, stride_on, stride_as, SCALED, HAS_BIAS)
 
 
@@ -206,12 +277,22 @@ def mixed_gemm(
         return out
     cfg = config or pick_config(w_bits, m, n, k, xq.device)
     k_tiles = w.shape[1]
+    # The unpacked int8 weights carry a factor 2**PRESHIFT (layout.py); the int32 accumulator must
+    # hold the scaled sum exactly.
+    if (formats.qmax(w_bits) << PRESHIFT[w_bits]) * 128 * k_tiles * K_TILE >= 2**31:
+        raise ValueError(f"k={k} is too large for the int32 accumulator of the W{w_bits} GEMM "
+                         f"(at most {2**31 // ((formats.qmax(w_bits) << PRESHIFT[w_bits]) * 128 * K_TILE) * K_TILE})")
     tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
     split = triton.cdiv(k_tiles, tiles_per_split)
     dummy = out  # never read when the matching constexpr flag is off
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    # 64-bit offsets only where one can pass 2**31 (elements of any operand, or of the split-K partials)
+    big = max(m * xq.stride(0) + k * xq.stride(1), w.numel(), split * m * n) >= INT64_THRESHOLD
+    w = w.view(torch.int8)  # the kernel's shifts and masks work on signed bytes
     common = dict(W_BITS=w_bits, K_TILE=K_TILE, SUB_K=SUB_K[w_bits], BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SWAP_AB=bool(cfg.swap_ab), INT64=big,
+                  ASM=bool(cfg.asm_unpack) and xq.device.type == "cuda",
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         _mixed_gemm_kernel[grid](
             xq, w, out, a_scale if scaled else dummy, w_scale if scaled else dummy,

@@ -5,19 +5,25 @@ one byte (low nibble first), so unpacking it in registers needs an interleave/re
 tile, which costs layout conversions on the GPU. Here every K tile of ``K_TILE`` values is
 split into ``K_TILE // SUB_K`` sub-tiles of ``SUB_K`` consecutive values, and byte ``s`` of a
 tile holds element ``s`` of *every* sub-tile, one bit field each. The kernel loads the bytes
-of a tile once ([SUB_K, BLOCK_N] per plane), extracts each sub-tile with a shift and a mask,
-and issues one ``tl.dot`` per sub-tile against the matching slice of the activations.
+of a tile once ([SUB_K, BLOCK_N] per plane), extracts each sub-tile with as few integer ops as
+the format allows, and issues one ``tl.dot`` per sub-tile against the matching slice of the
+activations.
 
-Per output channel and K tile (``K_TILE = 128`` values for every bit-width):
+The fields are placed so that the extracted int8 is the weight times a power of two, with no
+sign extension (Hopper has no int4/int6 MMA, so these ops sit next to every int8 wgmma):
 
-* int8: 128 bytes, byte s = value s (one sub-tile, SUB_K = 128).
-* int4: 64 bytes, byte s = value s (low nibble) | value 64 + s (high nibble).
-* int6: 96 bytes in three planes of 32: plane 0 holds the low 4 bits of values s and 32 + s,
-  plane 1 those of 64 + s and 96 + s (low nibble first), plane 2 the high 2 bits of
-  s, 32 + s, 64 + s, 96 + s (lowest pair first).
+* int8: 128 bytes, byte s = value s (one sub-tile, SUB_K = 128). No op.
+* int4: 64 bytes, byte s = value s (low nibble) | value 64 + s (high nibble). As int8,
+  ``b << 4`` is 16 * value s and ``b & 0xF0`` is 16 * value 64 + s: one op per weight.
+* int6: 96 bytes in three planes of 32 (SUB_K = 32). Byte s of plane j (j = 0, 1, 2) holds the
+  6-bit code of value 32 j + s in its top six bits and a 2-bit piece of value 96 + s in its low
+  two bits (plane 0 the top piece, plane 2 the bottom one). As int8, ``b_j & 0xFC`` is
+  4 * value 32 j + s (one op), and ``(b_0 << 6) | ((b_1 & 3) << 4) | ((b_2 & 3) << 2)`` is
+  4 * value 96 + s (seven ops): 2.5 ops per weight.
 
-K is padded with zero values to a multiple of K_TILE. The prepacked tensor is uint8
-[N, k_tiles, tile_bytes]; its third dimension tells it apart from the 2-D canonical form.
+The GEMM divides the int32 accumulator by the factor (16 or 4; an exact arithmetic shift)
+before its epilogue. K is padded with zero values to a multiple of K_TILE. The prepacked tensor
+is uint8 [N, k_tiles, tile_bytes]; its third dimension tells it apart from the 2-D canonical form.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from mixq import formats
 
 K_TILE: int = 128
 SUB_K: dict[int, int] = {8: 128, 4: 64, 6: 32}
+# The extracted int8 is the weight times this factor (see above); the GEMM shifts it back out.
+PRESHIFT: dict[int, int] = {8: 0, 4: 4, 6: 2}
 
 
 def tile_bytes(bits: int) -> int:
@@ -59,15 +67,9 @@ def prepack_gpu(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     elif bits == 4:
         planes = u[:, :, 0] | (u[:, :, 1] << 4)
     else:
-        lo, hi = u & 0xF, u >> 4
-        planes = torch.cat(
-            [
-                lo[:, :, 0] | (lo[:, :, 1] << 4),
-                lo[:, :, 2] | (lo[:, :, 3] << 4),
-                hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6),
-            ],
-            dim=2,
-        )
+        last = u[:, :, 3]
+        pieces = (last >> 4, (last >> 2) & 0x3, last & 0x3)
+        planes = torch.cat([((u[:, :, j] << 2) | pieces[j]) & 0xFF for j in range(3)], dim=2)
     return planes.to(torch.uint8).reshape(n, t, tile_bytes(bits)).contiguous()
 
 
@@ -82,10 +84,9 @@ def unprepack_gpu(w: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     elif bits == 4:
         u = torch.cat([p & 0xF, p >> 4], dim=2)
     else:
-        p01, p23, ph = p[:, :, :sub], p[:, :, sub : 2 * sub], p[:, :, 2 * sub :]
-        lo = torch.cat([p01 & 0xF, p01 >> 4, p23 & 0xF, p23 >> 4], dim=2)
-        hi = torch.cat([(ph >> s) & 0x3 for s in (0, 2, 4, 6)], dim=2)
-        u = lo | (hi << 4)
+        b = [p[:, :, j * sub : (j + 1) * sub] for j in range(3)]
+        last = ((b[0] & 0x3) << 4) | ((b[1] & 0x3) << 2) | (b[2] & 0x3)
+        u = torch.cat([x >> 2 for x in b] + [last], dim=2)
     u = u.reshape(n, t * K_TILE)[:, :k]
     q = torch.where(u >= (1 << (bits - 1)), u - (1 << bits), u).to(torch.int8)
     return formats.pack_weight(q, bits)

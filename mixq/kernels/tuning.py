@@ -44,6 +44,8 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: int = 0  # 1: compute out^T = W @ X^T (unpacked weights as wgmma's register operand)
+    asm_unpack: int = 0  # 1: unpack W4/W6 with inline PTX on 32-bit words (4 weights per op); GPU only
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -52,6 +54,8 @@ class GemmConfig:
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot minimum), got {v}")
         if self.group_m < 1 or self.split_k < 1 or self.num_stages < 1:
             raise ValueError(f"group_m, split_k and num_stages must be >= 1, got {self}")
+        if self.swap_ab not in (0, 1) or self.asm_unpack not in (0, 1):
+            raise ValueError(f"swap_ab and asm_unpack must be 0 or 1, got {self.swap_ab}, {self.asm_unpack}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {self.num_warps}")
 
