@@ -230,7 +230,33 @@ def stage_smoke(args) -> int:
                     failures += 1
                     lines.append(f"{row} error | error | - | FAIL: {type(e).__name__}: {str(e)[:200]} |")
                 print(lines[-1], flush=True)
-    lines += ["", f"{failures} failing combinations.", ""]
+    lines += ["", "GEMM variants (same integers expected): swap_ab / asm_unpack on the table's config", "",
+              "| shape | W | config | int GEMM |", "|---|---|---|---|"]
+    from mixq.kernels import tuning
+
+    for s in shapes[:1] if dry else shapes:
+        g = torch.Generator(device=dev).manual_seed(2)
+        xq = torch.randint(-127, 128, (s.m, s.k), generator=g, device=dev, dtype=torch.int8)
+        for w_bits in BITS:
+            lim = formats.qmax(w_bits)
+            canon = formats.pack_weight(
+                torch.randint(-lim, lim + 1, (s.n, s.k), generator=g, device=dev, dtype=torch.int8), w_bits)
+            w_gpu = kernels.prepack_gpu(canon, w_bits, s.k)
+            want = ref.int_gemm(xq, canon, w_bits, s.k, s.n)
+            base = tuning.pick_config(w_bits, s.m, s.n, s.k, torch.device(dev))
+            for swap, asm in ((0, 1), (1, 0), (1, 1)):
+                if w_bits == 8 and asm:
+                    continue
+                cfg = dataclasses.replace(base, swap_ab=swap, asm_unpack=asm)
+                try:
+                    ok = torch.equal(kernels.mixed_gemm(xq, w_gpu, w_bits, s.k, s.n, config=cfg), want)
+                    res = "exact" if ok else "MISMATCH"
+                except Exception as e:
+                    ok, res = False, f"error: {type(e).__name__}: {str(e)[:160]}"
+                failures += not ok
+                lines.append(f"| {s.label} | {w_bits} | {cfg} | {res} |")
+                print(lines[-1], flush=True)
+    lines += ["", f"{failures} failing combinations in all.", ""]
     lines += kernel_resources(dry)
     text = "\n".join(lines) + "\n"
     _write(args.out, text)
@@ -351,25 +377,31 @@ def _f(x: float) -> str:
 # ----------------------------------------------------------------------------- tune
 
 
-def candidate_configs(s: Shape, sm_count: int, dry: bool) -> list:
+def candidate_configs(s: Shape, w_bits: int, sm_count: int, dry: bool) -> list:
     """Candidates: tiles statically spill-free at sm_90a (bench/results/gpu_static.md), split-K only for small M."""
     from mixq.kernels import GemmConfig
     from mixq.kernels.layout import k_tiles
 
     if dry:
         return [GemmConfig(16, 16, group_m=4, split_k=1, num_warps=1, num_stages=1),
-                GemmConfig(16, 32, group_m=4, split_k=2, num_warps=1, num_stages=1),
+                GemmConfig(16, 32, group_m=4, split_k=2, num_warps=1, num_stages=1, swap_ab=1, asm_unpack=1),
                 "not-a-config"]  # fails inside mixed_gemm: exercises the log-and-skip path
     found = []
-    for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (128, 128, 4, 3),
-                                  (64, 128, 4, 4), (64, 256, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4),
-                                  (256, 128, 8, 3), (32, 64, 4, 4), (16, 64, 4, 4), (64, 128, 4, 3)):
-        tiles = math.ceil(s.m / bm) * math.ceil(s.n / bn)
-        if s.m >= 2048 and bm < 64:
-            continue
-        splits = [1] + [sk for sk in (2, 3, 4, 6) if tiles < sm_count and sk <= k_tiles(s.k)]
-        for sk in splits:
-            found.append(GemmConfig(bm, bn, group_m=8, split_k=sk, num_warps=warps, num_stages=stages))
+    # (swap_ab, asm_unpack) variants, the statically cheapest unpack first (bench/results/gpu_static.md)
+    variants = ((0, 0), (1, 0)) if w_bits == 8 else ((1, 1), (0, 1), (1, 0), (0, 0))
+    if s.m >= 1024:
+        tiles_ = ((128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (256, 128, 8, 3))
+    else:  # small M: swapped, the token count is wgmma's N, so BLOCK_M can shrink
+        tiles_ = ((64, 128, 4, 4), (32, 128, 4, 4), (16, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3))
+    for swap, asm in variants:
+        for bm, bn, warps, stages in tiles_:
+            if bm < 64 and not swap:
+                continue
+            tiles = math.ceil(s.m / bm) * math.ceil(s.n / bn)
+            splits = [1] + [sk for sk in (2, 4) if tiles < sm_count and sk <= k_tiles(s.k)]
+            for sk in splits:
+                found.append(GemmConfig(bm, bn, group_m=8, split_k=sk, num_warps=warps, num_stages=stages,
+                                        swap_ab=swap, asm_unpack=asm))
     return found
 
 
@@ -391,8 +423,10 @@ def stage_tune(args) -> int:
     entries = dict(tuning.load_table(str(base))) if base is not None and base.exists() else {}
     ref = get_backend("reference")
     log = []
-    # W8 first (the target), then W4, W6; big shapes first
-    order = sorted(((s, b) for s in gemm_shapes(dry) for b in BITS), key=lambda p: (-p[0].m, {8: 0, 4: 1, 6: 2}[p[1]]))
+    # what the targets need first: SAM-B W8 then W4, ViT-B batch-1 W4, then the rest (the budget may
+    # stop the loop; shapes of one M share compiled kernels, so a group costs little after its first)
+    rank = {(True, 8): 0, (True, 4): 1, (False, 4): 2, (True, 6): 3, (False, 8): 4, (False, 6): 5}
+    order = sorted(((s, b) for s in gemm_shapes(dry) for b in BITS), key=lambda p: rank[(p[0].m >= 1024, p[1])])
     slow: dict = {}
     done = 0
     for s, w_bits in order:
@@ -403,7 +437,7 @@ def stage_tune(args) -> int:
         canon, w = case.mixq_weights(w_bits)
         want = ref.int_gemm(case.xq, canon, w_bits, s.k, s.n)
         timed = {}
-        for cfg in candidate_configs(s, sms, dry):
+        for cfg in candidate_configs(s, w_bits, sms, dry):
             if time.monotonic() - start > args.budget_s:
                 break
             try:

@@ -93,12 +93,12 @@ def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = Tr
     ints = dict(M=m, N=n, K=k, tiles_per_split=per, stride_am=k, stride_ak=1, stride_wn=kt * tile_bytes(w_bits),
                 stride_os=(m * n if split > 1 else 0), stride_om=n, stride_on=1, stride_as=1 if scaled else 0)
     scaled_here = scaled and split == 1
-    ptrs = {"a_ptr": "*i8", "w_ptr": "*u8", "out_ptr": "*bf16" if scaled_here else "*i32",
+    ptrs = {"a_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*bf16" if scaled_here else "*i32",
             "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32"}
     consts = dict(W_BITS=w_bits, K_TILE=K_TILE, SUB_K=SUB_K[w_bits], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  GROUP_M=cfg.group_m, SCALED=scaled_here, HAS_BIAS=has_bias and scaled_here)
-    extra = getattr(gemm, "STATIC_EXTRA_CONSTEXPRS", lambda w, c, mm, nn, kk: {})(w_bits, cfg, m, n, k)
-    consts.update(extra)
+                  GROUP_M=cfg.group_m, SCALED=scaled_here, HAS_BIAS=has_bias and scaled_here,
+                  SWAP_AB=bool(getattr(cfg, "swap_ab", 0)), ASM=bool(getattr(cfg, "asm_unpack", 0)), INT64=max(m * k, n * kt * tile_bytes(w_bits), split * m * n) >= 2**31)
+    consts = {name: v for name, v in consts.items() if name in fn.arg_names}
     sig, cex, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -160,21 +160,23 @@ def default_configs(quick: bool = False, shipped: bool = False):
     if quick:
         return [(8, GemmConfig(64, 64, num_warps=4, num_stages=2))]
     if shipped:  # the tile shapes the shipped tables use: fits the GPU check's time limit
-        cfgs = [(128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 4)]
-        return [(b, GemmConfig(bm, bn, num_warps=w, num_stages=s)) for b in (8, 6, 4) for bm, bn, w, s in cfgs]
-    cfgs = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (128, 128, 4, 3),
-            (256, 128, 8, 3), (64, 64, 4, 4)]
-    return [(b, GemmConfig(bm, bn, num_warps=w, num_stages=s)) for b in (8, 6, 4) for bm, bn, w, s in cfgs]
+        cfgs = [(128, 128, 8, 3, 0), (64, 128, 4, 4, 0), (64, 64, 4, 4, 0), (128, 128, 8, 3, 1)]
+        return [(b, GemmConfig(bm, bn, num_warps=w, num_stages=s, swap_ab=sw)) for b in (8, 6, 4)
+                for bm, bn, w, s, sw in cfgs]
+    cfgs = [(128, 128, 8, 3, 0), (128, 256, 8, 3, 0), (64, 128, 4, 4, 0), (128, 128, 4, 3, 0), (64, 64, 4, 4, 0),
+            (128, 128, 8, 3, 1), (128, 128, 4, 3, 1), (64, 128, 4, 4, 1), (128, 64, 4, 4, 1), (256, 128, 8, 3, 1)]
+    return [(b, GemmConfig(bm, bn, num_warps=w, num_stages=s, swap_ab=sw)) for b in (8, 6, 4)
+            for bm, bn, w, s, sw in cfgs]
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["| W | BLOCK_M x BLOCK_N | warps | stages | regs | spill st/ld B | smem B | IGMMA (loop) | "
+    out = ["| W | BLOCK_M x BLOCK_N | swap | asm | warps | stages | regs | spill st/ld B | smem B | IGMMA (loop) | "
            "int ops in loop | int ops / weight | loop int ops |",
-           "|---|---|---:|---:|---:|---|---:|---|---:|---:|---|"]
+           "|---|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---|"]
     for r in results:
         c = r["cfg"]
         ops = " ".join(f"{k}:{v}" for k, v in sorted(r["loop_ops"].items()))
-        out.append(f"| {r['w_bits']} | {c.block_m}x{c.block_n} | {c.num_warps} | {c.num_stages} | {r['regs']} | "
+        out.append(f"| {r['w_bits']} | {c.block_m}x{c.block_n} | {getattr(c, 'swap_ab', 0)} | {getattr(c, 'asm_unpack', 0)} | {c.num_warps} | {c.num_stages} | {r['regs']} | "
                    f"{r['spill_st']}/{r['spill_ld']} | {r['smem']} | {r['igmma']} ({r['loop_igmma']}) | {r['loop_int']} | "
                    f"{r['int_per_w']:.2f} | {ops} |")
     return "\n".join(out) + "\n"

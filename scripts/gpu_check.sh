@@ -75,7 +75,7 @@ stage() {  # stage NAME TIMEOUT COMMAND...: run with a timeout, log, record stat
   nproc 2>/dev/null | sed 's/^/cpus: /'
 } >>"$ENVF"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [[ $DRY == 0 ]] && compgen -G ".whl/*.whl" >/dev/null; then
   echo "installing carried wheels: $(ls .whl)" | tee -a "$ENVF"
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$LOG" 2>&1; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"

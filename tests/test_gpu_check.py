@@ -38,6 +38,8 @@ def test_gpu_check_dry_run_goes_through_every_stage(tmp_path):
     smoke = (tmp_path / "smoke.md").read_text()
     assert smoke.startswith("DRY RUN") and "0 failing combinations" in smoke
     assert smoke.count("| ok |") == 18  # 9 (w, a) pairs x 2 shapes
+    assert "0 failing combinations in all" in smoke
+    assert sum(line.endswith("| exact |") for line in smoke.splitlines()) == 7  # swap/asm variants (first shape in a dry run)
     assert "Static sm_90a compile" in smoke and "| 8 | 64x64 |" in smoke
     gemm = (tmp_path / "gemm.md").read_text()
     assert "configs shipped" in gemm and "configs tuned" in gemm and "error" not in gemm
