@@ -94,3 +94,23 @@ def test_plot_frontier(tmp_path):
         assert p.is_file() and p.stat().st_size > 1000
     with pytest.raises(ValueError, match="no point"):
         plot_frontier(pts, "other", tmp_path / "x.png")
+
+
+def test_memoized_quantization_is_exact(tiny):
+    """Reusing GPTQ results and calibration rows gives the same quantized model as quantize_ alone."""
+    import copy
+
+    from mixq.eval.pareto import memoized_quantization
+    from mixq.quantize import QuantConfig, quantize_
+
+    model, calib, score, probe, names = tiny
+    keep = set(names)
+    cfg = QuantConfig(w_bits=4, a_bits=6, filter_fn=lambda n, m: n in keep, fold_layernorm=True)
+    plain = quantize_(copy.deepcopy(model), cfg, calib, progress=False)
+    with memoized_quantization() as memo:
+        first = quantize_(copy.deepcopy(model), cfg, calib, progress=False)
+        again = quantize_(copy.deepcopy(model), cfg, calib, progress=False)
+    assert memo["gptq_hits"] == len(names) and memo["calib_hits"] == 1
+    with torch.no_grad():
+        ref = plain(score)
+        assert torch.equal(first(score), ref) and torch.equal(again(score), ref)

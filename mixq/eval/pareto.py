@@ -22,13 +22,14 @@ are cached once, and each perturbed pass runs only blocks k..end (on average hal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,60 @@ from torch import nn
 BITS = (4, 6, 8)
 UNIFORM_POINTS: list[tuple[int, int]] = [(w, a) for w in BITS for a in BITS]
 OUTPUTS = ("feat", "patch", "cls", "probe_kl")
+
+
+# ----------------------------------------------------------------------------- memoized quantization
+
+
+def _bytes_key(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    return f"{tuple(t.shape)}|{t.dtype}|" + hashlib.sha1(t.numpy().tobytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def memoized_quantization() -> Iterator[dict]:
+    """Within the block, GPTQ results are reused when the same (folded) weights, bits and Hessian
+    come back, and ``quantize_``'s calibration pass is reused for the same float model, layers and
+    data. Both are exact (keyed by the bytes / state): a sweep quantizes the same 48 layers at the
+    same 3 weight widths again and again, and GPTQ's column loop dominated its time (206 s of one
+    347 s point on the shared 2-core machine). Yields the hit/miss counters."""
+    import mixq.gptq as gptq_mod
+    import mixq.quantize as quant_mod
+
+    orig_gptq, orig_cal = gptq_mod.quantize_weight_gptq, quant_mod.calibrate
+    memo_g: dict = {}
+    memo_c: dict = {}
+    stats = {"gptq_hits": 0, "gptq_misses": 0, "calib_hits": 0, "calib_misses": 0}
+
+    def gptq(w, bits, h, damp=0.01, clip_search=True):
+        key = (bits, damp, clip_search, _bytes_key(w), _bytes_key(h))
+        if key not in memo_g:
+            stats["gptq_misses"] += 1
+            memo_g[key] = orig_gptq(w, bits, h, damp=damp, clip_search=clip_search)
+        else:
+            stats["gptq_hits"] += 1
+        q, s = memo_g[key]
+        return q.clone(), s.clone()
+
+    def calibrate(model, targets, calib_data, config, progress=True):
+        h = hashlib.sha1()
+        for n, v in model.state_dict().items():
+            h.update(n.encode() + _bytes_key(v).encode())
+        key = (h.hexdigest(), tuple(sorted(targets)), _bytes_key(calib_data) if isinstance(calib_data, torch.Tensor)
+               else id(calib_data), config.max_calib_rows, config.seed, config.batch_size)
+        if key not in memo_c:
+            stats["calib_misses"] += 1
+            memo_c[key] = orig_cal(model, targets, calib_data, config, progress)
+        else:
+            stats["calib_hits"] += 1
+        samples, fed_by = memo_c[key]
+        return dict(samples), dict(fed_by)
+
+    gptq_mod.quantize_weight_gptq, quant_mod.calibrate = gptq, calibrate
+    try:
+        yield stats
+    finally:
+        gptq_mod.quantize_weight_gptq, quant_mod.calibrate = orig_gptq, orig_cal
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -127,7 +182,8 @@ def measured_costs(model: nn.Module, calib: torch.Tensor, score: torch.Tensor, n
     (keyed by the weights, both image sets, the options) when ``cache`` is a directory.
     """
     from mixq.nn import QuantLinear
-    from mixq.quantize import QuantConfig, calibrate, find_linears
+    import mixq.quantize as quant_mod
+    from mixq.quantize import QuantConfig, find_linears
 
     if calib.dim() != 4 or score.dim() != 4 or len(calib) == 0 or len(score) == 0:
         raise ValueError("calib and score must be non-empty image batches [N, 3, H, W]")
@@ -139,7 +195,7 @@ def measured_costs(model: nn.Module, calib: torch.Tensor, score: torch.Tensor, n
     t0 = time.perf_counter()
     model.eval()
     linears = find_linears(model, lambda n, m: n in set(names))
-    samples, _ = calibrate(model, linears, calib, QuantConfig(filter_fn=lambda n, m: n in set(names)), progress=False)
+    samples, _ = quant_mod.calibrate(model, linears, calib, QuantConfig(filter_fn=lambda n, m: n in set(names)), progress=False)
     # FP block inputs on the scoring images (the prefix of every perturbed pass), and FP tokens
     block_in: list[list[torch.Tensor]] = [[] for _ in blocks.blocks]
     ref_tok = []
