@@ -166,6 +166,15 @@ class Case:
 
         return run
 
+    def mixq_fused(self, w_bits: int, a_bits: int = 8) -> Callable[[], torch.Tensor]:
+        """The same, in one launch (quantize fused into the GEMM)."""
+        from mixq import kernels
+
+        _, w = self.mixq_weights(w_bits)
+        s = self.s
+        return lambda: kernels.quantized_linear_dynamic(self.x, w, w_bits, a_bits, s.k, s.n, self.w_scale, self.bias,
+                                                        torch.bfloat16)[0]
+
 
 def int_mm_scaled(dry: bool) -> Callable:
     def f(xq, w_t, a_scale, w_scale, bias):
@@ -244,6 +253,18 @@ def stage_smoke(args) -> int:
             w_gpu = kernels.prepack_gpu(canon, w_bits, s.k)
             want = ref.int_gemm(xq, canon, w_bits, s.k, s.n)
             base = tuning.pick_config(w_bits, s.m, s.n, s.k, torch.device(dev))
+            x = (torch.randn(s.m, s.k, generator=g, device=dev) * 3).to(torch.bfloat16)
+            w_scale = torch.rand(s.n, generator=g, device=dev) * 1e-2 + 1e-3
+            xq_x, a_scale_x = kernels.quantize_dynamic(x, 8)
+            two = kernels.mixed_gemm(xq_x, w_gpu, w_bits, s.k, s.n, a_scale_x, w_scale, None, torch.bfloat16)
+            try:
+                one, one_scale = kernels.quantized_linear_dynamic(x, w_gpu, w_bits, 8, s.k, s.n, w_scale)
+                ok = torch.equal(one, two) and torch.equal(one_scale, a_scale_x)
+                res = "exact" if ok else "MISMATCH"
+            except Exception as e:
+                ok, res = False, f"error: {type(e).__name__}: {str(e)[:160]}"
+            failures += not ok
+            lines.append(f"| {s.label} | {w_bits} | fused quantize+GEMM vs quantize then GEMM (A8, bf16 out) | {res} |")
             for swap, asm in ((0, 1), (1, 0), (1, 1)):
                 if w_bits == 8 and asm:
                     continue
@@ -350,6 +371,7 @@ def stage_table(args) -> int:
         for w_bits in BITS:
             rows.append((f"mixq W{w_bits}A8 GEMM", case.mixq_gemm(w_bits), w_bits in (8, 4)))
             rows.append((f"mixq W{w_bits}A8 quantize+GEMM", case.mixq_linear(w_bits), w_bits in (8, 4)))
+            rows.append((f"mixq W{w_bits}A8 fused quantize+GEMM", case.mixq_fused(w_bits), w_bits == 4))
         t_bf16 = None
         for name, fn, twice in rows:
             if fn is None:

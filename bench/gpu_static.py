@@ -81,7 +81,8 @@ def count_sass(cubin: bytes) -> dict[str, int]:
     return counts
 
 
-def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = True, has_bias: bool = True):
+def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = True, has_bias: bool = True,
+                     fused_a_bits: int = 0):
     """(signature, constexprs, attrs) of _mixed_gemm_kernel as a launch of mixed_gemm specializes it."""
     from mixq.kernels import gemm
     from mixq.kernels.layout import K_TILE, SUB_K, k_tiles, tile_bytes
@@ -98,6 +99,12 @@ def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = Tr
     consts = dict(W_BITS=w_bits, K_TILE=K_TILE, SUB_K=SUB_K[w_bits], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   GROUP_M=cfg.group_m, SCALED=scaled_here, HAS_BIAS=has_bias and scaled_here,
                   SWAP_AB=bool(getattr(cfg, "swap_ab", 0)), ASM=bool(getattr(cfg, "asm_unpack", 0)), INT64=max(m * k, n * kt * tile_bytes(w_bits), split * m * n) >= 2**31)
+    from mixq import formats
+
+    consts.update(A_FLOAT=bool(fused_a_bits), QMAX=formats.qmax(fused_a_bits) if fused_a_bits else 127,
+                  EPS=formats.SCALE_EPS)
+    if fused_a_bits:
+        ptrs["a_ptr"] = "*bf16"
     consts = {name: v for name, v in consts.items() if name in fn.arg_names}
     sig, cex, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -119,13 +126,13 @@ def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = Tr
     return fn, sig, cex, attrs
 
 
-def analyze(w_bits: int, cfg, m: int = 4096, n: int = 2304, k: int = 768) -> dict:
-    """Compile one config for sm_90a and return its static figures."""
+def analyze(w_bits: int, cfg, m: int = 4096, n: int = 2304, k: int = 768, fused_a_bits: int = 0) -> dict:
+    """Compile one config for sm_90a and return its static figures (``fused_a_bits``: quantize fused in)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, sig, cex, attrs = launch_signature(w_bits, cfg, m, n, k)
+    fn, sig, cex, attrs = launch_signature(w_bits, cfg, m, n, k, fused_a_bits=fused_a_bits)
     t0 = time.time()
     kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cex, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
@@ -165,8 +172,12 @@ def default_configs(quick: bool = False, shipped: bool = False):
                 for bm, bn, w, s, sw in cfgs]
     cfgs = [(128, 128, 8, 3, 0), (128, 256, 8, 3, 0), (64, 128, 4, 4, 0), (128, 128, 4, 3, 0), (64, 64, 4, 4, 0),
             (128, 128, 8, 3, 1), (128, 128, 4, 3, 1), (64, 128, 4, 4, 1), (128, 64, 4, 4, 1), (256, 128, 8, 3, 1)]
-    return [(b, GemmConfig(bm, bn, num_warps=w, num_stages=s, swap_ab=sw)) for b in (8, 6, 4)
-            for bm, bn, w, s, sw in cfgs]
+    out = [(8, GemmConfig(bm, bn, num_warps=w, num_stages=s, swap_ab=sw)) for bm, bn, w, s, sw in cfgs]
+    for b in (6, 4):  # byte-wise Triton ops on the main tile, inline-PTX word ops on every tile
+        out += [(b, GemmConfig(128, 128, num_warps=8, num_stages=3, swap_ab=sw)) for sw in (0, 1)]
+        out += [(b, GemmConfig(bm, bn, num_warps=w, num_stages=s, swap_ab=sw, asm_unpack=1))
+                for bm, bn, w, s, sw in cfgs]
+    return out
 
 
 def markdown(results: list[dict]) -> str:

@@ -39,11 +39,12 @@ def test_gpu_check_dry_run_goes_through_every_stage(tmp_path):
     assert smoke.startswith("DRY RUN") and "0 failing combinations" in smoke
     assert smoke.count("| ok |") == 18  # 9 (w, a) pairs x 2 shapes
     assert "0 failing combinations in all" in smoke
-    assert sum(line.endswith("| exact |") for line in smoke.splitlines()) == 7  # swap/asm variants (first shape in a dry run)
+    assert sum(line.endswith("| exact |") for line in smoke.splitlines()) == 10  # fused + swap/asm variants (first shape in a dry run)
     assert "Static sm_90a compile" in smoke and "| 8 | 64x64 |" in smoke
     gemm = (tmp_path / "gemm.md").read_text()
     assert "configs shipped" in gemm and "configs tuned" in gemm and "error" not in gemm
     for name in ("cuBLAS bf16", "_int_mm", "fp8 _scaled_mm", "mixq W8A8 GEMM", "mixq W6A8 quantize+GEMM",
+                 "mixq W4A8 fused quantize+GEMM",
                  "mixq W4A8 GEMM"):
         assert name in gemm
     tuned = json.loads((tmp_path / "h200.json").read_text())

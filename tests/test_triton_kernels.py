@@ -115,6 +115,30 @@ def test_int_gemm_at_the_grid_extremes_and_with_canonical_weights(w_bits):
 
 
 @pytest.mark.parametrize("w_bits", BITS)
+@pytest.mark.parametrize("a_bits", BITS)
+def test_fused_quantize_gemm_equals_quantize_then_gemm(w_bits, a_bits):
+    # one launch (per-row amax, quantize and GEMM) gives the two-kernel path's scales and bits
+    g, seed = fresh_generator()
+    m, k, n = 11, K_TILE + 37, 19
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 5).to(torch.bfloat16)
+    x[2] = 0  # an all-zero row takes the SCALE_EPS floor
+    canon = rand_weights(g, w_bits, n, k)
+    w_gpu = kernels.prepack_gpu(canon, w_bits, k).to(DEVICE)
+    w_scale, bias = torch.rand(n, generator=g) * 1e-2 + 1e-3, torch.randn(n, generator=g)
+    xq, a_scale = kernels.quantize_dynamic(x.to(DEVICE), a_bits)
+    for cfg in (kernels.GemmConfig(16, 16, num_warps=4, num_stages=2),
+                kernels.GemmConfig(16, 32, split_k=2, num_warps=4, num_stages=2, swap_ab=1, asm_unpack=1)):
+        want = kernels.mixed_gemm(xq, w_gpu, w_bits, k, n, a_scale, w_scale.to(DEVICE), bias.to(DEVICE),
+                                  torch.bfloat16, config=cfg)
+        got, got_scale = kernels.quantized_linear_dynamic(x.to(DEVICE), w_gpu, w_bits, a_bits, k, n,
+                                                          w_scale.to(DEVICE), bias.to(DEVICE), config=cfg)
+        assert got.dtype == torch.bfloat16 and torch.equal(got_scale, a_scale), f"seed={seed} {cfg}"
+        assert torch.equal(got, want), f"seed={seed} {cfg}"
+    with pytest.raises(ValueError, match="float"):
+        kernels.quantized_linear_dynamic(xq, w_gpu, w_bits, a_bits, k, n, w_scale.to(DEVICE))
+
+
+@pytest.mark.parametrize("w_bits", BITS)
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_swapped_operands_give_the_same_integers(w_bits, split_k):
     # out^T = W @ X^T (weights as wgmma's register operand): same integers, same epilogue

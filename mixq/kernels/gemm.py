@@ -33,6 +33,7 @@ import triton.language as tl
 from mixq import formats
 
 from .layout import K_TILE, PRESHIFT, SUB_K, check_gpu_layout
+from .quantize import quantize_values
 from .tuning import GemmConfig, pick_config
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -96,31 +97,58 @@ def _w6_last(b0, b1, b2, ASM: tl.constexpr):
 
 
 @triton.jit
-def _mma(acc, w, a_ptr, offs_m, ks, M, K, stride_am, stride_ak, SWAP_AB: tl.constexpr):
+def _mma(acc, w, a_ptr, offs_m, ks, M, K, stride_am, stride_ak, SWAP_AB: tl.constexpr,
+         inv, A_FLOAT: tl.constexpr, QMAX: tl.constexpr):
     """acc += A_tile @ W_tile, or with SWAP_AB acc^T += W_tile @ A_tile^T.
 
     Swapped, the unpacked weights are wgmma's A operand, which Hopper reads from registers (only B
     must come from shared memory), and the token count becomes wgmma's N, which may be as small as 8.
+    With A_FLOAT the activations arrive in float and are quantized here with the per-row ``inv``,
+    by the same rule (and the same fp32 ops) as the standalone quantize kernel.
     """
     if SWAP_AB:
         mask = (offs_m[None, :] < M) & (ks[:, None] < K)
         a_t = tl.load(a_ptr + offs_m[None, :] * stride_am + ks[:, None] * stride_ak, mask=mask, other=0)
+        if A_FLOAT:
+            a_t = quantize_values(a_t.to(tl.float32) * inv[None, :], QMAX)
         return tl.dot(w, a_t, acc, out_dtype=tl.int32)
     else:
         mask = (offs_m[:, None] < M) & (ks[None, :] < K)
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak, mask=mask, other=0)
+        if A_FLOAT:
+            a = quantize_values(a.to(tl.float32) * inv[:, None], QMAX)
         return tl.dot(a, w, acc, out_dtype=tl.int32)
 
 
 @triton.jit
+def _row_scales(a_ptr, offs_m, M, K, stride_am, stride_ak, QMAX: tl.constexpr, EPS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-row dynamic scale and its reciprocal over all of K, as _dynamic_quant_kernel computes them."""
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + cols
+        x = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    scale = tl.math.div_rn(tl.maximum(amax, EPS), tl.zeros_like(amax) + QMAX * 1.0)
+    inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
+    return scale, inv
+
+
+@triton.jit
 def _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
-                    stride_om, stride_on, stride_as, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    stride_om, stride_on, stride_as, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    a_s_reg, A_S_IN_REG: tl.constexpr):
     mask_m = offs_m < M
     mask_n = offs_n < N
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]
     if SCALED:
-        a_s = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
+        if A_S_IN_REG:
+            a_s = a_s_reg
+        else:
+            a_s = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
         w_s = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
         out = (acc.to(tl.float32) * a_s[:, None]) * w_s[None, :]
         if HAS_BIAS:
@@ -140,7 +168,7 @@ def _mixed_gemm_kernel(
     W_BITS: tl.constexpr, K_TILE: tl.constexpr, SUB_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, INT64: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, A_FLOAT: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -170,6 +198,14 @@ def _mixed_gemm_kernel(
         mask_w = (offs_n < N)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
 
+    if A_FLOAT:  # fused dynamic quantize: every program derives its rows' scales from all of K
+        scale, inv = _row_scales(a_ptr, offs_m, M, K, stride_am, stride_ak, QMAX, EPS, BLOCK_M, K_TILE)
+        if (pid_n == 0) & (pid_k == 0):  # the scales also go out (split-K's reduce and the caller read them)
+            tl.store(a_scale_ptr + offs_m, scale, mask=offs_m < M)
+    else:
+        scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        inv = scale
+
     t_lo = pid_k * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(K, K_TILE))
     for t in range(t_lo, t_hi):
@@ -177,22 +213,22 @@ def _mixed_gemm_kernel(
         w_tile = w_cols + t * (K_TILE * W_BITS // 8)
         if W_BITS == 8:
             w = tl.load(w_tile, mask=mask_w, other=0)
-            acc = _mma(acc, w, a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
+            acc = _mma(acc, w, a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB, inv, A_FLOAT, QMAX)
         elif W_BITS == 4:
             # int8 b = lo | hi << 4: (b << 4) = 16 lo and (b & 0xF0) = 16 hi, signs in place
             b = tl.load(w_tile, mask=mask_w, other=0)
-            acc = _mma(acc, _w4_lo(b, ASM), a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
-            acc = _mma(acc, _w4_hi(b, ASM), a_ptr, offs_m, k0 + SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
+            acc = _mma(acc, _w4_lo(b, ASM), a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB, inv, A_FLOAT, QMAX)
+            acc = _mma(acc, _w4_hi(b, ASM), a_ptr, offs_m, k0 + SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB, inv, A_FLOAT, QMAX)
         else:
             # int8 b_j = code_j << 2 | piece_j of the fourth sub-tile: (b_j & 0xFC) = 4 w_j
             b0 = tl.load(w_tile, mask=mask_w, other=0)
             b1 = tl.load(w_tile + SUB_K, mask=mask_w, other=0)
             b2 = tl.load(w_tile + 2 * SUB_K, mask=mask_w, other=0)
-            acc = _mma(acc, _w6_top(b0, ASM), a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
-            acc = _mma(acc, _w6_top(b1, ASM), a_ptr, offs_m, k0 + SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
-            acc = _mma(acc, _w6_top(b2, ASM), a_ptr, offs_m, k0 + 2 * SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
+            acc = _mma(acc, _w6_top(b0, ASM), a_ptr, offs_m, k0 + offs_s, M, K, stride_am, stride_ak, SWAP_AB, inv, A_FLOAT, QMAX)
+            acc = _mma(acc, _w6_top(b1, ASM), a_ptr, offs_m, k0 + SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB, inv, A_FLOAT, QMAX)
+            acc = _mma(acc, _w6_top(b2, ASM), a_ptr, offs_m, k0 + 2 * SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB, inv, A_FLOAT, QMAX)
             w3 = _w6_last(b0, b1, b2, ASM)
-            acc = _mma(acc, w3, a_ptr, offs_m, k0 + 3 * SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB)
+            acc = _mma(acc, w3, a_ptr, offs_m, k0 + 3 * SUB_K + offs_s, M, K, stride_am, stride_ak, SWAP_AB, inv, A_FLOAT, QMAX)
 
     if W_BITS == 4:
         acc = acc >> 4  # exact: every product was a multiple of 16
@@ -202,7 +238,7 @@ def _mixed_gemm_kernel(
         acc = tl.trans(acc)
     split_base = pid_k.to(tl.int64) * stride_os if INT64 else pid_k * stride_os
     _epilogue_store(acc, out_ptr + split_base, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n,
-                    M, N, stride_om, stride_on, stride_as, SCALED, HAS_BIAS)
+                    M, N, stride_om, stride_on, stride_as, SCALED, HAS_BIAS, scale, A_FLOAT)
 
 
 @triton.jit
@@ -220,7 +256,7 @@ def _splitk_reduce_kernel(
     for s in range(0, SPLIT_K):
         acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0)
     _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
-                    stride_om, stride_on, stride_as, SCALED, HAS_BIAS)
+                    stride_om, stride_on, stride_as, SCALED, HAS_BIAS, acc, False)
 
 
 def mixed_gemm(
@@ -242,23 +278,62 @@ def mixed_gemm(
     ``(acc * a_scale[m]) * w_scale[n] + bias[n]`` in ``out_dtype`` (bf16, fp16 or fp32).
     No host synchronisation and no data-dependent branching: safe under CUDA-graph capture.
     """
-    formats.check_bits(w_bits, "w_bits")
     if xq.dtype != torch.int8 or xq.dim() != 2 or xq.shape[1] != k:
         raise ValueError(f"activations must be int8 [M, {k}], got {xq.dtype} {tuple(xq.shape)}")
-    check_gpu_layout(w, w_bits, k, n)
-    if w.device != xq.device:
-        raise ValueError(f"activations on {xq.device} but weights on {w.device}")
-    w = w.contiguous()
     scaled = a_scale is not None or w_scale is not None
     m = xq.shape[0]
     if scaled:
         if a_scale is None or w_scale is None:
             raise ValueError("the scaled epilogue needs both a_scale and w_scale")
-        if out_dtype not in OUT_DTYPES:
-            raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
         a_scale = a_scale.reshape(-1).to(torch.float32)
         if a_scale.numel() not in (1, m):
             raise ValueError(f"a_scale must have 1 (per tensor) or M={m} (per token) entries, got {a_scale.numel()}")
+    elif bias is not None:
+        raise ValueError("bias needs the scaled epilogue (pass a_scale and w_scale)")
+    return _launch(xq, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, None)
+
+
+def quantized_linear_dynamic(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_bits: int,
+    a_bits: int,
+    k: int,
+    n: int,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    config: Optional[GemmConfig] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token activation quantize fused into the GEMM: float x [M, k] -> (out [M, n], a_scale [M]).
+
+    One launch instead of two (plus the int8 round trip through memory), which pays at small M
+    (ViT at batch 1), where each GEMM program reading its rows' amax over all of K is cheap.
+    Bit-identical to ``quantize_dynamic`` followed by ``mixed_gemm``: same scales, same integers.
+    """
+    from .quantize import FLOAT_INPUTS
+
+    formats.check_bits(a_bits, "a_bits")
+    if x.dim() != 2 or x.shape[1] != k or x.dtype not in FLOAT_INPUTS:
+        raise ValueError(f"x must be a float tensor [M, {k}] in {FLOAT_INPUTS}, got {x.dtype} {tuple(x.shape)}")
+    a_scale = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
+    out = _launch(x, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype or x.dtype, config, a_bits)
+    return out, a_scale
+
+
+def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bits) -> torch.Tensor:
+    """Shared launcher; ``a_bits`` set means ``a`` is float and quantized inside (``a_scale`` is output)."""
+    formats.check_bits(w_bits, "w_bits")
+    check_gpu_layout(w, w_bits, k, n)
+    if w.device != a.device:
+        raise ValueError(f"activations on {a.device} but weights on {w.device}")
+    fused = a_bits is not None
+    w = w.contiguous()
+    scaled = w_scale is not None
+    m = a.shape[0]
+    if scaled:
+        if out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
         w_scale = w_scale.reshape(-1).to(torch.float32).contiguous()
         if w_scale.numel() != n:
             raise ValueError(f"w_scale must have N={n} entries, got {w_scale.numel()}")
@@ -266,16 +341,14 @@ def mixed_gemm(
             bias = bias.reshape(-1).contiguous()
             if bias.numel() != n:
                 raise ValueError(f"bias must have N={n} entries, got {bias.numel()}")
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
         stride_as = a_scale.stride(0) if a_scale.numel() == m and m > 1 else 0
     else:
-        if bias is not None:
-            raise ValueError("bias needs the scaled epilogue (pass a_scale and w_scale)")
-        out = torch.empty((m, n), dtype=torch.int32, device=xq.device)
+        out = torch.empty((m, n), dtype=torch.int32, device=a.device)
         stride_as = 0
     if m == 0 or n == 0:
         return out
-    cfg = config or pick_config(w_bits, m, n, k, xq.device)
+    cfg = config or pick_config(w_bits, m, n, k, a.device)
     k_tiles = w.shape[1]
     # The unpacked int8 weights carry a factor 2**PRESHIFT (layout.py); the int32 accumulator must
     # hold the scaled sum exactly.
@@ -287,26 +360,27 @@ def mixed_gemm(
     dummy = out  # never read when the matching constexpr flag is off
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     # 64-bit offsets only where one can pass 2**31 (elements of any operand, or of the split-K partials)
-    big = max(m * xq.stride(0) + k * xq.stride(1), w.numel(), split * m * n) >= INT64_THRESHOLD
+    big = max(m * a.stride(0) + k * a.stride(1), w.numel(), split * m * n) >= INT64_THRESHOLD
     w = w.view(torch.int8)  # the kernel's shifts and masks work on signed bytes
     common = dict(W_BITS=w_bits, K_TILE=K_TILE, SUB_K=SUB_K[w_bits], BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SWAP_AB=bool(cfg.swap_ab), INT64=big,
-                  ASM=bool(cfg.asm_unpack) and xq.device.type == "cuda",
+                  ASM=bool(cfg.asm_unpack) and a.device.type == "cuda",
+                  A_FLOAT=fused, QMAX=formats.qmax(a_bits) if fused else 127, EPS=formats.SCALE_EPS,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         _mixed_gemm_kernel[grid](
-            xq, w, out, a_scale if scaled else dummy, w_scale if scaled else dummy,
+            a, w, out, a_scale if scaled or fused else dummy, w_scale if scaled else dummy,
             bias if bias is not None else dummy,
             m, n, k, tiles_per_split,
-            xq.stride(0), xq.stride(1), w.stride(0), 0, out.stride(0), out.stride(1), stride_as,
+            a.stride(0), a.stride(1), w.stride(0), 0, out.stride(0), out.stride(1), stride_as,
             SCALED=scaled, HAS_BIAS=bias is not None, **common,
         )
         return out
-    partial = torch.empty((split, m, n), dtype=torch.int32, device=xq.device)
+    partial = torch.empty((split, m, n), dtype=torch.int32, device=a.device)
     _mixed_gemm_kernel[grid](
-        xq, w, partial, dummy, dummy, dummy,
+        a, w, partial, a_scale if fused else dummy, dummy, dummy,
         m, n, k, tiles_per_split,
-        xq.stride(0), xq.stride(1), w.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), 0,
+        a.stride(0), a.stride(1), w.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), 0,
         SCALED=False, HAS_BIAS=False, **common,
     )
     rb_m, rb_n = 32, 64
