@@ -19,9 +19,15 @@ _LAZY = {
 }
 
 
+# Submodules reachable as attributes after a bare `import mixq` (mixq.nn.QuantLinear), loaded on first use.
+_SUBMODULES = ("alloc", "checkpoint", "formats", "nn", "ops", "quantize", "scores", "models", "eval", "report")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"mixq.{name}")
     raise AttributeError(f"module 'mixq' has no attribute {name!r}")
 
 

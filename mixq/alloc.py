@@ -1060,12 +1060,15 @@ def allocate(
     synergy, lam: add ``lam * S[l, m] * ((w_l - w_m)^2 + (a_l - a_m)^2)`` over execution-order
         neighbours, S from the per-image KL importances (normalized to max 1).
     pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed.
-    output_fn: probabilities per image for the KL scores (default: softmax of the model output).
+    output_fn: called as ``output_fn(model, batch)`` for each calibration batch; returns the output
+        distribution per image, probabilities [B, D] with rows summing to 1, for the KL and
+        sensitivity scores (default: softmax of the model output; see :mod:`mixq.scores.outputs`).
     cache_dir: score cache directory (default ``$MIXQ_CACHE_DIR`` or ~/.cache/mixq/scores; False: off).
     """
     from .scores.inventory import adjacent_pairs, build_inventory
     from .scores.kl import kl_importance
     from .scores.lrp import lrp_importance
+    from .scores.outputs import check_output_fn
     from .scores.sensitivity import sensitivity_scores
     from .scores.synergy import synergy_scores
 
@@ -1074,6 +1077,7 @@ def allocate(
     if budget is not None:
         parse_size_budget(budget)  # bad budgets fail here, not after minutes of scoring
     check_bops_budget(bops_budget)
+    check_output_fn(output_fn)
     layers = build_inventory(model, calib_data, filter_fn, batch_size)
     names = [l.name for l in layers]
     pin_idx: dict[int, int] = {}

@@ -184,6 +184,21 @@ def quantize_act_dynamic(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     return quantize_with_inv_scale(xf, inv[..., None], bits), scale
 
 
+# A dynamic step above this is scaled down by a power of two before the epilogue: acc (< 2**34 for
+# any practical K) times the step then stays far from fp32's 2**128.
+_MAX_EPILOGUE_STEP = 2.0**64
+
+
+def epilogue_headroom(a_scale: torch.Tensor) -> torch.Tensor:
+    """A power of two f <= 1 (0-dim fp32) for the epilogue ``(acc * a_scale * f) * w_scale + bias * f``,
+    then ``/ f``: exactly the usual numbers when f = 1 (any input below ~1e21), and finite instead of
+    inf for inputs up to fp32's range, where ``acc * a_scale`` alone overflows. Non-finite steps are
+    ignored (a NaN row stays that row's business)."""
+    top = a_scale.to(torch.float32).nan_to_num(0.0, posinf=0.0, neginf=0.0).amax()
+    e = (torch.floor(torch.log2(top.clamp_min(1.0))) - math.log2(_MAX_EPILOGUE_STEP)).clamp_min(0.0)
+    return torch.pow(2.0, -e)
+
+
 def search_clip_range(samples: torch.Tensor, bits: int, grid: int = 50, min_ratio: float = 0.3) -> torch.Tensor:
     """MSE-optimal symmetric clipping range for each column of ``samples`` [R, C] -> [C].
 

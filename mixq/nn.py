@@ -21,6 +21,8 @@ from .backends import get_backend, select_backend
 log = logging.getLogger("mixq")
 
 ACT_MODES = ("dynamic", "static", "channel", "smooth")
+# Input dtypes the kernels take; any other float input (float64) runs in fp32 and is cast back.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_METHODS = ("rtn", "gptq")
 _ANNOUNCED: set[tuple[str, str]] = set()
 
@@ -116,6 +118,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"unknown weight_method={weight_method!r}; allowed: {list(WEIGHT_METHODS)}")
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError("the float layer's weights contain NaN/Inf; fix the model before quantizing")
         device = linear.weight.device
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, w_bits, a_bits,
                 act_quant, simulate, backend, device="cpu")
@@ -280,10 +284,17 @@ class QuantLinear(nn.Module):
         if self.simulate:
             out = self._forward_simulated(x2)
         else:
-            xq, a_scale = self._quantize_input(x2.contiguous())
-            out = ops.packed_linear(xq, a_scale, self.w_runtime, self.w_scale, self.bias, self.w_bits,
-                                    self.in_features, self.out_features, x.dtype, self.backend)
-        return out.reshape(*lead, self.out_features)
+            dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
+            xq, a_scale = self._quantize_input(x2.to(dtype).contiguous())
+            if self.act_quant in ("dynamic", "smooth"):  # a data-derived step can be huge: keep headroom
+                f = formats.epilogue_headroom(a_scale)
+                bias = self.bias * f if self.bias is not None else None
+                out = ops.packed_linear(xq, a_scale * f, self.w_runtime, self.w_scale, bias, self.w_bits,
+                                        self.in_features, self.out_features, dtype, self.backend) / f
+            else:
+                out = ops.packed_linear(xq, a_scale, self.w_runtime, self.w_scale, self.bias, self.w_bits,
+                                        self.in_features, self.out_features, dtype, self.backend)
+        return out.to(x.dtype).reshape(*lead, self.out_features)
 
     def _forward_simulated(self, x2: torch.Tensor) -> torch.Tensor:
         """Fake quantization computed in float, equal bit for bit to the integer path.
@@ -305,9 +316,13 @@ class QuantLinear(nn.Module):
             q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale
             xf = xf / self.act_channel_factor  # the straight-through path works in the folded basis
         acc = (q.to(self.w_sim.dtype) @ self.w_sim.T).to(torch.float32)
-        out = acc * a_scale.to(torch.float32).reshape(-1, 1) * self.w_scale.reshape(1, -1)
+        f = formats.epilogue_headroom(a_scale) if self.act_quant in ("dynamic", "smooth") else None
+        step = a_scale.to(torch.float32) * f if f is not None else a_scale.to(torch.float32)
+        out = acc * step.reshape(-1, 1) * self.w_scale.reshape(1, -1)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + (self.bias * f if f is not None else self.bias)
+        if f is not None:
+            out = out / f
         if xf.requires_grad:
             x_hat = q.to(torch.float32) * a_scale.reshape(-1, 1)
             w_hat = self.w_sim.to(torch.float32) * self.w_scale[:, None]

@@ -197,6 +197,7 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig or a plan with to_config(), got {type(config).__name__}")
     targets = _targets(model, config)
+    _check_weights(targets)
     samples: dict[str, torch.Tensor] = {}
     fed_by: dict[str, str] = {}
     weight_method = config.weight_method
@@ -221,6 +222,22 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
         check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
         _fuse_layernorms(model, fed_by, check)
     return model
+
+
+def _check_weights(targets: dict[str, nn.Linear]) -> None:
+    """Refuse, before any calibration, the float layers that cannot be quantized, naming them."""
+    for name, lin in targets.items():
+        for what, t in (("weight", lin.weight), ("bias", lin.bias)):
+            if t is None:
+                continue
+            if t.is_meta:
+                raise ValueError(f"layer {name!r}: its {what} is on the meta device (no data): materialize the "
+                                 "model and load its weights (to_empty() + load_state_dict) before quantize_")
+            if not t.is_floating_point():
+                raise TypeError(f"layer {name!r}: {what} has dtype {t.dtype}; quantize_ takes a float model")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"layer {name!r}: the float model's {what} contains NaN/Inf; fix the model "
+                                 "(not the calibration data) before quantizing")
 
 
 def _fuse_layernorms(model: nn.Module, fed_by: dict[str, str], check_batch: Any) -> list[str]:

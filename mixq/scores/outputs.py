@@ -50,6 +50,24 @@ def saliency_probs(model: nn.Module, batch: Any) -> torch.Tensor:
     return s / s.sum(dim=1, keepdim=True)
 
 
+def check_output_fn(output_fn: Any) -> None:
+    """Fail before any scoring unless ``output_fn`` can be called as ``output_fn(model, batch)``."""
+    import inspect
+
+    if output_fn is None:
+        return
+    if not callable(output_fn):
+        raise TypeError(f"output_fn must be callable as output_fn(model, batch), got {type(output_fn).__name__}")
+    try:
+        inspect.signature(output_fn).bind(None, None)
+    except TypeError as e:
+        raise TypeError(f"output_fn is called as output_fn(model, batch) -> probabilities [B, D] "
+                        f"(rows summing to 1); {getattr(output_fn, '__qualname__', output_fn)!r} cannot take "
+                        f"those two arguments: {e}") from None
+    except ValueError:  # no signature to inspect (some builtins): let the first call decide
+        pass
+
+
 def kl_per_row(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """KL(p || q) per row, in float64; rows of p and q are distributions."""
     p, q = p.double(), q.double()
