@@ -189,8 +189,8 @@ def fp8_rowwise(case: Case) -> Callable[[], torch.Tensor]:
     w8 = case.w.to(torch.float8_e4m3fn)
     sa = case.a_scale[:, None].contiguous()
     sb = case.w_scale[None, :].contiguous()
-    return lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, bias=case.b, out_dtype=torch.bfloat16,
-                                    use_fast_accum=True)
+    # no bias: some torch versions refuse a bias with row-wise scales (a bias add is noise at these sizes)
+    return lambda: torch._scaled_mm(x8, w8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True)
 
 
 # ----------------------------------------------------------------------------- smoke
@@ -358,6 +358,7 @@ def stage_table(args) -> int:
         lines.append(f"Device copy (bandwidth ceiling): {2 * n / t / 1e6:.0f} GB/s (read + write, 2 x 256 MiB).\n")
         del src, dst
     lines += ["| shape (M x K x N) | kernel | ms run 1 | ms run 2 | TOPS | x bf16 |", "|---|---|---:|---:|---:|---:|"]
+    _write(args.out, "\n".join(lines), append=True)
     int_mm = int_mm_scaled(dry)
     failures = 0
     for s in gemm_shapes(dry):
@@ -376,6 +377,7 @@ def stage_table(args) -> int:
         for name, fn, twice in rows:
             if fn is None:
                 lines.append(f"| {s.label} | {name} | skipped in dry run (no CPU fp8 GEMM path timed) | | | |")
+                _write(args.out, lines[-1], append=True)
                 continue
             try:
                 t1 = time_ms(fn, dry)
@@ -388,7 +390,8 @@ def stage_table(args) -> int:
                 failures += name.startswith("mixq")
                 lines.append(f"| {s.label} | {name} | error: {type(e).__name__}: {str(e)[:160]} | | | |")
             print(lines[-1], flush=True)
-    _write(args.out, "\n".join(lines) + "\n", append=True)
+            _write(args.out, lines[-1], append=True)  # row by row: a timeout keeps what was measured
+    _write(args.out, "", append=True)
     return 1 if failures else 0
 
 
@@ -561,14 +564,14 @@ def stage_e2e(args) -> int:
                      "of the replay / reps; random init (speed only). Runs 1 and 2 repeat the measurement.\n")
     lines += ["| model | input | bf16 ms (run 1 / 2) | W8A8 ms | W6A8 ms | W4A8 ms | best x bf16 | max rel diff W8A8 vs bf16 |",
               "|---|---|---|---|---|---|---|---|"]
-    vit_b = [("ViT-B/16", 1), ("ViT-B/16", 64)] if not dry else [("ViT-B/16(dry)", 2)]
-    jobs: list[tuple[str, str, Callable, Callable]] = []
-    for label, batch in vit_b:
-        size = 32 if dry else 224
-        jobs.append((label, f"batch {batch}", lambda: _vit(dry), lambda b=batch, s=size: torch.randn(b, 3, s, s)))
+    # the targets first (ViT-B batch-1 Linear stack, SAM-B encoder), so a timeout cuts the least
     m_tok = 7 if dry else 197
-    jobs.append(("ViT-B b1 Linear stack (48 Linears)", f"M={m_tok}", lambda: _linear_stack(dry),
-                 lambda: (torch.randn(m_tok, 64 if dry else 768), torch.randn(m_tok, 128 if dry else 3072))))
+    jobs: list[tuple[str, str, Callable, Callable]] = [
+        ("ViT-B b1 Linear stack (48 Linears)", f"M={m_tok}", lambda: _linear_stack(dry),
+         lambda: (torch.randn(m_tok, 64 if dry else 768), torch.randn(m_tok, 128 if dry else 3072)))]
+    vit_b = [("ViT-B/16", 1), ("ViT-B/16", 64)] if not dry else [("ViT-B/16(dry)", 2)]
+    vit_jobs = [(label, f"batch {batch}", lambda: _vit(dry),
+                 lambda b=batch, s=(32 if dry else 224): torch.randn(b, 3, s, s)) for label, batch in vit_b]
     try:
         import segment_anything  # noqa: F401
 
@@ -581,6 +584,9 @@ def stage_e2e(args) -> int:
         size = 64 if dry else 1024
         jobs.append(("SAM ViT-B image encoder", f"{size}x{size}", lambda: _sam_encoder(dry),
                      lambda s=size: torch.randn(1, 3, s, s)))
+    jobs += vit_jobs
+    _write(args.out, "\n".join(lines), append=True)
+    lines = []
     failures = 0
     for label, what, make, make_input in jobs:
         try:
@@ -608,9 +614,9 @@ def stage_e2e(args) -> int:
             lines.append(f"| {label} | {what} | error: {type(e).__name__}: {str(e)[:200]} | | | | | |")
             traceback.print_exc()
         print(lines[-1], flush=True)
+        _write(args.out, lines[-1], append=True)  # row by row: a timeout keeps what was measured
         if not dry:
             torch.cuda.empty_cache()
-    _write(args.out, "\n".join(lines) + "\n", append=True)
     return 1 if failures else 0
 
 
