@@ -167,9 +167,9 @@ def default_configs(quick: bool = False, shipped: bool = False):
     if quick:
         return [(8, GemmConfig(64, 64, num_warps=4, num_stages=2))]
     if shipped:  # the tile shapes the shipped tables use: fits the GPU check's time limit
-        cfgs = [(128, 128, 8, 3, 0), (64, 128, 4, 4, 0), (64, 64, 4, 4, 0), (128, 128, 8, 3, 1)]
-        return [(b, GemmConfig(bm, bn, num_warps=w, num_stages=s, swap_ab=sw)) for b in (8, 6, 4)
-                for bm, bn, w, s, sw in cfgs]
+        cfgs = [(128, 128, 8, 3, 0, 0), (128, 128, 8, 3, 1, 1), (64, 128, 4, 4, 1, 1)]
+        return [(b, GemmConfig(bm, bn, num_warps=w, num_stages=s, swap_ab=sw, asm_unpack=asm if b != 8 else 0))
+                for b in (8, 6, 4) for bm, bn, w, s, sw, asm in cfgs]
     cfgs = [(128, 128, 8, 3, 0), (128, 256, 8, 3, 0), (64, 128, 4, 4, 0), (128, 128, 4, 3, 0), (64, 64, 4, 4, 0),
             (128, 128, 8, 3, 1), (128, 128, 4, 3, 1), (64, 128, 4, 4, 1), (128, 64, 4, 4, 1), (256, 128, 8, 3, 1)]
     out = [(8, GemmConfig(bm, bn, num_warps=w, num_stages=s, swap_ab=sw)) for bm, bn, w, s, sw in cfgs]

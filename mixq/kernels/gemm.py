@@ -60,7 +60,7 @@ def _w4_lo(b, ASM: tl.constexpr):
         return tl.inline_asm_elementwise("{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }",
                                          "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
     else:
-        return b << 4
+        return (b << 4).to(tl.int8)  # the cast is a no-op where literals take the tensor's type
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _w4_hi(b, ASM: tl.constexpr):
         return tl.inline_asm_elementwise("and.b32 $0, $1, 0xF0F0F0F0;", "=r,r", [b], dtype=tl.int8,
                                          is_pure=True, pack=4)
     else:
-        return b & -16
+        return (b & -16).to(tl.int8)
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _w6_top(b, ASM: tl.constexpr):
         return tl.inline_asm_elementwise("and.b32 $0, $1, 0xFCFCFCFC;", "=r,r", [b], dtype=tl.int8,
                                          is_pure=True, pack=4)
     else:
-        return b & -4
+        return (b & -4).to(tl.int8)
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def _w6_last(b0, b1, b2, ASM: tl.constexpr):
             "or.b32 x, x, y; or.b32 $0, x, z; }",
             "=r,r,r,r", [b0, b1, b2], dtype=tl.int8, is_pure=True, pack=4)
     else:
-        return (b0 << 6) | ((b1 & 3) << 4) | ((b2 & 3) << 2)
+        return ((b0 << 6) | ((b1 & 3) << 4) | ((b2 & 3) << 2)).to(tl.int8)
 
 
 @triton.jit
@@ -321,6 +321,13 @@ def quantized_linear_dynamic(
     return out, a_scale
 
 
+def _asm_ok(cfg: GemmConfig, w_bits: int, device: torch.device) -> bool:
+    """The PTX unpack packs 4 weights per 32-bit register: needs a GPU, W4/W6, and a weight tile
+    that gives every thread a multiple of 4 bytes (else the byte-wise path runs, same integers)."""
+    per_thread = cfg.block_n * SUB_K[w_bits] // (32 * cfg.num_warps)
+    return bool(cfg.asm_unpack) and device.type == "cuda" and w_bits != 8 and per_thread >= 4 and per_thread % 4 == 0
+
+
 def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bits) -> torch.Tensor:
     """Shared launcher; ``a_bits`` set means ``a`` is float and quantized inside (``a_scale`` is output)."""
     formats.check_bits(w_bits, "w_bits")
@@ -364,7 +371,7 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
     w = w.view(torch.int8)  # the kernel's shifts and masks work on signed bytes
     common = dict(W_BITS=w_bits, K_TILE=K_TILE, SUB_K=SUB_K[w_bits], BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SWAP_AB=bool(cfg.swap_ab), INT64=big,
-                  ASM=bool(cfg.asm_unpack) and a.device.type == "cuda",
+                  ASM=_asm_ok(cfg, w_bits, a.device),
                   A_FLOAT=fused, QMAX=formats.qmax(a_bits) if fused else 127, EPS=formats.SCALE_EPS,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
