@@ -122,6 +122,24 @@ def quantize_with_inv_scale(x: torch.Tensor, inv_scale: torch.Tensor, bits: int)
     return round_half_even(y.clamp(-lim, lim)).to(torch.int8)
 
 
+def layer_norm_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim as every fused LayerNorm+quantize kernel computes it (the contract).
+
+    Mean and variance in float64 (two passes), ``rstd = fp32(1 / sqrt(var + eps))`` in float64,
+    then ``y = ((x - fp32(mean)) * rstd) * weight + bias`` in fp32, one rounding per operation, no
+    FMA. float64 statistics keep rows with |x| up to ~1e154 finite (fp32 squares overflow at ~1e19,
+    where ``F.layer_norm`` returns NaN), and the fixed order is what makes the integers the same on
+    every path. Differences to a kernel's own float64 summation order move the mean by ~1e-16
+    relative, which only matters if it lands exactly on an fp32 rounding boundary.
+    """
+    x32 = x.to(torch.float32)
+    x64 = x32.to(torch.float64)
+    mean = x64.mean(dim=-1, keepdim=True)
+    var = (x64 - mean).square().mean(dim=-1, keepdim=True)
+    rstd = (1.0 / torch.sqrt(var + eps)).to(torch.float32)
+    return ((x32 - mean.to(torch.float32)) * rstd) * weight.to(torch.float32) + bias.to(torch.float32)
+
+
 def reciprocal_fp32(scale: torch.Tensor) -> torch.Tensor:
     return torch.reciprocal(scale.to(torch.float32))
 

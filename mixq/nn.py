@@ -305,7 +305,7 @@ class QuantLinear(nn.Module):
         """
         xf = x2.to(torch.float32)
         if self.fused_norm:
-            xf = F.layer_norm(xf, (self.in_features,), self.norm_weight, self.norm_bias, self.norm_eps)
+            xf = formats.layer_norm_fp32(xf, self.norm_weight, self.norm_bias, self.norm_eps)
             q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale
         elif self.act_quant == "dynamic":
             q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)

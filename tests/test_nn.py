@@ -108,3 +108,42 @@ def test_backend_is_reported():
     q = QuantLinear.from_float(_layer(), 8, 8, backend="reference")
     assert q.backend == "reference"
     assert "backend=reference" in repr(q)
+
+
+def test_fused_layernorm_kernel_and_simulation_agree_on_every_row():
+    """The fused LayerNorm+quantize path and its simulation use one LayerNorm definition
+    (formats.layer_norm_fp32): identical outputs on 20,000 rows, including |x| ~ 1e20 where fp32
+    statistics overflow."""
+    import copy
+
+    from mixq.quantize import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(48), torch.nn.Linear(48, 16)).eval()
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+        model[0].bias.normal_(0, 0.1)
+    quantize_(model, QuantConfig(act_quant="channel", fold_layernorm=True, weight_method="rtn"),
+              torch.randn(256, 48), progress=False)
+    assert model[1].fused_norm
+    sim = copy.deepcopy(model)
+    sim[1].set_simulate(True)
+    x = torch.randn(20000, 48) * 3 + torch.randn(20000, 1) * 5
+    x[:50] *= 1e20
+    with torch.no_grad():
+        kernel, simulated = model(x), sim(x)
+    assert torch.isfinite(kernel).all()
+    assert torch.equal(kernel, simulated)
+    for backend in ("reference", "cpu"):
+        from mixq.backends import get_backend
+
+        try:
+            b = get_backend(backend)
+        except (KeyError, ValueError):
+            continue
+        if not b.available(torch.device("cpu")):
+            continue
+        q = b.layernorm_quantize(x, model[1].norm_weight, model[1].norm_bias, model[1].norm_eps,
+                                 model[1].act_inv_scale, 8)
+        assert torch.equal(q, get_backend("reference").layernorm_quantize(
+            x, model[1].norm_weight, model[1].norm_bias, model[1].norm_eps, model[1].act_inv_scale, 8)), backend

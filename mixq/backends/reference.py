@@ -34,8 +34,7 @@ class ReferenceBackend:
     def layernorm_quantize(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, inv_scale: torch.Tensor, a_bits: int
     ) -> torch.Tensor:
-        y = torch.nn.functional.layer_norm(x.to(torch.float32), (x.shape[-1],), weight.float(), bias.float(), eps)
-        return formats.quantize_with_inv_scale(y, inv_scale, a_bits)
+        return formats.quantize_with_inv_scale(formats.layer_norm_fp32(x, weight, bias, eps), inv_scale, a_bits)
 
     def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
         wq = formats.unpack_weight(w, w_bits, k)
