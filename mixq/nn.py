@@ -284,8 +284,10 @@ class QuantLinear(nn.Module):
         if self.simulate:
             out = self._forward_simulated(x2)
         else:
+            # The integer path is inference: no gradient flows through the kernels (set_simulate(True)
+            # gives a straight-through one). Detaching also lets torch.compile trace it with grad enabled.
             dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
-            xq, a_scale = self._quantize_input(x2.to(dtype).contiguous())
+            xq, a_scale = self._quantize_input(x2.detach().to(dtype).contiguous())
             if self.act_quant in ("dynamic", "smooth"):  # a data-derived step can be huge: keep headroom
                 f = formats.epilogue_headroom(a_scale)
                 bias = self.bias * f if self.bias is not None else None
