@@ -116,10 +116,15 @@ def round_half_even(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_with_inv_scale(x: torch.Tensor, inv_scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """The activation rounding rule of the contract, in fp32: int8 output."""
+    """The activation rounding rule of the contract, in fp32: int8 output.
+
+    Non-finite values: ±inf clamps to ±qmax and NaN becomes 0, stated here rather than left to the
+    float -> int8 cast (undefined in C for NaN; torch's CPU cast happens to give 0). A dynamic row
+    holding NaN or inf gets a NaN or inf step, so its outputs are NaN, as nn.Linear's would be.
+    """
     lim = float(qmax(bits))
-    y = x.to(torch.float32) * inv_scale.to(torch.float32)
-    return round_half_even(y.clamp(-lim, lim)).to(torch.int8)
+    y = (x.to(torch.float32) * inv_scale.to(torch.float32)).clamp(-lim, lim)
+    return round_half_even(y.nan_to_num(nan=0.0)).to(torch.int8)
 
 
 def layer_norm_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

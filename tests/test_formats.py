@@ -149,3 +149,15 @@ def test_log2_quantizer():
         ratio = pq[nz] / p[nz]
         assert (ratio <= 2**0.5 + 1e-6).all() and (ratio >= 2**-0.5 - 1e-6).all()
     assert formats.log2_quantize(torch.tensor([1.0, 0.0]), 4).tolist() == [1.0, 0.0]
+
+
+def test_activation_rule_on_non_finite_values_is_explicit():
+    """NaN -> 0 and ±inf -> ±qmax by rule, not by the float->int8 cast; a dynamic row with NaN or inf
+    gets a non-finite step, so its outputs are non-finite like nn.Linear's."""
+    from mixq import formats
+
+    x = torch.tensor([[float("nan"), 1.0, float("inf"), -float("inf")]])
+    assert formats.quantize_with_inv_scale(x, torch.tensor([10.0]), 8).tolist() == [[0, 10, 127, -127]]
+    q, scale = formats.quantize_act_dynamic(torch.tensor([[float("nan"), 1.0], [float("inf"), 1.0], [2.0, 1.0]]), 8)
+    assert torch.isnan(scale[0]) and torch.isinf(scale[1]) and scale[2] == 2.0 / 127
+    assert q[2].tolist() == [127, 64] and q[:2].abs().max() <= 127
