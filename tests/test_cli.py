@@ -155,4 +155,4 @@ def test_combined_scorer_sums_all_three(tmp_path, monkeypatch):
     monkeypatch.setattr(mixq.alloc, "allocate", fake_allocate)
     assert main(["quantize", "toy-vit", "--scorer", "combined", "--n-calib", "2", "--out", str(tmp_path / "x")]) == 2
     assert seen["scorer"] == ["kl", "lrp", "sensitivity"]
-    mixq.alloc._scorer_weights(seen["scorer"])  # a scorer allocate accepts
+    mixq.alloc.api._scorer_weights(seen["scorer"])  # a scorer allocate accepts

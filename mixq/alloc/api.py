@@ -1,0 +1,125 @@
+"""``allocate``: score a model's Linears, build the allocation problem and solve it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from ..scores.costs import noise_factor, split_kl_costs
+from .budgets import check_bops_budget, parse_size_budget
+from .plan import Plan, solve_plan
+from .problem import DEFAULT_CANDIDATES, AllocationProblem, Budget
+
+SCORERS = ("kl", "lrp", "sensitivity")
+Scorer = Union[str, Sequence[str], dict]
+
+
+def _scorer_weights(scorer: Scorer) -> dict[str, float]:
+    if isinstance(scorer, str):
+        weights = {scorer: 1.0}
+    elif isinstance(scorer, dict):
+        weights = {str(k): float(v) for k, v in scorer.items()}
+    else:
+        weights = {str(s): 1.0 for s in scorer}
+    bad = [s for s in weights if s not in SCORERS]
+    if bad or not weights:
+        raise ValueError(f"unknown scorer {bad or scorer!r}; allowed: {SCORERS}, a list of them, or a dict name -> weight")
+    if any(not (w >= 0) for w in weights.values()):
+        raise ValueError(f"scorer weights must be >= 0, got {weights}")
+    return weights
+
+
+def allocate(
+    model: Any,
+    calib_data: Any,
+    budget: Optional[Budget] = 6.0,
+    bops_budget: Union[float, int, str, None] = None,
+    scorer: Scorer = "kl",
+    synergy: bool = True,
+    lam: float = 0.05,
+    candidates: Optional[Sequence[tuple[int, int]]] = None,
+    pinned: Optional[dict[str, Union[int, tuple[int, int]]]] = None,
+    filter_fn: Optional[Callable] = None,
+    output_fn: Optional[Callable] = None,
+    time_limit: Optional[float] = None,
+    cache_dir: Any = None,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> Plan:
+    """Choose (w_bits, a_bits) for every Linear of ``model`` that runs on ``calib_data``.
+
+    budget: average weight bits per weight (a number <= 32, e.g. ``6.0``; scales and biases not
+        counted, the field's "average bit-width"), or the stored size of the planned layers in bytes
+        (a larger number, or a string ``"12MB"``/``"1.5GiB"``; weights + fp32 scales + fp32 biases).
+    bops_budget: BOPs per input (``3.2e12``, ``"800G"``) or a fraction of uniform W8A8 (``"0.5x"``).
+    scorer: "kl" | "lrp" | "sensitivity", a list of them (summed) or a dict name -> weight. Each
+        scorer's costs are normalized to mean 1 per layer at the noisiest candidate first.
+    synergy, lam: add ``lam * S[l, m] * ((w_l - w_m)^2 + (a_l - a_m)^2)`` over execution-order
+        neighbours, S from the per-image KL importances (normalized to max 1).
+    pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed.
+    output_fn: called as ``output_fn(model, batch)`` for each calibration batch; returns the output
+        distribution per image, probabilities [B, D] with rows summing to 1, for the KL and
+        sensitivity scores (default: softmax of the model output; see :mod:`mixq.scores.outputs`).
+    cache_dir: score cache directory (default ``$MIXQ_CACHE_DIR`` or ~/.cache/mixq/scores; False: off).
+    """
+    from ..scores.inventory import adjacent_pairs, build_inventory
+    from ..scores.kl import kl_importance
+    from ..scores.lrp import lrp_importance
+    from ..scores.outputs import check_output_fn
+    from ..scores.sensitivity import sensitivity_scores
+    from ..scores.synergy import synergy_scores
+
+    cands = [tuple(map(int, c)) for c in (candidates if candidates is not None else DEFAULT_CANDIDATES)]
+    weights = _scorer_weights(scorer)
+    if budget is not None:
+        parse_size_budget(budget)  # bad budgets fail here, not after minutes of scoring
+    check_bops_budget(bops_budget)
+    check_output_fn(output_fn)
+    layers = build_inventory(model, calib_data, filter_fn, batch_size)
+    names = [l.name for l in layers]
+    pin_idx: dict[int, int] = {}
+    for name, bits in (pinned or {}).items():
+        if name not in names:
+            raise ValueError(f"pinned layer {name!r} is not a Linear that ran on the calibration data; known: {names[:8]}...")
+        pair_bits = (int(bits), int(bits)) if isinstance(bits, int) else tuple(map(int, bits))
+        if pair_bits not in cands:
+            raise ValueError(f"pinned bits {pair_bits} for {name!r} are not among the candidates {cands}")
+        pin_idx[names.index(name)] = cands.index(pair_bits)
+    lowest = (min(w for w, _ in cands), min(a for _, a in cands))
+    noise = np.array([noise_factor(w, a) for w, a in cands]) / noise_factor(*lowest)
+    common = dict(batch_size=batch_size, progress=progress, cache_dir=cache_dir)
+    kl_costs = per_image = None
+    if "kl" in weights or (synergy and lam > 0):
+        # Two probes per layer, weights alone and activations alone at the lowest bits (the other
+        # side at the highest candidate), so the costs tell weight noise from activation noise.
+        highest = (max(w for w, _ in cands), max(a for _, a in cands))
+        raw_w = kl_importance(model, calib_data, names, output_fn, lowest[0], highest[1], **common)["raw"]
+        raw_a = kl_importance(model, calib_data, names, output_fn, highest[0], lowest[1], **common)["raw"]
+        kl_costs, per_image = split_kl_costs(np.asarray(raw_w), np.asarray(raw_a), cands)
+    costs = np.zeros((len(names), len(cands)))
+    for name, wgt in weights.items():
+        if wgt == 0:
+            continue
+        if name == "kl":
+            table = kl_costs
+        elif name == "lrp":
+            table = np.asarray(lrp_importance(model, calib_data, names, **common)["importance"])[:, None] * noise[None, :]
+        else:
+            table = np.asarray(sensitivity_scores(model, calib_data, names, cands, output_fn, **common)["kl"])
+        worst = table.max(axis=1).mean()
+        costs += wgt * (table / worst if worst > 0 else table)
+    pairs = adjacent_pairs(layers)
+    syn = [0.0] * len(pairs)
+    if synergy and lam > 0 and pairs:
+        syn = synergy_scores(per_image.tolist(), pairs)
+        top = max(syn) if syn else 0.0
+        syn = [s / top if top > 0 else 0.0 for s in syn]
+    problem = AllocationProblem(
+        names=names, candidates=cands, costs=costs,
+        weight_params=[l.weight_params for l in layers], out_features=[l.out_features for l in layers],
+        has_bias=[l.bias for l in layers], macs=[l.macs for l in layers],
+        pairs=pairs, synergy=syn, lam=lam if synergy else 0.0, pinned=pin_idx,
+    )
+    label = "+".join(k if v == 1 else f"{v:g}*{k}" for k, v in weights.items())
+    return solve_plan(problem, budget, bops_budget, synergy=synergy, time_limit=time_limit, scorer=label)

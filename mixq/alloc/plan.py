@@ -1,0 +1,216 @@
+"""``Plan``: the chosen bits per layer with their size, BOPs and costs; ``solve_plan`` makes one."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .budgets import parse_bops_budget, parse_size_budget
+from .milp import solve_milp
+from .problem import AllocationProblem, Budget, InfeasibleBudgetError, KnapsackRow
+
+
+
+@dataclass
+class Plan:
+    """The allocation: per-layer bits plus what it costs and how it was found.
+
+    ``quantize_(model, plan, calib_data)`` accepts it directly (through :meth:`to_config`). It is
+    JSON-serializable (:meth:`to_json`, :meth:`save`) and prints as a table.
+    """
+
+    layers: dict[str, tuple[int, int]]
+    size_bits: int  # weights + scales + fp32 biases of the planned layers
+    weight_bits: int  # weights only
+    weight_params: int
+    bops: int  # per input
+    budget: Optional[dict] = None  # {"kind": "bits_per_weight"|"bytes", "value": float}
+    bops_budget: Optional[int] = None
+    objective: float = 0.0
+    status: str = "optimal"
+    gap: float = 0.0
+    solve_time_s: float = 0.0
+    scorer: str = ""
+    lam: float = 0.0
+    synergy: bool = False
+    layer_info: dict[str, dict] = field(default_factory=dict)  # name -> params, macs, cost
+
+    @property
+    def size_bytes(self) -> float:
+        return self.size_bits / 8
+
+    @property
+    def avg_bits_per_weight(self) -> float:
+        return self.weight_bits / max(self.weight_params, 1)
+
+    def to_config(self, **overrides: Any):
+        """A :class:`mixq.quantize.QuantConfig` quantizing exactly the planned layers at their bits."""
+        from ..quantize import QuantConfig
+
+        names = set(self.layers)
+        kwargs: dict[str, Any] = {
+            "layer_bits": {n: tuple(b) for n, b in self.layers.items()},
+            "filter_fn": lambda name, module: name in names,
+        }
+        kwargs.update(overrides)
+        return QuantConfig(**kwargs)
+
+    @property
+    def size_budget_bits(self) -> Optional[int]:
+        """The size budget in bits of the measure it constrains (weight bits, or everything stored)."""
+        if self.budget is None:
+            return None
+        if self.budget["kind"] == "bits_per_weight":
+            return math.floor(Fraction(self.budget["value"]) * self.weight_params)
+        return math.floor(Fraction(self.budget["value"]) * 8)
+
+    def to_dict(self) -> dict:
+        """JSON form: per-layer entries carry bits plus params, MACs, score and out_features (what
+        ``mixq report`` reads); derived totals are included for readers and ignored on load."""
+        d = asdict(self)
+        info = d.pop("layer_info")
+        d["layers"] = {n: {"w_bits": w, "a_bits": a, **{("score" if k == "cost" else k): v
+                                                         for k, v in info.get(n, {}).items()}}
+                       for n, (w, a) in self.layers.items()}
+        d.update(size_bytes=self.size_bytes, avg_bits_per_weight=self.avg_bits_per_weight,
+                 size_budget_bits=self.size_budget_bits)
+        return d
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = {k: v for k, v in d.items() if k not in ("size_bytes", "avg_bits_per_weight", "size_budget_bits")}
+        layers, info = {}, dict(d.pop("layer_info", {}) or {})
+        for name, entry in d.pop("layers").items():
+            if isinstance(entry, dict):
+                layers[name] = (int(entry["w_bits"]), int(entry["a_bits"]))
+                info[name] = {("cost" if k == "score" else k): v for k, v in entry.items() if k not in ("w_bits", "a_bits")}
+            else:
+                layers[name] = (int(entry[0]), int(entry[1]))
+        return cls(layers=layers, layer_info=info, **d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Plan":
+        return cls.from_json(Path(path).read_text())
+
+    def __str__(self) -> str:
+        from rich.console import Console
+        from rich.table import Table
+
+        summary = (f"mixq plan ({self.scorer or 'custom'} scores, synergy {'on' if self.synergy else 'off'}): "
+                   f"{self.avg_bits_per_weight:.3f} bits/weight, {self.size_bytes / 1e6:.3f} MB, "
+                   f"{self.bops / 1e9:.3f} GBOPs/input, {self.status}"
+                   + (f" (gap {self.gap:.2%})" if self.status != "optimal" else ""))
+        table = Table()
+        for col in ("layer", "W", "A", "params", "MACs/input", "cost"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for name, (w, a) in self.layers.items():
+            info = self.layer_info.get(name, {})
+            cost = info.get("cost")
+            table.add_row(name, str(w), str(a), f"{info.get('params', 0):,}", f"{info.get('macs', 0):,}",
+                          "" if cost is None else f"{cost:.4g}")
+        console = Console(file=io.StringIO(), width=200, record=True)
+        console.print(summary)
+        console.print(table)
+        return console.export_text()
+
+
+def _smallest_feasible(problem: AllocationProblem, rows: list[KnapsackRow], which: int) -> Optional[int]:
+    """The least value row ``which`` can take under the other rows (or alone if they conflict)."""
+    target = rows[which].table.astype(np.float64)
+    others = [r for k, r in enumerate(rows) if k != which]
+    sol = solve_milp(problem, others, objective=target, synergy=False)
+    if sol is None:
+        sol = solve_milp(problem, [], objective=target, synergy=False)
+    if sol is None:
+        return None
+    return int(np.asarray(rows[which].table)[np.arange(len(problem.names)), sol.choice].sum())
+
+
+def solve_plan(
+    problem: AllocationProblem,
+    budget: Optional[Budget] = None,
+    bops_budget: Union[float, int, str, None] = None,
+    synergy: bool = True,
+    time_limit: Optional[float] = None,
+    scorer: str = "",
+) -> Plan:
+    """Solve ``problem`` under the budgets and wrap the answer as a :class:`Plan`.
+
+    Raises :class:`InfeasibleBudgetError` naming the smallest feasible budget when none fits.
+    """
+    size = parse_size_budget(budget) if budget is not None else None
+    bops_rhs = parse_bops_budget(bops_budget, problem)
+    rows: list[KnapsackRow] = []
+    if size is not None:
+        rows.append(size.row(problem))
+    if bops_rhs is not None:
+        rows.append(KnapsackRow("bops", problem.bops(), bops_rhs))
+    sol = solve_milp(problem, rows, synergy=synergy, time_limit=time_limit)
+    if sol is None:
+        parts = []
+        smallest_value: Optional[float] = None
+        kind = ""
+        for k, row in enumerate(rows):
+            least = _smallest_feasible(problem, rows, k)
+            if least is None or least <= row.rhs:
+                continue
+            if row.label == "size" and size is not None and size.kind == "bits_per_weight":
+                total = sum(problem.weight_params)
+                value = math.ceil(least / total * 1e4) / 1e4
+                parts.append(f"size budget {size.describe()} is below the smallest feasible {value:.4f} bits/weight")
+            elif row.label == "size" and size is not None:
+                value = float(math.ceil(least / 8))
+                parts.append(f"size budget {size.describe()} is below the smallest feasible {value:,.0f} bytes "
+                             f"({value / 1e6:.6f} MB)")
+            else:
+                value = float(least)
+                parts.append(f"BOPs budget {row.rhs:,} is below the smallest feasible {least:,} BOPs")
+            if smallest_value is None:
+                smallest_value, kind = value, row.label
+        pinned = f" with {len(problem.pinned)} pinned layer(s)" if problem.pinned else ""
+        if not parts:
+            parts.append("the budgets cannot be met together" + pinned)
+        raise InfeasibleBudgetError("infeasible budget: " + "; ".join(parts) + pinned, smallest_value, kind)
+    L = len(problem.names)
+    idx = np.arange(L)
+    choice = np.asarray(sol.choice)
+    layers = {n: problem.candidates[c] for n, c in zip(problem.names, sol.choice)}
+    info = {
+        n: {"params": int(problem.weight_params[i]), "macs": int(problem.macs[i]),
+            "out_features": int(problem.out_features[i]), "cost": float(problem.costs[i, sol.choice[i]])}
+        for i, n in enumerate(problem.names)
+    }
+    return Plan(
+        layers=layers,
+        size_bits=int(problem.size_bits()[idx, choice].sum()),
+        weight_bits=int(problem.weight_bits()[idx, choice].sum()),
+        weight_params=int(sum(problem.weight_params)),
+        bops=int(problem.bops()[idx, choice].sum()),
+        budget=None if size is None else {"kind": size.kind, "value": size.value},
+        bops_budget=bops_rhs,
+        objective=sol.objective,
+        status=sol.status,
+        gap=sol.gap,
+        solve_time_s=sol.solve_time_s,
+        scorer=scorer,
+        lam=problem.lam,
+        synergy=bool(synergy and problem.lam > 0 and problem.pairs),
+        layer_info=info,
+    )

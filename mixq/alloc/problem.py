@@ -1,0 +1,123 @@
+"""The allocation problem in numbers: layers, candidates, per-choice costs, synergy pairs, knapsack rows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from ..formats import SUPPORTED_BITS as BITS
+
+DEFAULT_CANDIDATES: tuple[tuple[int, int], ...] = tuple((w, a) for w in BITS for a in BITS)
+SCALE_BITS = 32  # one fp32 scale per output channel
+BIAS_BITS = 32  # biases stay fp32
+BITS_PER_WEIGHT_MAX = 32.0  # a number budget above this is read as bytes
+
+Budget = Union[float, int, str]
+
+
+class InfeasibleBudgetError(ValueError):
+    """No allocation meets the budgets; ``smallest`` holds the smallest feasible one (user units)."""
+
+    def __init__(self, message: str, smallest: Optional[float] = None, kind: str = "") -> None:
+        super().__init__(message)
+        self.smallest = smallest
+        self.kind = kind
+
+
+# ---------------------------------------------------------------------------------------- problem
+
+
+@dataclass
+class AllocationProblem:
+    """Numbers in: per-layer sizes, MACs, per-choice costs, adjacent pairs with synergy weights."""
+
+    names: list[str]
+    candidates: list[tuple[int, int]]
+    costs: np.ndarray  # [L, C] float
+    weight_params: list[int]  # weights per layer (out * in)
+    out_features: list[int]
+    has_bias: list[bool]
+    macs: list[int]  # multiply-accumulates per input
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    synergy: list[float] = field(default_factory=list)  # S[l, m] >= 0, one per pair
+    lam: float = 0.0
+    pinned: dict[int, int] = field(default_factory=dict)  # layer index -> candidate index
+
+    def __post_init__(self) -> None:
+        L, C = len(self.names), len(self.candidates)
+        if L == 0:
+            raise ValueError("allocation needs at least one layer")
+        if C == 0:
+            raise ValueError("allocation needs at least one candidate (w_bits, a_bits)")
+        if len(set(self.candidates)) != C:
+            raise ValueError(f"candidates must be distinct, got {self.candidates}")
+        for w, a in self.candidates:
+            if w not in BITS or a not in BITS:
+                raise ValueError(f"candidate {(w, a)} not allowed; bits must be in {BITS}")
+        self.costs = np.asarray(self.costs, dtype=np.float64)
+        if self.costs.shape != (L, C):
+            raise ValueError(f"costs must have shape [layers, candidates] = {(L, C)}, got {self.costs.shape}")
+        if not np.isfinite(self.costs).all():
+            raise ValueError("costs contain NaN or Inf")
+        for attr in ("weight_params", "out_features", "has_bias", "macs"):
+            if len(getattr(self, attr)) != L:
+                raise ValueError(f"{attr} has {len(getattr(self, attr))} entries, expected one per layer ({L})")
+        if len(self.synergy) != len(self.pairs):
+            raise ValueError(f"synergy needs one weight per pair: {len(self.synergy)} weights, {len(self.pairs)} pairs")
+        for (i, j), s in zip(self.pairs, self.synergy):
+            if not (0 <= i < L and 0 <= j < L and i != j):
+                raise ValueError(f"pair {(i, j)} does not name two distinct layers in 0..{L - 1}")
+            if not (s >= 0 and math.isfinite(s)):
+                raise ValueError(f"synergy weights must be finite and >= 0, got {s} for pair {(i, j)}")
+        if not (self.lam >= 0 and math.isfinite(self.lam)):
+            raise ValueError(f"lam must be finite and >= 0, got {self.lam}")
+        for i, c in self.pinned.items():
+            if not (0 <= i < L and 0 <= c < C):
+                raise ValueError(f"pinned entry {i}: {c} is out of range ({L} layers, {C} candidates)")
+
+    # Integer cost tables [L, C] (Python ints inside object arrays would be slow; int64 is ample).
+    def weight_bits(self) -> np.ndarray:
+        w = np.array([c[0] for c in self.candidates], dtype=np.int64)
+        return np.asarray(self.weight_params, dtype=np.int64)[:, None] * w[None, :]
+
+    def size_bits(self) -> np.ndarray:
+        extra = np.array(
+            [o * SCALE_BITS + (o * BIAS_BITS if b else 0) for o, b in zip(self.out_features, self.has_bias)],
+            dtype=np.int64,
+        )
+        return self.weight_bits() + extra[:, None]
+
+    def bops(self) -> np.ndarray:
+        wa = np.array([w * a for w, a in self.candidates], dtype=np.int64)
+        return np.asarray(self.macs, dtype=np.int64)[:, None] * wa[None, :]
+
+    def objective(self, choice: Sequence[int]) -> float:
+        """The objective of a full assignment, evaluated directly (for checks and brute force)."""
+        total = float(sum(self.costs[i, c] for i, c in enumerate(choice)))
+        for (l, m), s in zip(self.pairs, self.synergy):
+            (wl, al), (wm, am) = self.candidates[choice[l]], self.candidates[choice[m]]
+            total += self.lam * s * ((wl - wm) ** 2 + (al - am) ** 2)
+        return total
+
+
+@dataclass
+class KnapsackRow:
+    """``sum_i table[i, choice_i] <= rhs`` in exact integers; ``label`` names it in messages."""
+
+    label: str
+    table: np.ndarray  # [L, C] int64
+    rhs: int
+
+
+@dataclass
+class Solution:
+    choice: list[int]
+    objective: float
+    status: str  # "optimal" | "time_limit"
+    gap: float
+    bound: float
+    solve_time_s: float
+    nodes: int
