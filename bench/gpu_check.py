@@ -218,7 +218,7 @@ def stage_smoke(args) -> int:
             q = torch.randint(-lim, lim + 1, (s.n, s.k), generator=g, device=dev, dtype=torch.int8)
             canon = formats.pack_weight(q, w_bits)
             w_gpu = tri.prepack(canon, w_bits, s.k)
-            for a_bits in BITS:
+            for a_bits in BITS if (not dry or s is shapes[0]) else (8,):  # dry run: all pairs on one shape
                 row = f"| {s.label} | {w_bits} | {a_bits} |"
                 try:
                     xq, a_scale = tri.quantize_dynamic(x, a_bits)
@@ -330,7 +330,7 @@ def _short_constexprs(k) -> str:
         items = []
         for key, v in consts.items():
             name = names[key[0]] if isinstance(key, tuple) else key
-            if name in ("W_BITS", "BLOCK_M", "BLOCK_N", "SPLIT_K", "QMAX", "FUSE_QUANT"):
+            if name in ("W_BITS", "BLOCK_M", "BLOCK_N", "SWAP_AB", "ASM", "A_FLOAT", "INT64", "QMAX"):
                 items.append(f"{name}={v}")
         return " ".join(items) or "-"
     except Exception:
@@ -505,11 +505,16 @@ def stage_tune(args) -> int:
 def _quantize_model(model: torch.nn.Module, w_bits: int, a_bits: int) -> torch.nn.Module:
     """Every nn.Linear -> QuantLinear (dynamic per-token activations, min-max weights: speed only)."""
     from mixq.nn import QuantLinear
-    from mixq.quantize import _set_module
+
+    def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+        parent, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear):
-            _set_module(model, name, QuantLinear.from_float(mod, w_bits, a_bits, act_quant="dynamic", clip_search=False))
+            # backend named: on CPU tensors (dry run) auto-selection would pick the C++ or reference backend
+            _set_module(model, name, QuantLinear.from_float(mod, w_bits, a_bits, act_quant="dynamic", clip_search=False,
+                                                            backend="triton"))
     return model
 
 
@@ -528,9 +533,9 @@ def _sam_encoder(dry: bool):
     from segment_anything.modeling import ImageEncoderViT
 
     if dry:
-        return ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+        return ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2,
                                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-                               global_attn_indexes=(1,), window_size=2, out_chans=16, qkv_bias=True)
+                               global_attn_indexes=(0,), window_size=2, out_chans=16, qkv_bias=True)
     return ImageEncoderViT(img_size=1024, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4,
                            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
                            global_attn_indexes=(2, 5, 8, 11), window_size=14, out_chans=256, qkv_bias=True)
@@ -555,6 +560,22 @@ def _linear_stack(dry: bool) -> torch.nn.Module:
     return Stack()
 
 
+def _fuse_quantize(model: torch.nn.Module) -> None:
+    """Make every dynamic QuantLinear run kernels.quantized_linear_dynamic (one launch) instead of two."""
+    from mixq import kernels
+    from mixq.nn import QuantLinear
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        out, _ = kernels.quantized_linear_dynamic(x2, self.w_runtime, self.w_bits, self.a_bits, self.in_features,
+                                                  self.out_features, self.w_scale, self.bias, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear) and mod.act_quant == "dynamic" and mod.w_runtime.dim() == 3:
+            mod.forward = forward.__get__(mod)
+
+
 def stage_e2e(args) -> int:
     dry, dev = args.dry_run, device(args.dry_run)
     lines = ["### End to end (bf16 against mixq; dynamic per-token A8 quantize inside every QuantLinear)", "",
@@ -562,16 +583,18 @@ def stage_e2e(args) -> int:
     if not dry:
         lines.append(f"Each time: the model's forward captured {GRAPH_REPS} times in one CUDA graph, do_bench median "
                      "of the replay / reps; random init (speed only). Runs 1 and 2 repeat the measurement.\n")
-    lines += ["| model | input | bf16 ms (run 1 / 2) | W8A8 ms | W6A8 ms | W4A8 ms | best x bf16 | max rel diff W8A8 vs bf16 |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["W4A8 fused: every QuantLinear's quantize and GEMM in one launch (kernels.quantized_linear_dynamic, "
+              "swapped in by this script; QuantLinear itself runs two launches), small-M rows only.\n",
+              "| model | input | bf16 ms (run 1 / 2) | W8A8 ms | W6A8 ms | W4A8 ms | W4A8 fused ms | best x bf16 | "
+              "max rel diff W8A8 vs bf16 |", "|---|---|---|---|---|---|---|---|---|"]
     # the targets first (ViT-B batch-1 Linear stack, SAM-B encoder), so a timeout cuts the least
     m_tok = 7 if dry else 197
-    jobs: list[tuple[str, str, Callable, Callable]] = [
+    jobs: list[tuple[str, str, Callable, Callable, bool]] = [
         ("ViT-B b1 Linear stack (48 Linears)", f"M={m_tok}", lambda: _linear_stack(dry),
-         lambda: (torch.randn(m_tok, 64 if dry else 768), torch.randn(m_tok, 128 if dry else 3072)))]
+         lambda: (torch.randn(m_tok, 64 if dry else 768), torch.randn(m_tok, 128 if dry else 3072)), True)]
     vit_b = [("ViT-B/16", 1), ("ViT-B/16", 64)] if not dry else [("ViT-B/16(dry)", 2)]
     vit_jobs = [(label, f"batch {batch}", lambda: _vit(dry),
-                 lambda b=batch, s=(32 if dry else 224): torch.randn(b, 3, s, s)) for label, batch in vit_b]
+                 lambda b=batch, s=(32 if dry else 224): torch.randn(b, 3, s, s), batch <= 2) for label, batch in vit_b]
     try:
         import segment_anything  # noqa: F401
 
@@ -579,16 +602,16 @@ def stage_e2e(args) -> int:
     except ImportError:
         sam_ok = False
         lines.append("| SAM ViT-B image encoder | 1024x1024 | SKIPPED: segment-anything is not installed here (carry its "
-                     "wheel in .whl/, docs/GPU.md) | | | | | |")
+                     "wheel in .whl/, docs/GPU.md) | | | | | | |")
     if sam_ok:
         size = 64 if dry else 1024
         jobs.append(("SAM ViT-B image encoder", f"{size}x{size}", lambda: _sam_encoder(dry),
-                     lambda s=size: torch.randn(1, 3, s, s)))
+                     lambda s=size: torch.randn(1, 3, s, s), False))
     jobs += vit_jobs
     _write(args.out, "\n".join(lines), append=True)
     lines = []
     failures = 0
-    for label, what, make, make_input in jobs:
+    for label, what, make, make_input, fused in jobs:
         try:
             torch.manual_seed(0)
             model = make().eval().to(dev).to(torch.bfloat16)
@@ -598,20 +621,28 @@ def stage_e2e(args) -> int:
                 ref_out = model(x).float()
                 t_b = [time_ms(lambda: model(x), dry) for _ in range(2)]
                 times = {}
+                notes: list[str] = []
                 diff = float("nan")
-                for w_bits in BITS:
+                for w_bits in (8, 4) if dry else BITS:  # dry run: the code path, not every width
                     qm = _quantize_model(copy.deepcopy(model), w_bits, 8)
                     out = qm(x).float()
                     if w_bits == 8:
                         diff = float(((out - ref_out).abs().max() / ref_out.abs().max().clamp_min(1e-30)).item())
                     times[w_bits] = time_ms(lambda: qm(x), dry)
+                    if fused and w_bits == 4:
+                        _fuse_quantize(qm)
+                        out_f = qm(x).float()
+                        same = torch.equal(out_f, out)  # expected bit-identical; a difference is reported
+                        notes.append("fused = two-launch bits" if same else "FUSED DIFFERS from the two-launch bits")
+                        times["fused"] = time_ms(lambda: qm(x), dry)
                     del qm
             best = min(times.values())
-            lines.append(f"| {label} | {what} | {t_b[0]:.3f} / {t_b[1]:.3f} | {times[8]:.3f} | {times[6]:.3f} | "
-                         f"{times[4]:.3f} | {min(t_b) / best:.2f} | {diff:.3f} |")
+            note = "; ".join(notes)
+            lines.append(f"| {label} | {what} | {t_b[0]:.3f} / {t_b[1]:.3f} | {times[8]:.3f} | {_f(times.get(6, float('nan')))} | "
+                         f"{times[4]:.3f} | {_f(times.get('fused', float('nan')))} | {min(t_b) / best:.2f} | {diff:.3f} {note} |")
         except Exception as e:
             failures += 1
-            lines.append(f"| {label} | {what} | error: {type(e).__name__}: {str(e)[:200]} | | | | | |")
+            lines.append(f"| {label} | {what} | error: {type(e).__name__}: {str(e)[:200]} | | | | | | |")
             traceback.print_exc()
         print(lines[-1], flush=True)
         _write(args.out, lines[-1], append=True)  # row by row: a timeout keeps what was measured
