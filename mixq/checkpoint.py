@@ -20,6 +20,7 @@ from torch import nn
 
 from . import __version__
 from .data import model_device
+from .modules import quantized_layers, set_module
 from .nn import QuantLinear
 
 FORMAT_NAME = "mixq"
@@ -49,7 +50,7 @@ def _digest(tensors: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = N
 
 
 def layer_configs(model: nn.Module) -> dict[str, dict]:
-    return {n: m.layer_config() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return {n: m.layer_config() for n, m in quantized_layers(model).items()}
 
 
 def save(
@@ -239,11 +240,9 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
             )
     # Everything checked: now mutate.
     device = model_device(model)
-    from .quantize import _set_module
-
     for name in fused_norms:
-        _set_module(model, name, nn.Identity())
+        set_module(model, name, nn.Identity())
     for name, shell in shells.items():
-        _set_module(model, name, shell)
+        set_module(model, name, shell)
     model.load_state_dict(tensors, strict=True)
     return model.to(device)

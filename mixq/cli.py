@@ -261,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .latency import compare, torch_int8_dynamic
-    from .quantize import quantized_layers
+    from .modules import quantized_layers
 
     if args.threads < 0:
         raise CliError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")

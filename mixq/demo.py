@@ -45,7 +45,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     from .eval.quantized import bits_summary
     from .latency import compare, torch_int8_dynamic
     from .models import get_adapter
-    from .quantize import QuantConfig, quantized_layers
+    from .modules import quantized_layers
+    from .quantize import QuantConfig
     from .report import ReportData, rows_from_plan, write_report
 
     t_start = time.perf_counter()

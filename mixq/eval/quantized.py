@@ -47,7 +47,7 @@ def parse_bits(text: str) -> list[QuantSpec]:
 
 def bits_summary(model: nn.Module) -> str:
     """Which Linears run quantized at which bits, e.g. '48 Linears: 24xW4A8, 24xW8A8'."""
-    from mixq.quantize import quantized_layers
+    from mixq.modules import quantized_layers
 
     counts: dict[str, int] = {}
     layers = quantized_layers(model)

@@ -15,27 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-try:  # the scorers' output helpers, output_fn(model, batch) -> probabilities [B, D]
-    from mixq.scores.outputs import mask_probs, saliency_probs, softmax_probs
-except ImportError:  # pragma: no cover - fallbacks computing the same distributions
-    from mixq.data import run_model
+from ..modules import find_linears
+from ..scores.outputs import mask_probs, saliency_probs, softmax_probs  # output_fn(model, batch) -> probs [B, D]
 
-    def softmax_probs(model: nn.Module, batch: Any) -> torch.Tensor:
-        """Classifier logits [B, K] -> class probabilities [B, K]."""
-        logits = run_model(model, batch).float()
-        return torch.softmax(logits.reshape(logits.shape[0], -1), dim=-1)
-
-    def mask_probs(model: nn.Module, batch: Any) -> torch.Tensor:
-        """Mask logits [B, ..., H, W] -> per-pixel sigmoid, normalized over the pixels of an image."""
-        p = torch.sigmoid(run_model(model, batch).float())
-        p = p.reshape(p.shape[0], -1) + 1e-12
-        return p / p.sum(dim=1, keepdim=True)
-
-    def saliency_probs(model: nn.Module, batch: Any) -> torch.Tensor:
-        """Saliency maps in [0, 1] [B, ..., H, W] -> normalized over the pixels of an image."""
-        s = run_model(model, batch).float()
-        s = s.reshape(s.shape[0], -1) + 1e-12
-        return s / s.sum(dim=1, keepdim=True)
+__all__ = ["ModelAdapter", "ModelDescription", "mask_probs", "saliency_probs", "softmax_probs"]
 
 
 @dataclass
@@ -86,6 +69,5 @@ class ModelAdapter(ABC):
 
     def quantizable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
         """The model's Linears that ``quant_filter`` accepts, by module name."""
-        from mixq.quantize import find_linears
 
         return find_linears(model, self.quant_filter)

@@ -186,7 +186,7 @@ class SamAdapter(ModelAdapter):
 
         samples: list[tuple[np.ndarray, np.ndarray]] = []
         if self.calib_coco is not None:
-            from mixq.eval.coco_sam import load_coco
+            from ..coco import load_coco
 
             coco = load_coco(self.calib_coco[0], self.calib_coco[1])
             for img in coco.sample_images(n, seed):

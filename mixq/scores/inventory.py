@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data import iter_batches, run_model
+from ..modules import find_linears
 
 
 @dataclass
@@ -39,7 +40,6 @@ def _batch_size(batch: Any) -> int:
 def build_inventory(model: nn.Module, calib_data: Any, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
                     batch_size: int = 8) -> list[LayerInfo]:
     """Run the calibration data once and list the Linears that ran, in execution order."""
-    from ..quantize import find_linears
 
     linears = find_linears(model, filter_fn)
     if not linears:

@@ -8,6 +8,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..modules import set_module
+
 
 class _Zero(nn.Module):
     """A Linear's stand-in that outputs zeros of the right shape (the causal-MI ablation)."""
@@ -18,11 +20,6 @@ class _Zero(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], self.out_features)
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 @torch.no_grad()
@@ -66,8 +63,8 @@ def perturbed(model: nn.Module, name: str, w_bits: int = 4, a_bits: int = 4, mod
         replacement = _Zero(original.out_features)
     else:
         raise ValueError(f"unknown perturbation mode {mode!r}; allowed: 'quantize', 'ablate'")
-    _set(model, name, replacement)
+    set_module(model, name, replacement)
     try:
         yield
     finally:
-        _set(model, name, original)
+        set_module(model, name, original)
