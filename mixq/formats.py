@@ -22,6 +22,7 @@ correctly rounded everywhere while GPU division defaults to an approximation.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -35,6 +36,19 @@ def check_bits(bits: int, what: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported {what}={bits!r}: mixq supports {list(SUPPORTED_BITS)}")
     return bits
+
+
+_BIT_PAIR = re.compile(r"^\s*(?:w(\d+)a(\d+)|(\d+)\s*/\s*(\d+))\s*$", re.IGNORECASE)
+
+
+def parse_bit_pair(text: str) -> tuple[int, int]:
+    """'W8A8', 'w4a8' or '4/8' -> (w_bits, a_bits), each in SUPPORTED_BITS."""
+    m = _BIT_PAIR.match(text)
+    pair = tuple(int(g) for g in (m.group(1, 2) if m.group(1) else m.group(3, 4))) if m else ()
+    if len(pair) != 2 or not all(b in SUPPORTED_BITS for b in pair):
+        raise ValueError(f"cannot read bit config {text!r}; write e.g. 'W8A8', 'W4A8' or '4/8' "
+                         f"(bits in {', '.join(map(str, SUPPORTED_BITS))})")
+    return pair[0], pair[1]
 
 
 def qmax(bits: int) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .data import batch_to, iter_batches, model_device, run_model
+from .data import batch_to, iter_batches, model_device, run_model, tensors_in
 from .modules import FilterFn, find_linears, quantized_layers, set_module
 from .nn import ACT_MODES, WEIGHT_METHODS, QuantLinear
 from .progress import progress_bar
@@ -274,7 +274,7 @@ def _sole_consumers(model: nn.Module, pairs: list[tuple[str, str]], batch: Any) 
         leaked = []
 
         def watch(mod, args):
-            if not leaked and any(not torch.isfinite(t).all() for t in _tensors(list(args)) if t.is_floating_point()):
+            if not leaked and any(not torch.isfinite(t).all() for t in tensors_in(list(args)) if t.is_floating_point()):
                 leaked.append(mod)
 
         def ln_hook(mod, inp, out):
@@ -297,7 +297,7 @@ def _sole_consumers(model: nn.Module, pairs: list[tuple[str, str]], batch: Any) 
         finally:
             for h in handles:
                 h.remove()
-        return not leaked and all(torch.isfinite(t).all() for t in _tensors(out) if t.is_floating_point())
+        return not leaked and all(torch.isfinite(t).all() for t in tensors_in(out) if t.is_floating_point())
 
     if not poisoned_run([]):
         warnings.warn("mixq: the model sees non-finite values on the check batch; no LayerNorm was folded")
@@ -308,13 +308,6 @@ def _sole_consumers(model: nn.Module, pairs: list[tuple[str, str]], batch: Any) 
     shared = [ln for ln, _ in pairs if ln not in {o[0] for o in ok}]
     warnings.warn(f"mixq: LayerNorm output read by more than the quantized Linear, not folded: {shared}")
     return ok
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
-    return [t for v in items for t in _tensors(v)]
 
 
 def set_simulate(model: nn.Module, simulate: bool) -> nn.Module:

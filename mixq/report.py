@@ -10,7 +10,10 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
+
+from .alloc.problem import stored_bits
+from .formats import SUPPORTED_BITS
 
 
 @dataclass
@@ -20,24 +23,44 @@ class LayerRow:
     a_bits: int
     params: int = 0
     macs: int = 0
-    score: Optional[float] = None
+    cost: Optional[float] = None  # the allocation's per-choice cost of the chosen bits
     out_features: int = 0  # one fp32 scale per output channel counts toward the size
+    bias: bool = False  # an fp32 bias counts too
+
+    @property
+    def size_bits(self) -> int:
+        """Stored bits, counted as the allocation's byte budget counts them."""
+        return stored_bits(self.params, self.out_features, self.bias, self.w_bits)
+
+
+def choice_counts(pairs: Iterable[tuple[int, int]]) -> dict[str, int]:
+    """How many layers run at each choice: {"W4A8": 24, "W8A8": 24}, sorted by label."""
+    counts: dict[str, int] = {}
+    for w, a in pairs:
+        counts[f"W{w}A{a}"] = counts.get(f"W{w}A{a}", 0) + 1
+    return dict(sorted(counts.items()))
 
 
 @dataclass
 class ReportData:
     title: str
     layers: list[LayerRow]
-    size_budget_bits: Optional[float] = None  # total bits allowed for the quantized layers
+    size_budget_bits: Optional[float] = None  # bits allowed, of the measure budget_kind names
     bops_budget: Optional[float] = None
     points: list[dict] = field(default_factory=list)  # {"label", "avg_bits", <metric>: value, ...}
     metric: Optional[str] = None  # which key of the points to plot against average bits
     notes: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)  # extra Markdown tables, verbatim
+    budget_kind: str = "bits_per_weight"  # or "bytes": what size_budget_bits constrains (as in Plan)
 
     @property
     def size_bits(self) -> int:
-        return sum(r.params * r.w_bits + 32 * r.out_features for r in self.layers)
+        """Weights, scales and biases of the quantized layers: the measure of a byte budget."""
+        return sum(r.size_bits for r in self.layers)
+
+    @property
+    def weight_bits(self) -> int:
+        return sum(r.params * r.w_bits for r in self.layers)
 
     @property
     def bops(self) -> int:
@@ -47,7 +70,13 @@ class ReportData:
     def avg_w_bits(self) -> float:
         """Average weight bits over the quantized weights (scales not counted, as in the field)."""
         total = sum(r.params for r in self.layers)
-        return sum(r.params * r.w_bits for r in self.layers) / total if total else float("nan")
+        return self.weight_bits / total if total else float("nan")
+
+    @classmethod
+    def from_plan(cls, title: str, plan: dict, **kwargs: Any) -> "ReportData":
+        """A report of a plan's JSON (:meth:`mixq.alloc.Plan.to_dict`), its budget in the plan's own measure."""
+        return cls(title, rows_from_plan(plan), plan.get("size_budget_bits"), plan.get("bops_budget"),
+                   budget_kind=(plan.get("budget") or {}).get("kind", "bits_per_weight"), **kwargs)
 
 
 def _fig_bits(data: ReportData, path: Path) -> None:
@@ -57,7 +86,7 @@ def _fig_bits(data: ReportData, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(data.layers)), 3.2))
     ax.step(x, [r.w_bits for r in data.layers], where="mid", label="weight bits", lw=2)
     ax.step(x, [r.a_bits + 0.08 for r in data.layers], where="mid", label="activation bits", lw=2, ls="--")
-    ax.set_yticks([4, 6, 8])
+    ax.set_yticks(list(SUPPORTED_BITS))
     ax.set_ylim(3.5, 8.5)
     ax.set_xlabel("Linear layer (execution order)")
     ax.set_ylabel("bits")
@@ -72,15 +101,15 @@ def _fig_bits(data: ReportData, path: Path) -> None:
 def _fig_scores(data: ReportData, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    scores = [r.score for r in data.layers]
+    scores = [r.cost for r in data.layers]
     if all(s is None for s in scores):
         return False
     fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(data.layers)), 3.2))
     colors = {4: "#d62728", 6: "#ff7f0e", 8: "#2ca02c"}
     ax.bar(range(len(scores)), [s or 0.0 for s in scores], color=[colors.get(r.w_bits, "grey") for r in data.layers])
     ax.set_xlabel("Linear layer (execution order); colour = weight bits (red 4, orange 6, green 8)")
-    ax.set_ylabel("importance score")
-    ax.set_title("Layer scores")
+    ax.set_ylabel("cost of the chosen bits")
+    ax.set_title("Per-layer allocation cost")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -94,12 +123,17 @@ def _fig_budget(data: ReportData, path: Path) -> None:
     params = sum(r.params for r in data.layers) or 1
     macs = sum(r.macs for r in data.layers) or 1
     fig, axes = plt.subplots(1, 2, figsize=(7, 3))
-    axes[0].bar(["used"], [data.avg_w_bits], color="#1f77b4")
+    # The size axis is the measure the budget constrains: weight bits per weight, or stored MB.
+    if data.budget_kind == "bytes":
+        used, per, label = data.size_bits, 8e6, "stored size of the quantized layers (MB)"
+    else:
+        used, per, label = data.weight_bits, params, "average weight bits"
+    axes[0].bar(["used"], [used / per], color="#1f77b4")
     if data.size_budget_bits:
-        axes[0].axhline(data.size_budget_bits / params, color="k", ls="--", label="budget")
+        axes[0].axhline(data.size_budget_bits / per, color="k", ls="--", label="budget")
         axes[0].legend(fontsize=8)
-    axes[0].set_ylabel("average weight bits")
-    axes[0].set_ylim(0, 8.5)
+    axes[0].set_ylabel(label)
+    axes[0].set_ylim(0, max(used, data.size_budget_bits or 0) / per * 1.06)
     axes[0].set_title("Model size")
     axes[1].bar(["used"], [data.bops / macs], color="#9467bd")
     if data.bops_budget:
@@ -142,10 +176,10 @@ def _fig_pareto(data: ReportData, path: Path) -> bool:
 
 
 def _layer_table(data: ReportData) -> str:
-    lines = ["| # | layer | W | A | params | MACs | score |", "|---|---|---|---|---|---|---|"]
+    lines = ["| # | layer | W | A | params | MACs | cost |", "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(data.layers):
-        score = "" if r.score is None else f"{r.score:.4g}"
-        lines.append(f"| {i} | `{r.name}` | {r.w_bits} | {r.a_bits} | {r.params:,} | {r.macs:,} | {score} |")
+        cost = "" if r.cost is None else f"{r.cost:.4g}"
+        lines.append(f"| {i} | `{r.name}` | {r.w_bits} | {r.a_bits} | {r.params:,} | {r.macs:,} | {cost} |")
     return "\n".join(lines)
 
 
@@ -166,17 +200,14 @@ def write_report(data: ReportData, out_dir: str | Path) -> Path:
         figures.append(("pareto.png", "Accuracy vs average bits"))
 
     params = sum(r.params for r in data.layers)
-    counts: dict[str, int] = {}
-    for r in data.layers:
-        key = f"W{r.w_bits}A{r.a_bits}"
-        counts[key] = counts.get(key, 0) + 1
+    counts = choice_counts((r.w_bits, r.a_bits) for r in data.layers)
     md = [f"# {data.title}", ""]
     md += [f"- quantized Linear layers: {len(data.layers)} ({params:,} weights)",
            f"- average weight bits: {data.avg_w_bits:.3f}" if params else "- average weight bits: n/a",
-           f"- quantized-layer size: {data.size_bits / 8 / 2**20:.2f} MiB of integer weights and scales "
-           f"(fp32 would be {params * 4 / 2**20:.2f} MiB)",
+           f"- quantized-layer size: {data.size_bits / 8 / 2**20:.2f} MiB of integer weights, scales and biases "
+           f"(fp32 weights would be {params * 4 / 2**20:.2f} MiB)",
            f"- BOPs: {data.bops:.4g}" + (f" (budget {data.bops_budget:.4g})" if data.bops_budget else ""),
-           "- choices: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))]
+           "- choices: " + ", ".join(f"{k} x{v}" for k, v in counts.items())]
     md += [f"- {n}" for n in data.notes]
     md.append("")
     for t in data.tables:
@@ -226,7 +257,7 @@ def _to_html(title: str, md_lines: list[str]) -> str:
 def rows_from_layer_configs(layers: dict[str, dict]) -> list[LayerRow]:
     """Rows from per-layer QuantLinear configs (``checkpoint.layer_configs`` or a checkpoint's metadata)."""
     return [LayerRow(n, c["w_bits"], c["a_bits"], c["in_features"] * c["out_features"], 0, None,
-                     c["out_features"]) for n, c in layers.items()]
+                     c["out_features"], bool(c.get("bias", False))) for n, c in layers.items()]
 
 
 def rows_from_plan(plan: dict) -> list[LayerRow]:
@@ -234,8 +265,10 @@ def rows_from_plan(plan: dict) -> list[LayerRow]:
     rows = []
     for name, info in plan["layers"].items():
         if isinstance(info, dict):
+            # "score" is what plans written before the cost/score rename call the cost
             rows.append(LayerRow(name, int(info["w_bits"]), int(info["a_bits"]), int(info.get("params", 0)),
-                                 int(info.get("macs", 0)), info.get("score"), int(info.get("out_features", 0))))
+                                 int(info.get("macs", 0)), info.get("cost", info.get("score")),
+                                 int(info.get("out_features", 0)), bool(info.get("bias", False))))
         else:
             rows.append(LayerRow(name, int(info[0]), int(info[1])))
     return rows

@@ -225,3 +225,28 @@ def test_plan_json_is_what_the_report_reads():
     assert [(r.name, r.w_bits, r.a_bits) for r in rows] == [(n, w, a) for n, (w, a) in plan.layers.items()]
     legacy = dict(d, layers={n: list(b) for n, b in plan.layers.items()})  # plain [w, a] pairs load too
     assert Plan.from_dict(legacy).layers == plan.layers
+
+
+@pytest.mark.parametrize("budget", [6.0, "bytes"])
+def test_report_size_axis_is_the_plans_measure(budget):
+    """The report's size and the plan's budget count the same things (weights, scales, biases for a
+    byte budget; weights only for bits per weight), and old plans' "score" key still reads as cost."""
+    import json
+
+    from mixq.report import ReportData
+
+    problem = _chain_problem(L=6)
+    problem.has_bias = [True, False] * 3
+    if budget == "bytes":
+        budget = f"{int(problem.size_bits()[:, 4].sum()) / 8}B"
+    plan = solve_plan(problem, budget)
+    d = json.loads(plan.to_json())
+    data = ReportData.from_plan("t", d)
+    assert data.size_bits == plan.size_bits and data.weight_bits == plan.weight_bits
+    assert data.budget_kind == plan.budget["kind"] and data.size_budget_bits == plan.size_budget_bits
+    measure = data.size_bits if data.budget_kind == "bytes" else data.weight_bits
+    assert measure <= data.size_budget_bits
+    assert [r.cost for r in data.layers] == [plan.layer_info[n]["cost"] for n in plan.layers]
+    old = dict(d, layers={n: {("score" if k == "cost" else k): v for k, v in e.items()} for n, e in d["layers"].items()})
+    assert [r.cost for r in ReportData.from_plan("t", old).layers] == [r.cost for r in data.layers]
+    assert Plan.from_dict(old).layer_info == plan.layer_info

@@ -264,5 +264,7 @@ def test_parse_bits():
     from mixq.eval.quantized import QuantSpec, parse_bits
 
     assert parse_bits("w8a8, 4/8") == [QuantSpec(8, 8), QuantSpec(4, 8)]
-    with pytest.raises(ValueError, match="w8a8"):
+    with pytest.raises(ValueError, match="W8A8"):
         parse_bits("eight")
+    with pytest.raises(ValueError, match="bits in 4, 6, 8"):  # the same bit check as everywhere else
+        parse_bits("w5a8")

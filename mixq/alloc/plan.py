@@ -40,7 +40,7 @@ class Plan:
     scorer: str = ""
     lam: float = 0.0
     synergy: bool = False
-    layer_info: dict[str, dict] = field(default_factory=dict)  # name -> params, macs, cost
+    layer_info: dict[str, dict] = field(default_factory=dict)  # name -> params, macs, out_features, bias, cost
 
     @property
     def size_bytes(self) -> float:
@@ -76,9 +76,7 @@ class Plan:
         ``mixq report`` reads); derived totals are included for readers and ignored on load."""
         d = asdict(self)
         info = d.pop("layer_info")
-        d["layers"] = {n: {"w_bits": w, "a_bits": a, **{("score" if k == "cost" else k): v
-                                                         for k, v in info.get(n, {}).items()}}
-                       for n, (w, a) in self.layers.items()}
+        d["layers"] = {n: {"w_bits": w, "a_bits": a, **info.get(n, {})} for n, (w, a) in self.layers.items()}
         d.update(size_bytes=self.size_bytes, avg_bits_per_weight=self.avg_bits_per_weight,
                  size_budget_bits=self.size_budget_bits)
         return d
@@ -93,6 +91,7 @@ class Plan:
         for name, entry in d.pop("layers").items():
             if isinstance(entry, dict):
                 layers[name] = (int(entry["w_bits"]), int(entry["a_bits"]))
+                # plans written before the rename call the per-choice cost "score"
                 info[name] = {("cost" if k == "score" else k): v for k, v in entry.items() if k not in ("w_bits", "a_bits")}
             else:
                 layers[name] = (int(entry[0]), int(entry[1]))
@@ -194,7 +193,8 @@ def solve_plan(
     layers = {n: problem.candidates[c] for n, c in zip(problem.names, sol.choice)}
     info = {
         n: {"params": int(problem.weight_params[i]), "macs": int(problem.macs[i]),
-            "out_features": int(problem.out_features[i]), "cost": float(problem.costs[i, sol.choice[i]])}
+            "out_features": int(problem.out_features[i]), "bias": bool(problem.has_bias[i]),
+            "cost": float(problem.costs[i, sol.choice[i]])}
         for i, n in enumerate(problem.names)
     }
     return Plan(

@@ -18,6 +18,12 @@ BITS_PER_WEIGHT_MAX = 32.0  # a number budget above this is read as bytes
 Budget = Union[float, int, str]
 
 
+def stored_bits(params: int, out_features: int, bias: bool, w_bits: int) -> int:
+    """What one quantized Linear stores: packed weights, one fp32 scale per output channel, an fp32
+    bias; the measure of a byte budget (a bits-per-weight budget counts the weights only)."""
+    return params * w_bits + out_features * SCALE_BITS + (out_features * BIAS_BITS if bias else 0)
+
+
 class InfeasibleBudgetError(ValueError):
     """No allocation meets the budgets; ``smallest`` holds the smallest feasible one (user units)."""
 
@@ -84,10 +90,7 @@ class AllocationProblem:
         return np.asarray(self.weight_params, dtype=np.int64)[:, None] * w[None, :]
 
     def size_bits(self) -> np.ndarray:
-        extra = np.array(
-            [o * SCALE_BITS + (o * BIAS_BITS if b else 0) for o, b in zip(self.out_features, self.has_bias)],
-            dtype=np.int64,
-        )
+        extra = np.array([stored_bits(0, o, b, 0) for o, b in zip(self.out_features, self.has_bias)], dtype=np.int64)
         return self.weight_bits() + extra[:, None]
 
     def bops(self) -> np.ndarray:

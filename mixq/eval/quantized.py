@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from mixq.formats import parse_bit_pair
 from mixq.models.base import ModelAdapter
 
 
@@ -30,16 +31,7 @@ class QuantSpec:
 
 def parse_bits(text: str) -> list[QuantSpec]:
     """'w8a8,w4a8' or '8/8,4/8' -> [QuantSpec(8, 8), QuantSpec(4, 8)]."""
-    specs = []
-    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
-        try:
-            if item.startswith("w") and "a" in item:
-                w, a = item[1:].split("a")
-            else:
-                w, a = item.split("/")
-            specs.append(QuantSpec(int(w), int(a)))
-        except ValueError as e:
-            raise ValueError(f"cannot read bit config {item!r}; write e.g. 'w8a8' or '8/8'") from e
+    specs = [QuantSpec(*parse_bit_pair(t)) for t in text.split(",") if t.strip()]
     if not specs:
         raise ValueError("no bit configurations given")
     return specs
@@ -48,13 +40,11 @@ def parse_bits(text: str) -> list[QuantSpec]:
 def bits_summary(model: nn.Module) -> str:
     """Which Linears run quantized at which bits, e.g. '48 Linears: 24xW4A8, 24xW8A8'."""
     from mixq.modules import quantized_layers
+    from mixq.report import choice_counts
 
-    counts: dict[str, int] = {}
     layers = quantized_layers(model)
-    for m in layers.values():
-        key = f"W{m.w_bits}A{m.a_bits}"
-        counts[key] = counts.get(key, 0) + 1
-    return f"{len(layers)} Linears: " + ", ".join(f"{v}x{k}" for k, v in sorted(counts.items()))
+    counts = choice_counts((m.w_bits, m.a_bits) for m in layers.values())
+    return f"{len(layers)} Linears: " + ", ".join(f"{v}x{k}" for k, v in counts.items())
 
 
 def quantized_copy(adapter: ModelAdapter, fp_model: nn.Module, config: Any, calib_data: Any,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..data import iter_batches
+from ..data import iter_batches, tensors_in
 
 CacheDir = Union[str, Path, None, bool]
 
@@ -47,10 +47,8 @@ def fingerprint(model: nn.Module, calib_data: Any, params: dict) -> str:
         if isinstance(t, torch.Tensor):
             _digest_tensor(h, t)
     for batch in iter_batches(calib_data):
-        items = batch if isinstance(batch, (list, tuple)) else (list(batch.values()) if isinstance(batch, dict) else [batch])
-        for t in items:
-            if isinstance(t, torch.Tensor):
-                _digest_tensor(h, t)
+        for t in tensors_in(batch):
+            _digest_tensor(h, t)
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..data import iter_batches, run_model
+from ..data import iter_batches, run_model, tensors_in
 from ..modules import find_linears
 
 
@@ -28,13 +28,8 @@ class LayerInfo:
 
 
 def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    values = list(batch.values()) if isinstance(batch, dict) else list(batch) if isinstance(batch, (list, tuple)) else []
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            return int(v.shape[0])
-    return 1
+    """Samples in a batch: the leading dim of its first tensor that has one."""
+    return next((int(t.shape[0]) for t in tensors_in(batch) if t.dim() > 0), 1)
 
 
 def build_inventory(model: nn.Module, calib_data: Any, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
