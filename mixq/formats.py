@@ -1,4 +1,4 @@
-"""Number formats: the contract every backend obeys (see docs/FORMATS.md).
+"""Number formats: the contract every backend obeys (DESIGN.md, "Number formats"; docs/DESIGN_NOTES.md).
 
 Weights are symmetric per output channel, signed integers in [-qmax, qmax] with
 qmax = 2**(bits-1) - 1, stored in the canonical packed layout along K:
@@ -283,9 +283,8 @@ def smooth_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 
     Dividing input channel k by s_k and multiplying weight column k by it leaves the product
     unchanged while moving range from outlier activation channels into the weights; a dynamic
     per-token step then quantizes the flattened activations. The median floors mean smoothing only
-    shrinks outliers: a channel that was quiet on the calibration images is never blown up, which
-    on images unlike them (textile calibration, photo test) made the error 10x worse than no
-    smoothing in DINOv2's first fc2. alpha=1 moves all of it, alpha=0 none.
+    shrinks outliers: a channel quiet on the calibration images is never blown up (why: see
+    docs/DESIGN_NOTES.md, "smooth"). alpha=1 moves all of it, alpha=0 none.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smooth alpha must be in [0, 1], got {alpha}")

@@ -1,6 +1,6 @@
 """Bit allocation: choose (w_bits, a_bits) for every Linear by solving a MILP with HiGHS.
 
-The problem (DESIGN.md, "Scores and allocation"): binary ``x[i,c]`` picks candidate ``c`` for layer
+The problem (shared/DESIGN.md, "Scores and allocation"): binary ``x[i,c]`` picks candidate ``c`` for layer
 ``i``; minimize ``sum cost[i,c] x[i,c] + lam * sum_{(l,m) adjacent} S[l,m] * D(c_l, c_m)`` with
 ``D = (w_l - w_m)^2 + (a_l - a_m)^2`` (the Mix-QSAM synergy term, on both bit-widths), subject to one
 choice per layer, a model-size budget, an optional BOPs budget and pinned layers.

@@ -8,7 +8,9 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..data import run_model
 from ..modules import set_module
+from ..nn import QuantLinear
 
 
 class _Zero(nn.Module):
@@ -25,8 +27,6 @@ class _Zero(nn.Module):
 @torch.no_grad()
 def input_amax(model: nn.Module, batches: list, names: list[str]) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| of each named Linear over the batches: what smooth mode calibrates on."""
-    from ..data import run_model
-
     amax: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -51,8 +51,6 @@ def perturbed(model: nn.Module, name: str, w_bits: int = 4, a_bits: int = 4, mod
     """Within the block, layer ``name`` is fake-quantized to (w_bits, a_bits) ("quantize"), or outputs
     zeros ("ablate"); the float layer comes back after. Activations use smooth mode (mixq's default)
     when the layer's input ``act_amax`` is given, else dynamic per-token scales."""
-    from ..nn import QuantLinear
-
     original = model.get_submodule(name)
     if mode == "quantize":
         act = "dynamic" if act_amax is None else "smooth"
