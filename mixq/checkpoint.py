@@ -211,18 +211,20 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
         try:
             shell = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["w_bits"],
                                 cfg["a_bits"], cfg["act_quant"], device="cpu",
-                                fused_norm=cfg.get("fused_norm", False), norm_eps=cfg.get("norm_eps", 1e-5),
+                                # "fused_norm": the key before the fold/fuse rename
+                                folded_norm=cfg.get("folded_norm", cfg.get("fused_norm", False)),
+                                norm_eps=cfg.get("norm_eps", 1e-5),
                                 input_prescaled=cfg.get("input_prescaled", False))
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"layer {name!r} has an invalid config {cfg}: {e}") from e
         shell.norm_module = cfg.get("norm_module", "")
         if shell.norm_module and not isinstance(modules.get(shell.norm_module), (nn.LayerNorm, nn.Identity)):
-            raise CheckpointError(f"layer {name!r} fused LayerNorm {shell.norm_module!r}, which the model lacks")
+            raise CheckpointError(f"layer {name!r} folded LayerNorm {shell.norm_module!r}, which the model lacks")
         shells[name] = shell
-    fused_norms = {s.norm_module for s in shells.values() if s.norm_module}
+    folded_norms = {s.norm_module for s in shells.values() if s.norm_module}
     expected: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        owner = next((n for n in list(shells) + sorted(fused_norms) if key.startswith(n + ".")), None)
+        owner = next((n for n in list(shells) + sorted(folded_norms) if key.startswith(n + ".")), None)
         if owner is None:
             expected[key] = t
     for name, shell in shells.items():
@@ -240,7 +242,7 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
             )
     # Everything checked: now mutate.
     device = model_device(model)
-    for name in fused_norms:
+    for name in folded_norms:
         set_module(model, name, nn.Identity())
     for name, shell in shells.items():
         set_module(model, name, shell)

@@ -9,6 +9,7 @@ devices without kernels); both agree to float rounding.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -54,11 +55,18 @@ class QuantLinear(nn.Module):
         simulate: bool = False,
         backend: Optional[str] = None,
         device: torch.device | str | None = None,
-        fused_norm: bool = False,
+        folded_norm: bool = False,
         norm_eps: float = 1e-5,
         input_prescaled: bool = False,
+        fused_norm: Optional[bool] = None,
     ) -> None:
+        """``folded_norm``: a LayerNorm is folded in (channel mode; the layer then takes the pre-norm
+        input). ``fused_norm`` is its deprecated old name."""
         super().__init__()
+        if fused_norm is not None:
+            warnings.warn("QuantLinear(fused_norm=...) is deprecated; use folded_norm=", DeprecationWarning,
+                          stacklevel=2)
+            folded_norm = folded_norm or fused_norm
         formats.check_bits(w_bits, "w_bits")
         formats.check_bits(a_bits, "a_bits")
         if act_quant not in ACT_MODES:
@@ -72,24 +80,24 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(n, formats.row_bytes(k, w_bits), dtype=torch.uint8, **kw))
         self.register_buffer("w_scale", torch.ones(n, dtype=torch.float32, **kw))
         self.register_buffer("bias", torch.zeros(n, dtype=torch.float32, **kw) if bias else None)
-        if fused_norm and act_quant != "channel":
-            raise ValueError("a LayerNorm can only be fused into a QuantLinear with act_quant='channel'")
+        if folded_norm and act_quant != "channel":
+            raise ValueError("a LayerNorm can only be folded into a QuantLinear with act_quant='channel'")
         if input_prescaled and act_quant != "smooth":
             raise ValueError("input_prescaled (producer already divides by the channel factors) needs act_quant='smooth'")
-        self.fused_norm, self.norm_eps = fused_norm, float(norm_eps)
-        self.norm_module = ""  # qualified name of the fused LayerNorm (now an Identity) in the model
+        self.folded_norm, self.norm_eps = folded_norm, float(norm_eps)
+        self.norm_module = ""  # qualified name of the folded LayerNorm (now an Identity) in the model
         # smooth mode: the producer (a LayerNorm's affine) already divides by s_k, so no runtime multiply.
         self.input_prescaled = bool(input_prescaled)
-        n_act = k if (act_quant == "channel" and not fused_norm) or act_quant == "smooth" else 1
+        n_act = k if (act_quant == "channel" and not folded_norm) or act_quant == "smooth" else 1
         # Static step t (per tensor) and the inverse step the kernels multiply by: 1/(s_k t) per channel;
         # in smooth mode only 1/s_k (the per-token step is dynamic).
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, **kw))
         self.register_buffer("act_inv_scale", torch.ones(n_act, dtype=torch.float32, **kw))
         # Channel factors s_k already folded into the weight columns (ones unless channel mode).
         self.register_buffer("act_channel_factor", torch.ones(k, dtype=torch.float32, **kw))
-        # A fused producer LayerNorm, with 1/s_k folded into its affine parameters.
-        self.register_buffer("norm_weight", torch.ones(k, dtype=torch.float32, **kw) if fused_norm else None)
-        self.register_buffer("norm_bias", torch.zeros(k, dtype=torch.float32, **kw) if fused_norm else None)
+        # A folded producer LayerNorm, with 1/s_k in its affine parameters (run by the fused kernel).
+        self.register_buffer("norm_weight", torch.ones(k, dtype=torch.float32, **kw) if folded_norm else None)
+        self.register_buffer("norm_bias", torch.zeros(k, dtype=torch.float32, **kw) if folded_norm else None)
         self.register_buffer("w_runtime", self.qweight, persistent=False)
         self.register_buffer("w_sim", None, persistent=False)
         self.backend = "reference"
@@ -187,26 +195,36 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.refresh()
 
-    def fuse_layernorm(self, norm: nn.LayerNorm, norm_name: str = "") -> "QuantLinear":
+    def fold_layernorm(self, norm: nn.LayerNorm, norm_name: str = "") -> "QuantLinear":
         """Take over the LayerNorm that feeds this layer: its output is quantized in the same pass.
 
         The channel factors fold into the norm's affine parameters (gamma / s_k, beta / s_k), so the
         fused kernel quantizes with the one per-tensor step t. The caller replaces ``norm`` with an
         identity; the layer then expects the pre-norm input.
         """
-        if self.act_quant != "channel" or self.fused_norm:
-            raise ValueError("only an unfused QuantLinear with act_quant='channel' can take over a LayerNorm")
+        if self.act_quant != "channel" or self.folded_norm:
+            raise ValueError("only a QuantLinear with act_quant='channel' and no folded LayerNorm can take one over")
         if tuple(norm.normalized_shape) != (self.in_features,):
             raise ValueError(f"LayerNorm over {tuple(norm.normalized_shape)} cannot feed in_features={self.in_features}")
         dev = self.qweight.device
         gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones(self.in_features, device=dev)
         beta = norm.bias.detach().float() if norm.bias is not None else torch.zeros(self.in_features, device=dev)
         s = self.act_channel_factor
-        self.fused_norm, self.norm_eps, self.norm_module = True, float(norm.eps), norm_name
+        self.folded_norm, self.norm_eps, self.norm_module = True, float(norm.eps), norm_name
         self.norm_weight = (gamma / s).to(dev)
         self.norm_bias = (beta / s).to(dev)
         self.act_inv_scale = formats.reciprocal_fp32(self.act_scale).clone()
         return self
+
+    def fuse_layernorm(self, norm: nn.LayerNorm, norm_name: str = "") -> "QuantLinear":
+        """Deprecated name of :meth:`fold_layernorm`."""
+        warnings.warn("QuantLinear.fuse_layernorm is deprecated; use fold_layernorm", DeprecationWarning, stacklevel=2)
+        return self.fold_layernorm(norm, norm_name)
+
+    @property
+    def fused_norm(self) -> bool:
+        """Deprecated name of ``folded_norm``."""
+        return self.folded_norm
 
     def prescale_producer(self, norm: nn.LayerNorm) -> "QuantLinear":
         """Fold this smooth layer's 1/s_k into the LayerNorm that feeds it (its gamma and beta), so
@@ -241,7 +259,7 @@ class QuantLinear(nn.Module):
             "w_bits": self.w_bits,
             "a_bits": self.a_bits,
             "act_quant": self.act_quant,
-            "fused_norm": self.fused_norm,
+            "folded_norm": self.folded_norm,
             "norm_eps": self.norm_eps,
             "norm_module": self.norm_module,
             "input_prescaled": self.input_prescaled,
@@ -249,7 +267,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "simulate" if self.simulate else f"backend={self.backend}"
-        norm = ", fused LayerNorm" if self.fused_norm else ", prescaled by producer" if self.input_prescaled else ""
+        norm = ", folded LayerNorm" if self.folded_norm else ", prescaled by producer" if self.input_prescaled else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, W{self.w_bits}A{self.a_bits}, act={self.act_quant}{norm}, {mode}")
 
@@ -264,7 +282,7 @@ class QuantLinear(nn.Module):
             return ops.quantize_act_dynamic(x2, self.a_bits, self.backend)
         if self.act_quant == "smooth":
             return ops.quantize_act_dynamic(self._smoothed(x2).contiguous(), self.a_bits, self.backend)
-        if self.fused_norm:
+        if self.folded_norm:
             xq = ops.layernorm_quantize(x2, self.norm_weight, self.norm_bias, self.norm_eps, self.act_inv_scale,
                                         self.a_bits, self.backend)
             return xq, self.act_scale
@@ -306,7 +324,7 @@ class QuantLinear(nn.Module):
         the rounding (the gradient of the dequantized float layer).
         """
         xf = x2.to(torch.float32)
-        if self.fused_norm:
+        if self.folded_norm:
             xf = formats.layer_norm_fp32(xf, self.norm_weight, self.norm_bias, self.norm_eps)
             q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale
         elif self.act_quant == "dynamic":

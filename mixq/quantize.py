@@ -206,7 +206,7 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
         set_module(model, name, q)
     if config.fold_layernorm and fed_by:
         check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
-        _fuse_layernorms(model, fed_by, check)
+        _fold_layernorms(model, fed_by, check)
     return model
 
 
@@ -226,10 +226,10 @@ def _check_weights(targets: dict[str, nn.Linear]) -> None:
                                  "(not the calibration data) before quantizing")
 
 
-def _fuse_layernorms(model: nn.Module, fed_by: dict[str, str], check_batch: Any) -> list[str]:
+def _fold_layernorms(model: nn.Module, fed_by: dict[str, str], check_batch: Any) -> list[str]:
     """Fold each LayerNorm that feeds exactly one channel-wise or smooth QuantLinear into it.
 
-    Channel mode takes the norm over (fused LayerNorm + quantize kernel); smooth mode divides the
+    Channel mode takes the norm over (the fused LayerNorm + quantize kernel runs it); smooth mode divides the
     norm's gamma and beta by its channel factors. Either changes what the LayerNorm module outputs,
     which is only right if nothing else reads it; hooks cannot see functional consumers, so
     :func:`_sole_consumers` checks by poisoning. Returns the folded norms' names.
@@ -252,7 +252,7 @@ def _fuse_layernorms(model: nn.Module, fed_by: dict[str, str], check_batch: Any)
             q.prescale_producer(ln)
         else:
             set_module(model, ln_name, nn.Identity())
-            set_module(model, lin_name, q.fuse_layernorm(ln, ln_name))
+            set_module(model, lin_name, q.fold_layernorm(ln, ln_name))
     return [ln for ln, _ in pairs]
 
 

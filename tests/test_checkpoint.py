@@ -108,7 +108,7 @@ def test_roundtrip_with_fused_layernorm(tmp_path):
     skeleton = copy.deepcopy(float_model)
     loaded = mixq.load(path, skeleton)
     x = _data(2)
-    assert loaded.fc1.fused_norm
+    assert loaded.fc1.folded_norm
     assert torch.equal(loaded(x), q(x))
 
 
@@ -210,3 +210,38 @@ mixq.save(torch.nn.Sequential(QuantLinear(8, 8)), {str(tmp_path / "k.safetensors
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_from_before_the_fold_rename_load(tmp_path):
+    """Version-1 files call a folded LayerNorm 'fused_norm': they load folded, with the same numbers."""
+    from mixq.checkpoint import _digest, read
+
+    torch.manual_seed(0)
+    float_model = TinyBlock().eval()
+    q = quantize_(copy.deepcopy(float_model), QuantConfig(act_quant="channel", fold_layernorm=True), _data(),
+                  progress=False)
+    path = mixq.save(q, tmp_path / "m.safetensors")
+    tensors, meta = read(path)
+    old_layers = {n: {("fused_norm" if k == "folded_norm" else k): v for k, v in c.items()}
+                  for n, c in meta["layers"].items()}
+    assert any(c["fused_norm"] for c in old_layers.values())
+    v1 = tmp_path / "v1.safetensors"
+    v1.write_bytes(_rewrite_metadata(path.read_bytes(), format_version="1", sha256=_digest(tensors),
+                                     layers=json.dumps(old_layers, sort_keys=True)))
+    with pytest.warns(UserWarning, match="version-1"):
+        loaded = mixq.load(v1, copy.deepcopy(float_model))
+    assert loaded.fc1.folded_norm
+    x = _data(2)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_old_fuse_names_still_work_with_a_deprecation_warning():
+    from torch import nn
+
+    with pytest.warns(DeprecationWarning, match="folded_norm"):
+        layer = mixq.QuantLinear(8, 4, act_quant="channel", fused_norm=True)
+    assert layer.folded_norm and layer.fused_norm
+    plain = mixq.QuantLinear(8, 4, act_quant="channel")
+    with pytest.warns(DeprecationWarning, match="fold_layernorm"):
+        plain.fuse_layernorm(nn.LayerNorm(8))
+    assert plain.folded_norm

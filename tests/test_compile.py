@@ -15,7 +15,7 @@ def test_torch_compile_fullgraph_traces_quantlinear_model(fold, mode):
     cfg = QuantConfig(layer_bits={"0": (4, 8), "3": (6, 6)}, fold_layernorm=fold, act_quant=mode)
     quantize_(model, cfg, torch.randn(20, 16), progress=False)
     assert isinstance(model[3], QuantLinear) and model[3].act_quant == mode
-    assert model[3].fused_norm == (fold and mode == "channel")
+    assert model[3].folded_norm == (fold and mode == "channel")
     assert model[3].input_prescaled == (fold and mode == "smooth")
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
@@ -43,7 +43,7 @@ def test_inductor_compiles_with_grad_enabled_and_changes_only_float_rounding():
     quantize_(model, QuantConfig(layer_bits={"0": (4, 8), "3": (6, 6)}, skip=("6",)), calib, progress=False)
     quantize_(model, QuantConfig(w_bits=8, a_bits=8, act_quant="channel", fold_layernorm=True), calib,
               progress=False)
-    assert model[3].act_quant == "smooth" and model[6].fused_norm
+    assert model[3].act_quant == "smooth" and model[6].folded_norm
     assert model[2].weight.requires_grad and torch.is_grad_enabled()
     x = torch.randn(512, 16)
     eager = model(x)

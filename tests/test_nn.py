@@ -125,7 +125,7 @@ def test_fused_layernorm_kernel_and_simulation_agree_on_every_row():
         model[0].bias.normal_(0, 0.1)
     quantize_(model, QuantConfig(act_quant="channel", fold_layernorm=True, weight_method="rtn"),
               torch.randn(256, 48), progress=False)
-    assert model[1].fused_norm
+    assert model[1].folded_norm
     sim = copy.deepcopy(model)
     sim[1].set_simulate(True)
     x = torch.randn(20000, 48) * 3 + torch.randn(20000, 1) * 5

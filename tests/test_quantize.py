@@ -100,7 +100,7 @@ def test_fold_layernorm_fuses_and_matches_unfused():
     x = _data(4)
     unfused = quantize_(_model(), QuantConfig(act_quant="channel"), _data(), progress=False)
     folded = quantize_(_model(), QuantConfig(act_quant="channel", fold_layernorm=True), _data(), progress=False)
-    assert isinstance(folded.norm, nn.Identity) and folded.fc1.fused_norm
+    assert isinstance(folded.norm, nn.Identity) and folded.fc1.folded_norm
     assert folded.fc1.act_inv_scale.shape == (1,)
     torch.testing.assert_close(folded(x), unfused(x), rtol=2e-2, atol=2e-2)
     sim = folded(x)
@@ -121,7 +121,7 @@ def test_fold_layernorm_is_skipped_when_output_has_another_consumer(mode):
     with pytest.warns(UserWarning, match="not folded: \\['norm'\\]"):
         model = quantize_(fp, QuantConfig(act_quant=mode, fold_layernorm=True), _data(), progress=False)
     assert isinstance(model.norm, nn.LayerNorm) and torch.equal(model.norm.weight, gamma)
-    assert not model.fc1.fused_norm and not model.fc1.input_prescaled
+    assert not model.fc1.folded_norm and not model.fc1.input_prescaled
 
 
 @pytest.mark.parametrize("fold", [False, True])
