@@ -403,6 +403,19 @@ def test_quantlinear_on_the_triton_backend_matches_the_reference():
     torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5, msg=lambda s: f"seed={seed}: {s}")
 
 
+def test_backend_fused_dynamic_linear_equals_quantize_then_packed_linear():
+    g, seed = fresh_generator()
+    m, k, n = 6, 70, 37
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
+    canon = rand_weights(g, 4, n, k)
+    w = BACKEND.prepack(canon, 4, k).to(DEVICE)
+    w_scale, bias = (torch.rand(n, generator=g) * 1e-2).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+    out, a_scale = BACKEND.quantized_linear_dynamic(x, w, w_scale, bias, 4, 8, k, n, torch.bfloat16)
+    xq, a_scale_2 = BACKEND.quantize_dynamic(x, 8)
+    assert torch.equal(a_scale, a_scale_2), f"seed={seed}"
+    assert torch.equal(out, BACKEND.packed_linear(xq, a_scale_2, w, w_scale, bias, 4, k, n, torch.bfloat16)), f"seed={seed}"
+
+
 def test_fused_layernorm_quantlinear_on_the_triton_backend_matches_the_reference():
     from mixq.nn import QuantLinear
 

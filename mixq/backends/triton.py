@@ -127,5 +127,28 @@ class TritonBackend:
                 xq, self._gpu_weights(w, w_bits, k), w_bits, k, n, a_scale, w_scale, bias, out_dtype
             )
 
+    def quantized_linear_dynamic(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        w_bits: int,
+        a_bits: int,
+        k: int,
+        n: int,
+        out_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic per-token quantize + packed_linear in one launch: (out [M, n], a_scale [M]).
+
+        Same scales and bits as ``quantize_dynamic`` then ``packed_linear``; one kernel instead of
+        two, which is what small-M layers (ViT at batch 1) pay for. Optional in the Backend protocol.
+        """
+        formats.check_bits(a_bits, "a_bits")
+        extra = [bias] if bias is not None else []
+        with self._device_scope(x, w, w_scale, *extra):
+            return kernels.quantized_linear_dynamic(x, self._gpu_weights(w, w_bits, k), w_bits, a_bits, k, n,
+                                                    w_scale, bias, out_dtype)
+
 
 register_backend(TritonBackend())
