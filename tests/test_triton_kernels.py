@@ -432,7 +432,7 @@ def test_fused_layernorm_quantlinear_on_the_triton_backend_matches_the_reference
     layers = {}
     for name in ("triton", "reference"):
         q = QuantLinear.from_float(lin, 6, 8, act_quant="channel", act_samples=samples, backend=name)
-        layers[name] = q.fuse_layernorm(norm).to(DEVICE)
+        layers[name] = q.fold_layernorm(norm).to(DEVICE)
     fast, slow = layers["triton"](x.to(DEVICE)).cpu(), layers["reference"](x.to(DEVICE)).cpu()
     # a near-tie activation may round one LSB apart, moving an output by at most one dequantized weight
     ref = layers["reference"]
