@@ -99,11 +99,17 @@ def test_mismatched_architecture_names_the_layer(models, tmp_path):
         mixq.save(TinyBlock(), tmp_path / "f.safetensors")
 
 
-def test_roundtrip_with_fused_layernorm(tmp_path):
+@pytest.fixture
+def folded_models():
     torch.manual_seed(0)
     float_model = TinyBlock().eval()
     q = quantize_(copy.deepcopy(float_model), QuantConfig(act_quant="channel", fold_layernorm=True), _data(),
                   progress=False)
+    return float_model, q
+
+
+def test_roundtrip_with_folded_layernorm(folded_models, tmp_path):
+    float_model, q = folded_models
     path = mixq.save(q, tmp_path / "m.safetensors")
     skeleton = copy.deepcopy(float_model)
     loaded = mixq.load(path, skeleton)
@@ -212,14 +218,11 @@ mixq.save(torch.nn.Sequential(QuantLinear(8, 8)), {str(tmp_path / "k.safetensors
     assert list(tmp_path.iterdir()) == []
 
 
-def test_checkpoints_from_before_the_fold_rename_load(tmp_path):
+def test_checkpoints_from_before_the_fold_rename_load(folded_models, tmp_path):
     """Version-1 files call a folded LayerNorm 'fused_norm': they load folded, with the same numbers."""
     from mixq.checkpoint import _digest, read
 
-    torch.manual_seed(0)
-    float_model = TinyBlock().eval()
-    q = quantize_(copy.deepcopy(float_model), QuantConfig(act_quant="channel", fold_layernorm=True), _data(),
-                  progress=False)
+    float_model, q = folded_models
     path = mixq.save(q, tmp_path / "m.safetensors")
     tensors, meta = read(path)
     old_layers = {n: {("fused_norm" if k == "folded_norm" else k): v for k, v in c.items()}
