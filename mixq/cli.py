@@ -272,6 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
     except RuntimeError as e:
         raise CliError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1): {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
     spec = _checkpoint_spec(args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -89,6 +89,8 @@ def test_eval_classify_on_an_image_folder(quantized, tmp_path, capsys):
     (["quantize", "toy-vit", "--out", "{tmp}/exists"], "--force"),
     (["eval", "{tmp}/missing.safetensors"], "does not exist"),
     (["bench", "{tmp}/exists/user.txt"], "not a readable safetensors"),
+    (["bench", "{tmp}/exists/user.txt", "--device", "nonsense"], "is not a torch device"),
+    (["bench", "{tmp}/exists/user.txt", "--threads", "-1"], "--threads must be >= 0"),
     (["report", "{tmp}/missing.json"], "does not exist"),
     (["quantize", "toy-vit", "--budget", "4", "--bops", "0.1x", "--n-calib", "4", "--out", "{tmp}/y"],
      "smallest feasible"),
