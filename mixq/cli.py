@@ -47,7 +47,7 @@ def _replace_path(new: Path, path: Path) -> None:
     """Put ``new`` at ``path``; an old file or folder there is moved aside first and removed last."""
     old = None
     if path.exists() or path.is_symlink():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{os.urandom(6).hex()}")
         os.replace(path, old)
     os.replace(new, path)
     if old is not None:
