@@ -358,6 +358,32 @@ def test_layernorm_quantize_matches_float64(a_bits, channelwise, affine):
     assert got.abs().max() > 0 and got.abs().max() <= formats.qmax(a_bits)
 
 
+@pytest.mark.parametrize("a_bits", BITS)
+def test_layernorm_quantize_equals_the_reference_on_huge_rows_and_ties(a_bits):
+    # the kernel computes formats.layer_norm_fp32 (float64 statistics, fp32 affine part): rows at
+    # |x| ~ 1e20 (fp32 squares overflow there) and rows whose quantized values are exact ties give
+    # the reference's integers, not merely values within an LSB
+    g, seed = fresh_generator()
+    m, k = 7, 70
+    x = torch.randn(m, k, generator=g) * 3 + torch.randn(m, 1, generator=g)
+    x[0] = torch.randn(k, generator=g) * 1e20
+    x[1] = 2.0**66 * torch.tensor([1.0, -1.0]).repeat(k // 2)  # mean 0, variance 2**132
+    x[2] = 2.0**10 * torch.tensor([1.0, -1.0]).repeat(k // 2)  # normalizes to exactly +-1
+    x[3] = x[2] * -1e19
+    gamma, beta = torch.randn(k, generator=g), torch.randn(k, generator=g)
+    gamma[:12], beta[:12] = 0.5, 2.0  # +-1 * 0.5 + 2 = 2.5 or 1.5: ties at inv = 1
+    inv = torch.rand(k, generator=g) * formats.qmax(a_bits) / 2 + 0.5
+    inv[:12] = 1.0
+    want = REF.layernorm_quantize(x, gamma, beta, 1e-6, inv, a_bits)
+    assert want[2, :12].tolist() == [2] * 12 and want[1, :12].tolist() == [2] * 12
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        ref = REF.layernorm_quantize(xd, gamma, beta, 1e-6, inv, a_bits)
+        got = ops.layernorm_quantize(xd.to(DEVICE), gamma.to(DEVICE), beta.to(DEVICE), 1e-6, inv.to(DEVICE),
+                                     a_bits, "triton").cpu()
+        assert torch.equal(got, ref), f"seed={seed} {dtype}: rows {sorted(set((got != ref).nonzero()[:, 0].tolist()))}"
+
+
 def test_quantize_kernels_reject_bad_input():
     with pytest.raises(ValueError, match="2-D"):
         kernels.quantize_dynamic(torch.zeros(2, 3, 4, device=DEVICE), 8)

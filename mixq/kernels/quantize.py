@@ -68,20 +68,29 @@ def _static_quant_kernel(x_ptr, inv_ptr, q_ptr, M, K, stride_xm, stride_xk, stri
 
 
 @triton.jit
-def _layernorm_quant_kernel(x_ptr, gamma_ptr, beta_ptr, inv_ptr, q_ptr, M, K, eps, stride_xm, stride_xk,
-                            stride_qm, stride_inv, QMAX: tl.constexpr, HAS_GAMMA: tl.constexpr,
+def _layernorm_quant_kernel(x_ptr, gamma_ptr, beta_ptr, inv_ptr, q_ptr, M, K, stride_xm, stride_xk,
+                            stride_qm, stride_inv, EPS: tl.constexpr, QMAX: tl.constexpr, HAS_GAMMA: tl.constexpr,
                             HAS_BETA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``formats.layer_norm_fp32`` then quantize: float64 mean and variance (two passes over the
+    row in registers), rstd = fp32(1 / sqrt(var + eps)) in float64, the affine part in fp32.
+
+    float64 keeps rows with |x| up to ~1e154 finite (fp32 squares overflow at ~1e19) and gives
+    the reference's statistics; the row kernel is memory-bound, so the DADDs are free. ``EPS``
+    is a constexpr so it stays a double (a float argument would arrive as fp32).
+    """
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask_k = cols < K
     mask = (rows < M)[:, None] & mask_k[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
     x = x.to(tl.float32)
-    mean = tl.sum(x, axis=1) / K
-    xc = tl.where(mask, x - mean[:, None], 0.0)
+    x64 = x.to(tl.float64)
+    mean = tl.sum(x64, axis=1) / K
+    xc = tl.where(mask, x64 - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / K
-    rstd = tl.math.div_rn(tl.zeros_like(var) + 1.0, tl.sqrt_rn(var + eps))
-    y = xc * rstd[:, None]
+    one = tl.full((BLOCK_M,), 1.0, tl.float64)
+    rstd = (one / tl.sqrt(var + tl.full((BLOCK_M,), EPS, tl.float64))).to(tl.float32)
+    y = (x - mean.to(tl.float32)[:, None]) * rstd[:, None]
     if HAS_GAMMA:
         y = y * tl.load(gamma_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
     if HAS_BETA:
@@ -186,8 +195,9 @@ def layernorm_quantize(
     gamma = gamma.contiguous() if has_gamma else inv  # placeholders are never read
     beta = beta.contiguous() if has_beta else inv
     _layernorm_quant_kernel[(triton.cdiv(m, block_m),)](
-        x, gamma, beta, inv, q, m, k, float(eps), x.stride(0), x.stride(1), q.stride(0), stride_inv,
-        QMAX=qmax, HAS_GAMMA=has_gamma, HAS_BETA=has_beta,
+        x, gamma, beta, inv, q, m, k, x.stride(0), x.stride(1), q.stride(0), stride_inv,
+        EPS=float(eps), QMAX=qmax, HAS_GAMMA=has_gamma, HAS_BETA=has_beta,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        enable_fp_fusion=False,  # the contract rounds every multiply and add (no FMA), as the reference does
     )
     return q
