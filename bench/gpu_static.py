@@ -95,14 +95,15 @@ def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = Tr
                 stride_os=(m * n if split > 1 else 0), stride_om=n, stride_on=1, stride_as=1 if scaled else 0)
     scaled_here = scaled and split == 1
     ptrs = {"a_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*bf16" if scaled_here else "*i32",
-            "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32"}
+            "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+            "a_mul_ptr": "*fp32"}
     consts = dict(W_BITS=w_bits, K_TILE=K_TILE, SUB_K=SUB_K[w_bits], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   GROUP_M=cfg.group_m, SCALED=scaled_here, HAS_BIAS=has_bias and scaled_here,
                   SWAP_AB=bool(getattr(cfg, "swap_ab", 0)), ASM=bool(getattr(cfg, "asm_unpack", 0)), INT64=max(m * k, n * kt * tile_bytes(w_bits), split * m * n) >= 2**31)
     from mixq import formats
 
     consts.update(A_FLOAT=bool(fused_a_bits), QMAX=formats.qmax(fused_a_bits) if fused_a_bits else 127,
-                  EPS=formats.SCALE_EPS)
+                  EPS=formats.SCALE_EPS, HAS_AMUL=False)
     if fused_a_bits:
         ptrs["a_ptr"] = "*bf16"
     consts = {name: v for name, v in consts.items() if name in fn.arg_names}

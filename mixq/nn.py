@@ -1,7 +1,9 @@
 """``QuantLinear``: a drop-in ``nn.Linear`` that runs on packed integer weights.
 
 The integer path quantizes the input (per the contract in :mod:`mixq.formats`), then calls
-``mixq::packed_linear`` on the backend chosen for the tensor's device. The simulation path
+``mixq::packed_linear`` on the backend chosen for the tensor's device; dynamic and smooth layers
+at small M call ``mixq::quantized_linear_dynamic`` instead (quantize and GEMM in one launch where
+the backend fuses them, the same numbers either way). The simulation path
 computes the same numbers with fake-quantized float tensors (useful for scoring and on
 devices without kernels); both agree to float rounding.
 """
@@ -25,6 +27,15 @@ ACT_MODES = ("dynamic", "static", "channel", "smooth")
 # Input dtypes the kernels take; any other float input (float64) runs in fp32 and is cast back.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_METHODS = ("rtn", "gptq")
+# Dynamic/smooth layers with at most this many tokens run mixq::quantized_linear_dynamic (one fused
+# quantize+GEMM launch on backends that have it); larger M quantizes first, then runs the GEMM.
+# Why a bound: the fused Triton kernel has every (row tile, N tile, K split) program re-read its rows
+# in float over all of K for the amax before its main loop, i.e. cdiv(N, BLOCK_N) * split_k extra
+# float passes over the activations, not overlapped with the MMAs. At small M (one or a few row
+# tiles, launch- and weight-bound: SAM's decoder, batch-1 heads) that is cheaper than a second
+# launch and the int8 round trip; at large M (compute-bound, BLOCK_M = 128) it is pure extra
+# traffic and latency. 64 is the largest M the heuristic still gives BLOCK_M <= 64; re-tune on a GPU.
+FUSED_DYNAMIC_MAX_M: int = 64
 _ANNOUNCED: set[tuple[str, str]] = set()
 
 
@@ -101,6 +112,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_runtime", self.qweight, persistent=False)
         self.register_buffer("w_sim", None, persistent=False)
         self.backend = "reference"
+        self.fused_dynamic = False
         self.refresh()
 
     # ------------------------------------------------------------------ construction
@@ -171,6 +183,7 @@ class QuantLinear(nn.Module):
         name = self._backend_request or select_backend(device)
         backend = get_backend(name)
         self.backend = name
+        self.fused_dynamic = callable(getattr(backend, "quantized_linear_dynamic", None))
         self.w_runtime = backend.prepack(self.qweight, self.w_bits, self.in_features)
         if self.simulate:
             # Integer-valued floats: the product below is exact in fp32 while no partial sum can reach
@@ -277,6 +290,12 @@ class QuantLinear(nn.Module):
         """Smooth mode's input in the folded basis, x / s_k (one fp32 multiply, the same on every path)."""
         return x2 if self.input_prescaled else x2.to(torch.float32) * self.act_inv_scale
 
+    def _dynamic_steps(self, x2: torch.Tensor) -> torch.Tensor:
+        """The per-token steps quantize_dynamic will compute (formats.quantize_act_dynamic's rule),
+        without quantizing: the fused path needs the headroom before its single launch."""
+        amax = x2.abs().amax(dim=-1).to(torch.float32)  # abs and max are exact in any float dtype
+        return amax.clamp_min(formats.SCALE_EPS) / formats.qmax(self.a_bits)
+
     def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.act_quant == "dynamic":
             return ops.quantize_act_dynamic(x2, self.a_bits, self.backend)
@@ -305,8 +324,19 @@ class QuantLinear(nn.Module):
             # The integer path is inference: no gradient flows through the kernels (set_simulate(True)
             # gives a straight-through one). Detaching also lets torch.compile trace it with grad enabled.
             dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
-            xq, a_scale = self._quantize_input(x2.detach().to(dtype).contiguous())
-            if self.act_quant in ("dynamic", "smooth"):  # a data-derived step can be huge: keep headroom
+            xk = x2.detach().to(dtype).contiguous()
+            dynamic = self.act_quant in ("dynamic", "smooth")
+            if dynamic and self.fused_dynamic and xk.shape[0] <= FUSED_DYNAMIC_MAX_M and self.in_features > 0:
+                xs = self._smoothed(xk).contiguous() if self.act_quant == "smooth" else xk
+                # the same headroom f as below, from the steps the kernel is about to compute
+                f = formats.epilogue_headroom(self._dynamic_steps(xs))
+                bias = self.bias * f if self.bias is not None else None
+                out = ops.quantized_linear_dynamic(xs, self.w_runtime, self.w_scale, bias, f, self.w_bits,
+                                                   self.a_bits, self.in_features, self.out_features, dtype,
+                                                   self.backend) / f
+                return out.to(x.dtype).reshape(*lead, self.out_features)
+            xq, a_scale = self._quantize_input(xk)
+            if dynamic:  # a data-derived step can be huge: keep headroom
                 f = formats.epilogue_headroom(a_scale)
                 bias = self.bias * f if self.bias is not None else None
                 out = ops.packed_linear(xq, a_scale * f, self.w_runtime, self.w_scale, bias, self.w_bits,

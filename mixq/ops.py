@@ -82,3 +82,38 @@ def packed_linear(
 @packed_linear.register_fake
 def _(xq, a_scale, w, w_scale, bias, w_bits, k, n, out_dtype, backend):
     return xq.new_empty((xq.shape[0], n), dtype=out_dtype)
+
+
+@torch.library.custom_op("mixq::quantized_linear_dynamic", mutates_args=())
+def quantized_linear_dynamic(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    a_scale_mul: torch.Tensor,
+    w_bits: int,
+    a_bits: int,
+    k: int,
+    n: int,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """Per-token dynamic quantize of float x [M, k], then packed_linear with steps a_scale * a_scale_mul.
+
+    Equal bit for bit to ``quantize_act_dynamic`` then ``packed_linear(xq, a_scale * a_scale_mul,
+    ...)`` (``a_scale_mul``: one fp32 value, QuantLinear's power-of-two headroom). A backend with a
+    fused ``quantized_linear_dynamic`` (triton: one launch, no int8 round trip) runs it; the others
+    run their own two calls, so they need nothing new.
+    """
+    b = get_backend(backend)
+    fused = getattr(b, "quantized_linear_dynamic", None)
+    if fused is not None:
+        return fused(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=a_scale_mul)[0]
+    xq, a_scale = b.quantize_dynamic(x, a_bits)
+    return b.packed_linear(xq, a_scale * a_scale_mul.reshape(()).to(torch.float32), w, w_scale, bias, w_bits, k, n,
+                           out_dtype)
+
+
+@quantized_linear_dynamic.register_fake
+def _(x, w, w_scale, bias, a_scale_mul, w_bits, a_bits, k, n, out_dtype, backend):
+    return x.new_empty((x.shape[0], n), dtype=out_dtype)

@@ -55,3 +55,26 @@ def test_inductor_compiles_with_grad_enabled_and_changes_only_float_rounding():
     assert diff.max() <= 2 * one_step
     flipped_rows = (diff > 1e-5 * eager.abs().max()).any(dim=1)
     assert flipped_rows.float().mean() < 0.02  # ties are rare; everything else is float rounding
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "smooth"])
+def test_fused_dynamic_linear_traces_and_compiles_with_inductor(mode):
+    """Small-M dynamic/smooth layers on a backend with a fused kernel (triton; under the interpreter
+    on CPU) call mixq::quantized_linear_dynamic: opaque to dynamo, export shows it, and inductor
+    (fullgraph) reproduces eager bit for bit (the headroom math it generates is exact here)."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10)
+    samples = torch.randn(20, 24) if mode == "smooth" else None
+    q = QuantLinear.from_float(lin, 4, 6, act_quant=mode, act_samples=samples, backend="triton").to(device)
+    assert q.fused_dynamic
+    x = torch.randn(3, 24, device=device)
+    eager = q(x)
+    assert torch.equal(eager.cpu(), QuantLinear.from_float(lin, 4, 6, act_quant=mode, act_samples=samples,
+                                                           backend="reference")(x.cpu()))
+    graph = torch.export.export(nn.Sequential(q), (x,)).graph_module.code
+    assert "mixq.quantized_linear_dynamic" in graph and "mixq.packed_linear" not in graph
+    assert torch.equal(torch.compile(q, fullgraph=True, backend="eager")(x), eager)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(q, fullgraph=True)(x), eager)

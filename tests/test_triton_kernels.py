@@ -442,6 +442,85 @@ def test_backend_fused_dynamic_linear_equals_quantize_then_packed_linear():
     assert torch.equal(out, BACKEND.packed_linear(xq, a_scale_2, w, w_scale, bias, 4, k, n, torch.bfloat16)), f"seed={seed}"
 
 
+def _dynamic_layer_pair(g, w_bits, a_bits, mode, k, n):
+    """The same float layer quantized for the triton and the reference backends (and simulated)."""
+    from mixq.nn import QuantLinear
+
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+        lin.bias.copy_(torch.randn(n, generator=g))
+    samples = torch.randn(32, k, generator=g) * torch.linspace(0.1, 8, k) if mode == "smooth" else None
+    make = lambda **kw: QuantLinear.from_float(lin, w_bits, a_bits, act_quant=mode, act_samples=samples,  # noqa: E731
+                                               clip_search=False, **kw)
+    return make(backend="triton").to(DEVICE), make(backend="reference"), make(simulate=True)
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("mode", ["dynamic", "smooth"])
+def test_quantlinear_fused_dynamic_path_is_bit_identical_to_the_reference(w_bits, a_bits, mode):
+    # small M runs mixq::quantized_linear_dynamic (one fused kernel on triton); the reference runs
+    # quantize then GEMM, and the simulation fake-quantizes in float: all three agree bit for bit,
+    # also with a row so large that QuantLinear's power-of-two headroom f < 1 is in play
+    from mixq import nn as mnn
+
+    g, seed = fresh_generator()
+    k, n = 45, 19
+    fast, slow, sim = _dynamic_layer_pair(g, w_bits, a_bits, mode, k, n)
+    assert fast.fused_dynamic and not slow.fused_dynamic
+    x = torch.randn(1, 7, k, generator=g) * torch.rand(1, 7, 1, generator=g) * 4
+    x[0, 6] = 0  # the SCALE_EPS floor
+    xs = [x]
+    if (w_bits, a_bits) == (4, 8):
+        big = x.clone()
+        big[0, 1] *= 1e25  # step ~1e23 > 2**64: the headroom scales the epilogue
+        xs += [big, x.to(torch.bfloat16)]
+    for xi in xs:
+        assert xi.shape[1] <= mnn.FUSED_DYNAMIC_MAX_M
+        want = slow(xi)
+        got = fast(xi.to(DEVICE)).cpu()
+        assert got.dtype == xi.dtype and got.shape == (1, 7, n)
+        assert torch.equal(got, want), f"seed={seed} {xi.dtype}: max diff {(got - want).abs().max()}"
+        assert torch.equal(sim(xi), want), f"seed={seed} simulation, {xi.dtype}"
+    assert torch.isfinite(want).all()
+
+
+def test_quantlinear_past_the_fused_bound_quantizes_then_runs_the_gemm(monkeypatch):
+    from mixq import nn as mnn
+
+    g, seed = fresh_generator()
+    fast, slow, _ = _dynamic_layer_pair(g, 6, 6, "smooth", 33, 21)
+    x = torch.randn(5, 33, generator=g)
+    fused = fast(x.to(DEVICE)).cpu()
+    calls = []
+    real = ops.quantize_act_dynamic
+    monkeypatch.setattr(ops, "quantize_act_dynamic", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(mnn, "FUSED_DYNAMIC_MAX_M", 4)
+    two_step = fast(x.to(DEVICE)).cpu()
+    assert calls, "M above FUSED_DYNAMIC_MAX_M should take the two-kernel path"
+    assert torch.equal(fused, two_step) and torch.equal(fused, slow(x)), f"seed={seed}"
+
+
+def test_quantized_linear_dynamic_op_composes_on_backends_without_a_fused_kernel():
+    # the reference backend has no fused method: the op runs its quantize and packed_linear
+    g, seed = fresh_generator()
+    m, k, n = 5, 40, 13
+    x = torch.randn(m, k, generator=g) * 3
+    canon = rand_weights(g, 6, n, k)
+    w_scale, bias = torch.rand(n, generator=g) * 1e-2, torch.randn(n, generator=g)
+    f = torch.tensor(0.25)
+    got = ops.quantized_linear_dynamic(x, canon, w_scale, bias, f, 6, 8, k, n, torch.float32, "reference")
+    xq, a_scale = REF.quantize_dynamic(x, 8)
+    assert torch.equal(got, REF.packed_linear(xq, a_scale * f, canon, w_scale, bias, 6, k, n, torch.float32))
+    fast = ops.quantized_linear_dynamic(x.to(DEVICE), BACKEND.prepack(canon, 6, k).to(DEVICE), w_scale.to(DEVICE),
+                                        bias.to(DEVICE), f.to(DEVICE), 6, 8, k, n, torch.float32, "triton").cpu()
+    assert torch.equal(fast, got), f"seed={seed}"
+    with pytest.raises(ValueError, match="one fp32 value"):
+        BACKEND.quantized_linear_dynamic(x.to(DEVICE), BACKEND.prepack(canon, 6, k).to(DEVICE), w_scale.to(DEVICE),
+                                         None, 6, 8, k, n, torch.float32, a_scale_mul=torch.ones(2).to(DEVICE))
+
+
 def test_fused_layernorm_quantlinear_on_the_triton_backend_matches_the_reference():
     from mixq.nn import QuantLinear
 

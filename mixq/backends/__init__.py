@@ -58,6 +58,11 @@ class Backend(Protocol):
     ) -> torch.Tensor:
         """(xq @ W^T) * a_scale[m] * w_scale[n] + bias[n], a_scale [M] or [1]; ``w`` is prepacked."""
 
+    # Optional, probed with getattr by mixq.ops.quantized_linear_dynamic (composed from the two
+    # calls above when absent):
+    # quantized_linear_dynamic(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=None)
+    #     -> (out [M, n], a_scale [M]): quantize_dynamic + packed_linear in one kernel, bit-identical.
+
 
 _REGISTRY: dict[str, Backend] = {}
 

@@ -138,17 +138,19 @@ class TritonBackend:
         k: int,
         n: int,
         out_dtype: torch.dtype,
+        a_scale_mul: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic per-token quantize + packed_linear in one launch: (out [M, n], a_scale [M]).
 
-        Same scales and bits as ``quantize_dynamic`` then ``packed_linear``; one kernel instead of
-        two, which is what small-M layers (ViT at batch 1) pay for. Optional in the Backend protocol.
+        Same scales and bits as ``quantize_dynamic`` then ``packed_linear`` (with the steps times
+        ``a_scale_mul`` in the epilogue when given); one kernel instead of two, which is what
+        small-M layers pay for. Optional in the Backend protocol.
         """
         formats.check_bits(a_bits, "a_bits")
-        extra = [bias] if bias is not None else []
+        extra = [t for t in (bias, a_scale_mul) if t is not None]
         with self._device_scope(x, w, w_scale, *extra):
             return kernels.quantized_linear_dynamic(x, self._gpu_weights(w, w_bits, k), w_bits, a_bits, k, n,
-                                                    w_scale, bias, out_dtype)
+                                                    w_scale, bias, out_dtype, a_scale_mul=a_scale_mul)
 
 
 register_backend(TritonBackend())

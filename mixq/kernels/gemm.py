@@ -139,7 +139,7 @@ def _row_scales(a_ptr, offs_m, M, K, stride_am, stride_ak, QMAX: tl.constexpr, E
 @triton.jit
 def _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
                     stride_om, stride_on, stride_as, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    a_s_reg, A_S_IN_REG: tl.constexpr):
+                    a_s_reg, A_S_IN_REG: tl.constexpr, a_mul_ptr, HAS_AMUL: tl.constexpr):
     mask_m = offs_m < M
     mask_n = offs_n < N
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -149,6 +149,8 @@ def _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, of
             a_s = a_s_reg
         else:
             a_s = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
+        if HAS_AMUL:  # QuantLinear's overflow headroom: a power of two times the step, as torch's a_scale * f
+            a_s = a_s * tl.load(a_mul_ptr)
         w_s = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
         out = (acc.to(tl.float32) * a_s[:, None]) * w_s[None, :]
         if HAS_BIAS:
@@ -162,13 +164,13 @@ def _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, of
 
 @triton.jit
 def _mixed_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, a_mul_ptr,
     M, N, K, tiles_per_split,
     stride_am, stride_ak, stride_wn, stride_os, stride_om, stride_on, stride_as,
     W_BITS: tl.constexpr, K_TILE: tl.constexpr, SUB_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, INT64: tl.constexpr,
-    ASM: tl.constexpr, A_FLOAT: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
+    ASM: tl.constexpr, A_FLOAT: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr, HAS_AMUL: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -238,15 +240,16 @@ def _mixed_gemm_kernel(
         acc = tl.trans(acc)
     split_base = pid_k.to(tl.int64) * stride_os if INT64 else pid_k * stride_os
     _epilogue_store(acc, out_ptr + split_base, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n,
-                    M, N, stride_om, stride_on, stride_as, SCALED, HAS_BIAS, scale, A_FLOAT)
+                    M, N, stride_om, stride_on, stride_as, SCALED, HAS_BIAS, scale, A_FLOAT, a_mul_ptr, HAS_AMUL)
 
 
 @triton.jit
 def _splitk_reduce_kernel(
-    part_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    part_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, a_mul_ptr,
     M, N, SPLIT_K,
     stride_ps, stride_pm, stride_pn, stride_om, stride_on, stride_as,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_AMUL: tl.constexpr,
 ):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -256,7 +259,7 @@ def _splitk_reduce_kernel(
     for s in range(0, SPLIT_K):
         acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0)
     _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
-                    stride_om, stride_on, stride_as, SCALED, HAS_BIAS, acc, False)
+                    stride_om, stride_on, stride_as, SCALED, HAS_BIAS, acc, False, a_mul_ptr, HAS_AMUL)
 
 
 def mixed_gemm(
@@ -290,7 +293,7 @@ def mixed_gemm(
             raise ValueError(f"a_scale must have 1 (per tensor) or M={m} (per token) entries, got {a_scale.numel()}")
     elif bias is not None:
         raise ValueError("bias needs the scaled epilogue (pass a_scale and w_scale)")
-    return _launch(xq, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, None)
+    return _launch(xq, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, None, None)
 
 
 def quantized_linear_dynamic(
@@ -304,20 +307,29 @@ def quantized_linear_dynamic(
     bias: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     config: Optional[GemmConfig] = None,
+    a_scale_mul: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token activation quantize fused into the GEMM: float x [M, k] -> (out [M, n], a_scale [M]).
 
     One launch instead of two (plus the int8 round trip through memory), which pays at small M
     (ViT at batch 1), where each GEMM program reading its rows' amax over all of K is cheap.
     Bit-identical to ``quantize_dynamic`` followed by ``mixed_gemm``: same scales, same integers.
+    ``a_scale_mul`` (1 fp32 entry, on x's device) multiplies each step in the epilogue only, as
+    ``mixed_gemm(..., a_scale * a_scale_mul, ...)`` would (QuantLinear's power-of-two overflow
+    headroom); the returned ``a_scale`` is the plain step.
     """
     from .quantize import FLOAT_INPUTS
 
     formats.check_bits(a_bits, "a_bits")
     if x.dim() != 2 or x.shape[1] != k or x.dtype not in FLOAT_INPUTS:
         raise ValueError(f"x must be a float tensor [M, {k}] in {FLOAT_INPUTS}, got {x.dtype} {tuple(x.shape)}")
+    if a_scale_mul is not None:
+        a_scale_mul = a_scale_mul.reshape(-1).to(torch.float32)
+        if a_scale_mul.numel() != 1 or a_scale_mul.device != x.device:
+            raise ValueError(f"a_scale_mul must be one fp32 value on {x.device}, got shape "
+                             f"{tuple(a_scale_mul.shape)} on {a_scale_mul.device}")
     a_scale = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
-    out = _launch(x, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype or x.dtype, config, a_bits)
+    out = _launch(x, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype or x.dtype, config, a_bits, a_scale_mul)
     return out, a_scale
 
 
@@ -328,7 +340,7 @@ def _asm_ok(cfg: GemmConfig, w_bits: int, device: torch.device) -> bool:
     return bool(cfg.asm_unpack) and device.type == "cuda" and w_bits != 8 and per_thread >= 4 and per_thread % 4 == 0
 
 
-def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bits) -> torch.Tensor:
+def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bits, a_mul) -> torch.Tensor:
     """Shared launcher; ``a_bits`` set means ``a`` is float and quantized inside (``a_scale`` is output)."""
     formats.check_bits(w_bits, "w_bits")
     check_gpu_layout(w, w_bits, k, n)
@@ -373,11 +385,12 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
                   BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SWAP_AB=bool(cfg.swap_ab), INT64=big,
                   ASM=_asm_ok(cfg, w_bits, a.device),
                   A_FLOAT=fused, QMAX=formats.qmax(a_bits) if fused else 127, EPS=formats.SCALE_EPS,
+                  HAS_AMUL=a_mul is not None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split == 1:
         _mixed_gemm_kernel[grid](
             a, w, out, a_scale if scaled or fused else dummy, w_scale if scaled else dummy,
-            bias if bias is not None else dummy,
+            bias if bias is not None else dummy, a_mul if a_mul is not None else dummy,
             m, n, k, tiles_per_split,
             a.stride(0), a.stride(1), w.stride(0), 0, out.stride(0), out.stride(1), stride_as,
             SCALED=scaled, HAS_BIAS=bias is not None, **common,
@@ -385,7 +398,7 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
         return out
     partial = torch.empty((split, m, n), dtype=torch.int32, device=a.device)
     _mixed_gemm_kernel[grid](
-        a, w, partial, a_scale if fused else dummy, dummy, dummy,
+        a, w, partial, a_scale if fused else dummy, dummy, dummy, dummy,
         m, n, k, tiles_per_split,
         a.stride(0), a.stride(1), w.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), 0,
         SCALED=False, HAS_BIAS=False, **common,
@@ -393,9 +406,10 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
     rb_m, rb_n = 32, 64
     _splitk_reduce_kernel[(triton.cdiv(m, rb_m), triton.cdiv(n, rb_n))](
         partial, out, a_scale if scaled else dummy, w_scale if scaled else dummy,
-        bias if bias is not None else dummy,
+        bias if bias is not None else dummy, a_mul if a_mul is not None else dummy,
         m, n, split,
         partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0), out.stride(1), stride_as,
-        BLOCK_M=rb_m, BLOCK_N=rb_n, SCALED=scaled, HAS_BIAS=bias is not None, num_warps=4,
+        BLOCK_M=rb_m, BLOCK_N=rb_n, SCALED=scaled, HAS_BIAS=bias is not None, HAS_AMUL=a_mul is not None,
+        num_warps=4,
     )
     return out
