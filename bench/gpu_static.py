@@ -137,7 +137,8 @@ def analyze(w_bits: int, cfg, m: int = 4096, n: int = 2304, k: int = 768, fused_
     t0 = time.time()
     kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cex, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                   "enable_fp_fusion": False})  # as mixq.kernels launches it
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kern.asm["ptx"])
         ptx = f.name

@@ -386,7 +386,10 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
                   ASM=_asm_ok(cfg, w_bits, a.device),
                   A_FLOAT=fused, QMAX=formats.qmax(a_bits) if fused else 127, EPS=formats.SCALE_EPS,
                   HAS_AMUL=a_mul is not None,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  # the contract rounds (acc * a_s) * w_s and + bias separately; left on, ptxas fuses
+                  # them into one FFMA (one rounding) and the GPU drifts an ulp from the reference
+                  enable_fp_fusion=False)
     if split == 1:
         _mixed_gemm_kernel[grid](
             a, w, out, a_scale if scaled or fused else dummy, w_scale if scaled else dummy,
@@ -410,6 +413,6 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
         m, n, split,
         partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0), out.stride(1), stride_as,
         BLOCK_M=rb_m, BLOCK_N=rb_n, SCALED=scaled, HAS_BIAS=bias is not None, HAS_AMUL=a_mul is not None,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=False,
     )
     return out

@@ -144,7 +144,7 @@ def quantize_dynamic(x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, torch.
     block_m, block_k, warps = _row_tile(k, "quantize_dynamic")
     _dynamic_quant_kernel[(triton.cdiv(m, block_m),)](
         x, q, scale, m, k, x.stride(0), x.stride(1), q.stride(0),
-        QMAX=qmax, EPS=formats.SCALE_EPS, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+        QMAX=qmax, EPS=formats.SCALE_EPS, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=False,
     )
     return q, scale
 
@@ -161,7 +161,7 @@ def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, a_bits: int) -> to
     block_m = max(1, min(64, 4096 // block_k))
     _static_quant_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
         x, inv, q, m, k, x.stride(0), x.stride(1), q.stride(0), stride_inv,
-        QMAX=qmax, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+        QMAX=qmax, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False,
     )
     return q
 
