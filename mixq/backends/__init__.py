@@ -36,7 +36,7 @@ class Backend(Protocol):
     def layernorm_quantize(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, inv_scale: torch.Tensor, a_bits: int
     ) -> torch.Tensor:
-        """LayerNorm of x [M, K] (fp32 statistics) fused with static quantization -> int8 [M, K].
+        """formats.layer_norm_fp32 of x [M, K] (float64 statistics) fused with static quantization -> int8 [M, K].
 
         Optional: a backend without it falls back to the reference implementation.
         """
