@@ -139,6 +139,28 @@ def test_fused_quantize_gemm_equals_quantize_then_gemm(w_bits, a_bits):
 
 
 @pytest.mark.parametrize("w_bits", BITS)
+def test_fused_gemm_step_multiplier_equals_scaling_a_scale_first(w_bits):
+    # a_scale_mul (QuantLinear's power-of-two headroom) in the fused epilogue, with and without
+    # split-K (whose reduce kernel applies it): same bits as mixed_gemm with a_scale * f
+    g, seed = fresh_generator()
+    m, k, n = 5, 2 * K_TILE + 11, 23
+    x = torch.randn(m, k, generator=g) * 3
+    x[1] *= 1e24  # its acc * step alone would overflow fp32
+    canon = rand_weights(g, w_bits, n, k)
+    w_gpu = kernels.prepack_gpu(canon, w_bits, k).to(DEVICE)
+    w_scale, bias = (torch.rand(n, generator=g) * 1e-2 + 1e-3).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+    f = torch.tensor(2.0**-20).to(DEVICE)
+    xq, a_scale = kernels.quantize_dynamic(x.to(DEVICE), 8)
+    for cfg in (kernels.GemmConfig(16, 16, num_warps=4, num_stages=2),
+                kernels.GemmConfig(16, 32, split_k=3, num_warps=4, num_stages=2, swap_ab=1)):
+        want = kernels.mixed_gemm(xq, w_gpu, w_bits, k, n, a_scale * f, w_scale, bias * f, torch.float32, config=cfg)
+        got, got_scale = kernels.quantized_linear_dynamic(x.to(DEVICE), w_gpu, w_bits, 8, k, n, w_scale, bias * f,
+                                                          torch.float32, config=cfg, a_scale_mul=f)
+        assert torch.equal(got_scale, a_scale) and torch.equal(got, want), f"seed={seed} {cfg}"
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("w_bits", BITS)
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_swapped_operands_give_the_same_integers(w_bits, split_k):
     # out^T = W @ X^T (weights as wgmma's register operand): same integers, same epilogue
