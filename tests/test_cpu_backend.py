@@ -246,6 +246,45 @@ def test_layernorm_quantize_matches_float64(a_bits, dtype):
     assert bool((near_tie | (diff == 0)).all())
 
 
+# ----------------------------------------------------------------------------- non-finite input
+
+
+def _nonfinite_rows(k: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows with a NaN, +inf, -inf, both infinities, and a finite control row; the bad values
+    sit both in the vector body and in the scalar tail (k is not a multiple of 32)."""
+    x = torch.randn(7, k, generator=gen) * 3
+    nan, inf = float("nan"), float("inf")
+    x[0, 5] = nan
+    x[1, k - 1] = nan
+    x[2, 9] = inf
+    x[3, 40] = -inf
+    x[4, 3], x[4, k - 2] = inf, -inf
+    x[5, :] = nan
+    return x
+
+
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_input_matches_reference(kernel_path, a_bits, dtype):
+    """NaN and +-inf give the reference's codes and scales on every path (defect 4 of issue 11):
+    dynamic: a NaN row gets scale NaN and codes 0, an inf row scale inf and codes 0;
+    static: NaN -> 0, +-inf -> +-qmax; LayerNorm: a row with any non-finite value -> codes 0."""
+    k = 75
+    gen = torch.Generator().manual_seed(a_bits)
+    x = _nonfinite_rows(k, gen).to(dtype)
+    q_ref, s_ref = ops.quantize_act_dynamic(x, a_bits, "reference")
+    q, s = ops.quantize_act_dynamic(x, a_bits, "cpu")
+    assert torch.equal(q, q_ref)
+    assert torch.equal(s.isnan(), s_ref.isnan()) and torch.equal(s.nan_to_num(0), s_ref.nan_to_num(0))
+    for inv in (torch.tensor([0.7]), torch.rand(k, generator=gen) + 0.5):
+        assert torch.equal(ops.quantize_act_static(x, inv, a_bits, "cpu"),
+                           ops.quantize_act_static(x, inv, a_bits, "reference"))
+        w, b = torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen)
+        q_ln = ops.layernorm_quantize(x, w, b, 1e-5, inv, a_bits, "cpu")
+        assert torch.equal(q_ln[:6], torch.zeros_like(q_ln[:6]))
+        assert torch.equal(q_ln[:6], ops.layernorm_quantize(x, w, b, 1e-5, inv, a_bits, "reference")[:6])
+
+
 # ----------------------------------------------------------------------------- fallback
 
 
