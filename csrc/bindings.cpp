@@ -27,6 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_gemm", &mixq::int_gemm, py::arg("xq"), py::arg("w"), py::arg("bits"), py::arg("k"), py::arg("n"));
   m.def("packed_linear", &mixq::packed_linear, py::arg("xq"), py::arg("a_scale"), py::arg("w"), py::arg("w_scale"),
         py::arg("bias"), py::arg("bits"), py::arg("k"), py::arg("n"), py::arg("out_dtype"));
+  m.def("linear_dynamic", &mixq::linear_dynamic, py::arg("x"), py::arg("smooth_inv"), py::arg("w"),
+        py::arg("w_scale"), py::arg("bias"), py::arg("w_bits"), py::arg("a_bits"), py::arg("k"), py::arg("n"),
+        py::arg("out_dtype"), "Fused dynamic-activation Linear: quantize (+ smooth multiply), GEMM, epilogue");
   m.def("quantize_dynamic", &mixq::quantize_dynamic, py::arg("x"), py::arg("bits"));
   m.def("quantize_static", &mixq::quantize_static, py::arg("x"), py::arg("inv_scale"), py::arg("bits"));
   m.def("layernorm_quantize", &mixq::layernorm_quantize, py::arg("x"), py::arg("weight"), py::arg("bias"),

@@ -335,6 +335,7 @@ struct Workspace {
   std::vector<int8_t> x;        // zero-padded activation copy (K not a multiple of the unit), or tail rows
   std::vector<int8_t> xi;       // x / |x| interleaved panel (AVX2 int8 sign kernel)
   std::vector<int32_t> rowsum;  // [mp]
+  std::vector<float> scale;     // [m] fused linear: per-token activation scales
 };
 
 Workspace& workspace() {
@@ -458,6 +459,15 @@ void finish_tile_scalar(const int32_t* acc, int64_t lda, const int32_t* rowsum, 
 }
 
 // ----------------------------------------------------------------------------- driver
+// Fused linear: the GEMM's first phase quantizes the float rows itself (into the workspace).
+struct RowSource {
+  const char* x = nullptr;              // float rows [M, K] (fp32, bf16 or fp16)
+  at::ScalarType dtype = at::kFloat;
+  int64_t row_bytes = 0;
+  const float* smooth_inv = nullptr;    // smooth mode: x * smooth_inv before the dynamic rule
+  int64_t a_bits = 8;
+};
+
 void check_prepacked(const at::Tensor& w, int64_t bits, int64_t k, int64_t n) {
   check_bits(bits);
   TORCH_CHECK(k > 0 && n > 0, "mixq cpu: k and n must be positive, got k=", k, " n=", n);
@@ -475,7 +485,7 @@ void check_prepacked(const at::Tensor& w, int64_t bits, int64_t k, int64_t n) {
 // inside an item, the NT-tile weight panel stays hot while every MR-row block of the chunk
 // passes over it. M ~ 200 is one row chunk, so the items cut N: both cores stay busy.
 void run_gemm(const int8_t* x, int64_t m, int64_t k, const uint8_t* wp, int64_t bits, int64_t n,
-              const Epilogue& ep) {
+              const Epilogue& ep_in, const RowSource* src = nullptr) {
   if (m == 0) return;
   const int64_t kpad = round_up(k, prepack_k_unit(bits));
   const int64_t tile_bytes = prepacked_tile_bytes(k, bits);
@@ -486,13 +496,20 @@ void run_gemm(const int8_t* x, int64_t m, int64_t k, const uint8_t* wp, int64_t 
   const int mr = family_mr(isa);
   const int64_t mp = round_up(m, mr);
   // Without padding, rows [0, full) are read in place; the last partial MR block from `tail`.
-  const bool copy_all = kpad != k;
+  const bool copy_all = kpad != k || src != nullptr;
   const int64_t full = copy_all ? mp : m / mr * mr;
 
   Workspace& ws = workspace();
   int32_t* rowsum = grow(ws.rowsum, mp);
   int8_t* xcopy = grow(ws.x, (copy_all ? mp : mr) * kpad);
   int8_t* xi = (isa == Isa::kAvx2 && bits == 8) ? grow(ws.xi, mp * 2 * kpad) : nullptr;
+  Epilogue ep = ep_in;
+  float* row_scale = nullptr;
+  if (src != nullptr) {
+    row_scale = grow(ws.scale, m);
+    ep.a_scale = row_scale;
+    ep.a_scale_per_row = true;
+  }
 
   // Threads: all of torch's, unless the call is too small to pay for waking them.
   const int64_t work = m * kpad * ntiles * kTileN;
@@ -515,12 +532,18 @@ void run_gemm(const int8_t* x, int64_t m, int64_t k, const uint8_t* wp, int64_t 
     for (int64_t i = 0; i < mp; ++i) {
       int32_t sum = 0;
       int mx = 0;
-      if (i < m) {
-        const int8_t* src = x + i * k;
-        row_stats(src, k, &sum, &mx, avx2);
+      if (i < m && src != nullptr) {
+        int8_t* dst = xcopy + i * kpad;
+        row_scale[i] = quantize_row_dynamic(src->x + i * src->row_bytes, src->dtype, src->smooth_inv, k, src->a_bits,
+                                            dst);
+        std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
+        row_stats(dst, k, &sum, &mx, avx2);
+      } else if (i < m) {
+        const int8_t* row = x + i * k;
+        row_stats(row, k, &sum, &mx, avx2);
         if (copy_all || i >= full) {
           int8_t* dst = xcopy + (copy_all ? i : i - full) * kpad;
-          std::memcpy(dst, src, static_cast<size_t>(k));
+          std::memcpy(dst, row, static_cast<size_t>(k));
           std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
         }
       } else {
@@ -542,11 +565,11 @@ void run_gemm(const int8_t* x, int64_t m, int64_t k, const uint8_t* wp, int64_t 
     if (kc.interleaved) {
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < mp; ++i) {
-        const int8_t* src = i < full ? x + i * k : xcopy + (copy_all ? i : i - full) * kpad;
+        const int8_t* row = copy_all ? xcopy + i * kpad : (i < full ? x + i * k : xcopy + (i - full) * kpad);
         int8_t* dst = xi + i * 2 * kpad;
         for (int64_t g = 0; g < ngroups; ++g) {
           for (int j = 0; j < kGroup; ++j) {
-            const int8_t v = src[g * kGroup + j];
+            const int8_t v = row[g * kGroup + j];
             dst[g * 2 * kGroup + j] = v;
             dst[g * 2 * kGroup + kGroup + j] = static_cast<int8_t>(v < 0 ? -static_cast<int>(v) : v);
           }
@@ -707,6 +730,51 @@ at::Tensor packed_linear(const at::Tensor& xq_in, const at::Tensor& a_scale_in, 
   ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   ep.ldo = n;
   run_gemm(xq.data_ptr<int8_t>(), m, k, w.data_ptr<uint8_t>(), bits, n, ep);
+  return out;
+}
+
+at::Tensor linear_dynamic(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_inv_in, const at::Tensor& w,
+                          const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in, int64_t w_bits,
+                          int64_t a_bits, int64_t k, int64_t n, at::ScalarType out_dtype) {
+  check_prepacked(w, w_bits, k, n);
+  TORCH_CHECK(a_bits == 4 || a_bits == 6 || a_bits == 8, "mixq cpu: unsupported a_bits=", a_bits,
+              "; supported: 4, 6, 8");
+  const auto t = x_in.scalar_type();
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf),
+              "mixq cpu: linear_dynamic expects a 2-D float32/bfloat16/float16 CPU tensor [M, K], got ", t, " ",
+              x_in.sizes(), " on ", x_in.device());
+  TORCH_CHECK(x_in.size(1) == k, "mixq cpu: x has K=", x_in.size(1), " but the weights have k=", k);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16,
+              "mixq cpu: out_dtype must be float32 or bfloat16, got ", out_dtype);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0);
+  at::Tensor smooth_inv;
+  if (smooth_inv_in.has_value() && smooth_inv_in->defined()) {
+    smooth_inv = smooth_inv_in->to(at::kFloat).contiguous().reshape({-1});
+    TORCH_CHECK(smooth_inv.numel() == k, "mixq cpu: smooth_inv must have K=", k, " elements, got ", smooth_inv.numel());
+  }
+  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous().reshape({-1});
+  TORCH_CHECK(w_scale.numel() == n, "mixq cpu: w_scale must have N=", n, " elements, got ", w_scale.numel());
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->to(at::kFloat).contiguous().reshape({-1});
+    TORCH_CHECK(bias.numel() == n, "mixq cpu: bias must have N=", n, " elements, got ", bias.numel());
+  }
+  at::Tensor out = at::empty({m, n}, out_dtype);
+  if (m == 0) return out;
+  Epilogue ep;
+  if (out_dtype == at::kFloat) ep.out_f32 = out.data_ptr<float>();
+  else ep.out_bf16 = out.data_ptr<at::BFloat16>();
+  ep.w_scale = w_scale.data_ptr<float>();
+  ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  ep.ldo = n;
+  RowSource src;
+  src.x = static_cast<const char*>(x.data_ptr());
+  src.dtype = t;
+  src.row_bytes = k * static_cast<int64_t>(x.element_size());
+  src.smooth_inv = smooth_inv.defined() ? smooth_inv.data_ptr<float>() : nullptr;
+  src.a_bits = a_bits;
+  run_gemm(nullptr, m, k, w.data_ptr<uint8_t>(), w_bits, n, ep, &src);
   return out;
 }
 

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace mixq {
 
@@ -211,7 +212,48 @@ at::Tensor checked_inv_scale(const at::Tensor& inv_scale, int64_t k) {
   return inv;
 }
 
+template <typename T>
+float quantize_row_dynamic_t(const T* row, int64_t k, float lim, int8_t* q) {
+#if defined(__x86_64__)
+  const bool avx2 = use_avx2();
+  const float amax = avx2 ? row_amax_avx2(row, k) : row_amax_scalar(row, k);
+#else
+  const float amax = row_amax_scalar(row, k);
+#endif
+  const float s = (std::isnan(amax) ? amax : std::max(amax, kScaleEps)) / lim;
+  const float inv = 1.0f / s;
+#if defined(__x86_64__)
+  if (avx2) {
+    quantize_row_avx2<T, false>(row, &inv, lim, k, q);
+    return s;
+  }
+#endif
+  quantize_row_scalar(row, &inv, false, lim, k, q);
+  return s;
+}
+
 }  // namespace
+
+float quantize_row_dynamic(const void* x, at::ScalarType dtype, const float* smooth_inv, int64_t k, int64_t bits,
+                           int8_t* q) {
+  const float lim = static_cast<float>(qmax_of(bits));
+  float s = 0.f;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* row = static_cast<const T*>(x);
+    if (smooth_inv == nullptr) {
+      s = quantize_row_dynamic_t(row, k, lim, q);
+      return;
+    }
+    // Smooth mode: x / s_k as the reference forms it (fp32 x times fp32 1/s_k, one rounding),
+    // kept in a per-thread row buffer (L1) for the amax and the quantize passes.
+    static thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < k) buf.resize(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) buf[j] = to_f32(row[j]) * smooth_inv[j];
+    s = quantize_row_dynamic_t(buf.data(), k, lim, q);
+  });
+  return s;
+}
 
 std::tuple<at::Tensor, at::Tensor> quantize_dynamic(const at::Tensor& x_in, int64_t bits) {
   check_input(x_in);

@@ -99,8 +99,9 @@ def test_int_gemm_hypothesis_shapes(m, k, n, w_bits, a_bits, seed):
 @pytest.mark.parametrize("a_bits", BITS + [0])
 def test_int_gemm_extremes_do_not_overflow(kernel_path, w_bits, a_bits):
     """Every int16 partial sum of the kernels at its largest: all weights at +-qmax times
-    all activations at +-qmax (and -128 for the full int8 range), over a long K."""
-    k = 4099 if kernel_path == "avx2" else 515
+    all activations at +-qmax (and -128 for the full int8 range), over a long K. On the VNNI
+    path the offset codes reach 255 (int8 weights) and the whole K sits in one int32 register."""
+    k = 4099 if kernel_path != "scalar" else 515
     lw = formats.qmax(w_bits)
     la = formats.qmax(a_bits) if a_bits else 127
     lo_a = -la if a_bits else -128
@@ -151,6 +152,32 @@ def test_packed_linear_matches_reference(kernel_path, w_bits, a_bits, out_dtype,
     exact = (xq.double() @ wq.double().T) * a_scale.double().reshape(-1, 1) * w_scale.double() + bias.double()
     tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[out_dtype]
     torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 16), (19, 83, 21), (200, 96, 40)])
+def test_linear_dynamic_fused_equals_two_ops(kernel_path, w_bits, a_bits, dtype, smooth, m, k, n):
+    """The fused call gives the bits of quantize (after x * 1/s in fp32) + packed_linear, on the
+    reference backend too (NaN rows included)."""
+    gen = torch.Generator().manual_seed(m + k + n + w_bits * 3 + a_bits)
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    if m > 1:
+        x[1, 7] = float("nan")
+    inv = torch.rand(k, generator=gen) + 0.5 if smooth else None
+    wq = _weights(n, k, w_bits, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=gen)
+    canonical = formats.pack_weight(wq, w_bits)
+    xs = x.to(torch.float32) * inv if smooth else x
+    out_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    xq, a_scale = ops.quantize_act_dynamic(xs, a_bits, "reference")
+    ref = ops.packed_linear(xq, a_scale, canonical, w_scale, bias, w_bits, k, n, out_dtype, "reference")
+    got = CPU.linear_dynamic(x, inv, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, a_bits, k, n, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.nan_to_num(0), ref.nan_to_num(0))
 
 
 def test_packed_linear_without_bias_and_empty_batch():

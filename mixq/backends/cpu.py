@@ -128,5 +128,35 @@ class CpuBackend:
             return _C.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, torch.float32).to(torch.float16)
         return _C.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, out_dtype)
 
+    def linear_dynamic(
+        self,
+        x: torch.Tensor,
+        smooth_inv: Optional[torch.Tensor],
+        w: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        w_bits: int,
+        a_bits: int,
+        k: int,
+        n: int,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``packed_linear(*quantize_dynamic(x * smooth_inv))`` in one call and one parallel region.
+
+        Same numbers bit for bit as the two ops (the smooth multiply is the same fp32 product); the
+        activation codes never become a tensor, so the call allocates only its output.
+        """
+        _require_ext()
+        formats.check_bits(w_bits, "w_bits")
+        formats.check_bits(a_bits, "a_bits")
+        _check_float_2d(x, "x")
+        if out_dtype not in _OUT_DTYPES:
+            raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+        if out_dtype == torch.float16:
+            return _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, torch.float32).to(
+                torch.float16
+            )
+        return _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype)
+
 
 register_backend(CpuBackend())
