@@ -387,6 +387,7 @@ struct Epilogue {
   at::BFloat16* out_bf16 = nullptr; // packed_linear bf16
   const float* a_scale = nullptr;
   bool a_scale_per_row = false;
+  int64_t a_scale_row0 = 0;         // a_scale[m - a_scale_row0] when per row (chunk-local scales)
   const float* w_scale = nullptr;
   const float* bias = nullptr;
   int64_t ldo = 0;
@@ -419,7 +420,7 @@ MIXQ_AVX2 void finish_tile_avx2(const int32_t* acc, int64_t lda, const int32_t* 
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(ep.out_i32 + m * ep.ldo + n0), v);
       continue;
     }
-    const __m256 as = _mm256_set1_ps(ep.a_scale[ep.a_scale_per_row ? m : 0]);
+    const __m256 as = _mm256_set1_ps(ep.a_scale[ep.a_scale_per_row ? m - ep.a_scale_row0 : 0]);
     __m256 o = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), as), ws);
     if (ep.bias) o = _mm256_add_ps(o, b);
     if (ep.out_f32) {
@@ -436,7 +437,7 @@ void finish_tile_scalar(const int32_t* acc, int64_t lda, const int32_t* rowsum, 
                         int64_t rows, int64_t n0, int64_t cols, const Epilogue& ep) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
-    const float as = ep.out_i32 ? 0.f : ep.a_scale[ep.a_scale_per_row ? m : 0];
+    const float as = ep.out_i32 ? 0.f : ep.a_scale[ep.a_scale_per_row ? m - ep.a_scale_row0 : 0];
     for (int64_t c = 0; c < cols; ++c) {
       // Wrapping int32 arithmetic: the true result fits, intermediates may wrap.
       const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(acc[r * lda + c]) -
@@ -479,11 +480,17 @@ void check_prepacked(const at::Tensor& w, int64_t bits, int64_t k, int64_t n) {
               " at ", bits, " bits need ", expect, "; pass the output of CpuBackend.prepack, not canonical weights");
 }
 
-// One OpenMP parallel region per call: row sums (and the zero-padded copy or tail rows the
-// kernels read), the kernel choice, then the GEMM with its fused epilogue, split into
-// (row chunk x tile chunk) items. Row chunks keep their activations (<= ~128 KiB) in L2;
-// inside an item, the NT-tile weight panel stays hot while every MR-row block of the chunk
-// passes over it. M ~ 200 is one row chunk, so the items cut N: both cores stay busy.
+// One OpenMP parallel region per call, and no barrier inside it: under load a barrier waits
+// for a descheduled thread (a whole time slice), so the only one is the region's end.
+// Items are (row chunk x tile chunk), handed out dynamically in order. A thread prepares a row
+// chunk itself the first time it meets it, in its own workspace: row sums, the kernel choice
+// (AVX2 depends on the chunk's max |x|), and the rows the kernel cannot read in place (the
+// fused quantize, a K that needs zero padding, the last partial MR block, the AVX2 int8 x/|x|
+// panel). When two threads share a chunk both prepare it (a pass over M x K, ~1/N of the GEMM)
+// instead of waiting for each other. Row chunks keep <= ~128 KiB of activations (L2); inside
+// an item the NT-tile weight panel stays in L1 while every MR-row block of the chunk passes
+// over it; kernels keep the whole of K in registers and the epilogue is fused per tile.
+// M ~ 200 is one or two row chunks, so the items cut N and both cores stay busy.
 void run_gemm(const int8_t* x, int64_t m, int64_t k, const uint8_t* wp, int64_t bits, int64_t n,
               const Epilogue& ep_in, const RowSource* src = nullptr) {
   if (m == 0) return;
@@ -494,123 +501,121 @@ void run_gemm(const int8_t* x, int64_t m, int64_t k, const uint8_t* wp, int64_t 
   const Isa isa = active_isa();
   const bool avx2 = isa >= Isa::kAvx2;
   const int mr = family_mr(isa);
+  const int nt_family = isa == Isa::kVnni ? kVnniNT : 1;
   const int64_t mp = round_up(m, mr);
-  // Without padding, rows [0, full) are read in place; the last partial MR block from `tail`.
-  const bool copy_all = kpad != k || src != nullptr;
-  const int64_t full = copy_all ? mp : m / mr * mr;
-
-  Workspace& ws = workspace();
-  int32_t* rowsum = grow(ws.rowsum, mp);
-  int8_t* xcopy = grow(ws.x, (copy_all ? mp : mr) * kpad);
-  int8_t* xi = (isa == Isa::kAvx2 && bits == 8) ? grow(ws.xi, mp * 2 * kpad) : nullptr;
-  Epilogue ep = ep_in;
-  float* row_scale = nullptr;
-  if (src != nullptr) {
-    row_scale = grow(ws.scale, m);
-    ep.a_scale = row_scale;
-    ep.a_scale_per_row = true;
-  }
+  const bool copy_all = kpad != k || src != nullptr;  // else rows are read in place (but the tail)
 
   // Threads: all of torch's, unless the call is too small to pay for waking them.
   const int64_t work = m * kpad * ntiles * kTileN;
   const int nthreads = work < (int64_t{1} << 20) ? 1 : std::max(1, at::get_num_threads());
 
-  // Items: row chunks of <= 128 KiB of activations (equal sizes, multiples of MR), then tile
-  // chunks so that every thread gets several items (dynamic schedule evens out the rest).
+  // Row chunks of <= 128 KiB of activations, equal sizes in MR blocks; then tile chunks so that
+  // every thread gets several items.
   const int64_t mblocks = mp / mr;
   const int64_t nm = std::min(mblocks, std::max<int64_t>(1, (mp * kpad + (128 << 10) - 1) / (128 << 10)));
-  const int64_t mchunk_blocks = (mblocks + nm - 1) / nm;
-  const int64_t mchunks = (mblocks + mchunk_blocks - 1) / mchunk_blocks;
-
-  int xmax = 0;
-  KernelChoice kc;
-  int64_t tgroups = 0, tchunk_groups = 0, tchunks = 0;
+  const int64_t chunk_blocks = (mblocks + nm - 1) / nm;
+  const int64_t mchunks = (mblocks + chunk_blocks - 1) / chunk_blocks;
+  const int64_t tgroups = (ntiles + nt_family - 1) / nt_family;
+  const int64_t want = std::max<int64_t>(1, (4 * nthreads + mchunks - 1) / mchunks);
+  const int64_t tchunk_groups = std::max<int64_t>(1, tgroups / std::min(want, tgroups));
+  const int64_t tchunks = (tgroups + tchunk_groups - 1) / tchunk_groups;
+  const int64_t chunk_rows = chunk_blocks * mr;
 
 #pragma omp parallel num_threads(nthreads)
   {
-#pragma omp for schedule(static) reduction(max : xmax)
-    for (int64_t i = 0; i < mp; ++i) {
-      int32_t sum = 0;
-      int mx = 0;
-      if (i < m && src != nullptr) {
-        int8_t* dst = xcopy + i * kpad;
-        row_scale[i] = quantize_row_dynamic(src->x + i * src->row_bytes, src->dtype, src->smooth_inv, k, src->a_bits,
-                                            dst);
-        std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
-        row_stats(dst, k, &sum, &mx, avx2);
-      } else if (i < m) {
-        const int8_t* row = x + i * k;
-        row_stats(row, k, &sum, &mx, avx2);
-        if (copy_all || i >= full) {
-          int8_t* dst = xcopy + (copy_all ? i : i - full) * kpad;
-          std::memcpy(dst, row, static_cast<size_t>(k));
-          std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
+    Workspace& ws = workspace();  // this thread's
+    int32_t* rowsum = grow(ws.rowsum, chunk_rows);
+    int8_t* xbuf = grow(ws.x, (copy_all ? chunk_rows : mr) * kpad);
+    int8_t* xi = (isa == Isa::kAvx2 && bits == 8) ? grow(ws.xi, chunk_rows * 2 * kpad) : nullptr;
+    float* row_scale = src != nullptr ? grow(ws.scale, chunk_rows) : nullptr;
+    Epilogue ep = ep_in;
+    int64_t prepared = -1;
+    int64_t row0 = 0, rows_end = 0, full = 0;  // chunk rows [row0, rows_end); in place below `full`
+    KernelChoice kc;
+    alignas(64) int32_t acc[kVnniMR * kVnniNT * kTileN];
+
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < mchunks * tchunks; ++item) {
+      const int64_t mc = item / tchunks, tc = item % tchunks;
+      if (mc != prepared) {
+        prepared = mc;
+        row0 = mc * chunk_rows;
+        rows_end = std::min(mp, row0 + chunk_rows);
+        full = copy_all ? row0 : std::max(row0, std::min(rows_end, m / mr * mr));
+        int xmax = 0;
+        for (int64_t i = row0; i < rows_end; ++i) {
+          int32_t sum = 0;
+          int mx = 0;
+          int8_t* dst = i >= full ? xbuf + (i - full) * kpad : nullptr;
+          if (i < m && src != nullptr) {
+            row_scale[i - row0] = quantize_row_dynamic(src->x + i * src->row_bytes, src->dtype, src->smooth_inv, k,
+                                                       src->a_bits, dst);
+            std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
+            row_stats(dst, k, &sum, &mx, avx2);
+          } else if (i < m) {
+            row_stats(x + i * k, k, &sum, &mx, avx2);
+            if (dst != nullptr) {
+              std::memcpy(dst, x + i * k, static_cast<size_t>(k));
+              std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
+            }
+          } else {
+            std::memset(dst, 0, static_cast<size_t>(kpad));
+          }
+          rowsum[i - row0] = sum;
+          xmax = std::max(xmax, mx);
         }
-      } else {
-        std::memset(xcopy + (copy_all ? i : i - full) * kpad, 0, static_cast<size_t>(kpad));
-      }
-      rowsum[i] = sum;
-      xmax = std::max(xmax, mx);
-    }
-#pragma omp single
-    {
-      kc = choose_kernel(isa, bits, xmax);
-      tgroups = (ntiles + kc.nt - 1) / kc.nt;
-      const int64_t want = std::max<int64_t>(1, (4 * nthreads + mchunks - 1) / mchunks);
-      tchunk_groups = std::max<int64_t>(1, tgroups / std::min(want, tgroups));
-      tchunks = (tgroups + tchunk_groups - 1) / tchunk_groups;
-    }
-    // The AVX2 int8 sign kernel reads, per group of 4, the 4 bytes of x then the 4 bytes of |x|
-    // (|-128| = 128 read as unsigned by maddubs): built once here, not once per weight tile.
-    if (kc.interleaved) {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < mp; ++i) {
-        const int8_t* row = copy_all ? xcopy + i * kpad : (i < full ? x + i * k : xcopy + (i - full) * kpad);
-        int8_t* dst = xi + i * 2 * kpad;
-        for (int64_t g = 0; g < ngroups; ++g) {
-          for (int j = 0; j < kGroup; ++j) {
-            const int8_t v = row[g * kGroup + j];
-            dst[g * 2 * kGroup + j] = v;
-            dst[g * 2 * kGroup + kGroup + j] = static_cast<int8_t>(v < 0 ? -static_cast<int>(v) : v);
+        kc = choose_kernel(isa, bits, xmax);
+        if (kc.interleaved) {
+          // The AVX2 int8 sign kernel reads, per group of 4, the 4 bytes of x then the 4 bytes
+          // of |x| (|-128| = 128 read as unsigned by maddubs): once per chunk, not per tile.
+          for (int64_t i = row0; i < rows_end; ++i) {
+            const int8_t* row = i >= full ? xbuf + (i - full) * kpad : x + i * k;
+            int8_t* dst = xi + (i - row0) * 2 * kpad;
+            for (int64_t g = 0; g < ngroups; ++g) {
+              for (int j = 0; j < kGroup; ++j) {
+                const int8_t v = row[g * kGroup + j];
+                dst[g * 2 * kGroup + j] = v;
+                dst[g * 2 * kGroup + kGroup + j] = static_cast<int8_t>(v < 0 ? -static_cast<int>(v) : v);
+              }
+            }
           }
         }
+        if (src != nullptr) {
+          ep.a_scale = row_scale;
+          ep.a_scale_per_row = true;
+          ep.a_scale_row0 = row0;
+        }
       }
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < mchunks * tchunks; ++item) {
-      alignas(64) int32_t acc[kVnniMR * kVnniNT * kTileN];
-      const int64_t mc = item / tchunks, tc = item % tchunks;
-      const int64_t b0 = mc * mchunk_blocks, b1 = std::min(mblocks, b0 + mchunk_blocks);
       const int64_t g0 = tc * tchunk_groups, g1 = std::min(tgroups, g0 + tchunk_groups);
       for (int64_t tg = g0; tg < g1; ++tg) {
         const int64_t t0 = tg * kc.nt;
         const int nt = static_cast<int>(std::min<int64_t>(kc.nt, ntiles - t0));
         const KernelFn fn = nt == kc.nt ? kc.fn : kc.fn_one;
         const uint8_t* wt = wp + t0 * tile_bytes;
-        for (int64_t bi = b0; bi < b1; ++bi) {
-          const int64_t m0 = bi * mr;
+        for (int64_t m0 = row0; m0 < rows_end; m0 += mr) {
           const int8_t* xp;
           int64_t ldx;
           if (kc.interleaved) {
-            xp = xi + m0 * 2 * kpad, ldx = 2 * kpad;
+            xp = xi + (m0 - row0) * 2 * kpad, ldx = 2 * kpad;
           } else if (m0 < full) {
-            xp = copy_all ? xcopy + m0 * kpad : x + m0 * k, ldx = copy_all ? kpad : k;
+            xp = x + m0 * k, ldx = k;
           } else {
-            xp = xcopy + (copy_all ? m0 : m0 - full) * kpad, ldx = kpad;
+            xp = xbuf + (m0 - full) * kpad, ldx = kpad;
           }
           fn(xp, ldx, wt, tile_bytes, ngroups, acc);
           const int64_t rows = std::min<int64_t>(mr, m - m0);
+          const int32_t* rs = rowsum + (m0 - row0);
           for (int t = 0; t < nt; ++t) {
             const int64_t n0 = (t0 + t) * kTileN;
             const int64_t cols = std::min<int64_t>(kTileN, n - n0);
             const int32_t* a = acc + t * kTileN;
 #if defined(__x86_64__)
             if (avx2 && cols == kTileN) {
-              finish_tile_avx2(a, nt * kTileN, rowsum + m0, kc.offset, m0, rows, n0, ep);
+              finish_tile_avx2(a, nt * kTileN, rs, kc.offset, m0, rows, n0, ep);
               continue;
             }
 #endif
-            finish_tile_scalar(a, nt * kTileN, rowsum + m0, kc.offset, m0, rows, n0, cols, ep);
+            finish_tile_scalar(a, nt * kTileN, rs, kc.offset, m0, rows, n0, cols, ep);
           }
         }
       }

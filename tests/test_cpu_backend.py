@@ -180,6 +180,26 @@ def test_linear_dynamic_fused_equals_two_ops(kernel_path, w_bits, a_bits, dtype,
     assert torch.equal(got.nan_to_num(0), ref.nan_to_num(0))
 
 
+@pytest.mark.parametrize("w_bits", BITS)
+def test_gemm_many_chunks_and_threads(kernel_path, w_bits):
+    """A shape that splits into several row chunks and tile chunks over the threads (each thread
+    prepares the chunks it meets), with padding (K = 1000) and tails in M and N."""
+    if kernel_path == "scalar":
+        pytest.skip("the scalar path is checked on the smaller shapes")
+    m, k, n = 301, 1000, 203
+    gen = torch.Generator().manual_seed(w_bits)
+    ref, got = _gemm_both(_acts(m, k, 8, gen), _weights(n, k, w_bits, gen), w_bits)
+    assert torch.equal(got, ref)
+    x = torch.randn(m, k, generator=gen)
+    wq = _weights(n, k, w_bits, gen)
+    canonical = formats.pack_weight(wq, w_bits)
+    w_scale, bias = torch.rand(n, generator=gen) * 0.01, torch.randn(n, generator=gen)
+    xq, a_scale = ops.quantize_act_dynamic(x, 8, "reference")
+    ref = ops.packed_linear(xq, a_scale, canonical, w_scale, bias, w_bits, k, n, torch.float32, "reference")
+    got = CPU.linear_dynamic(x, None, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, 8, k, n, torch.float32)
+    assert torch.equal(got, ref)
+
+
 def test_packed_linear_without_bias_and_empty_batch():
     k, n = 40, 16
     wq = torch.ones(n, k, dtype=torch.int8)
