@@ -40,8 +40,8 @@ def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, self.in_features).contiguous()
     inv = None if self.act_quant == "dynamic" or self.input_prescaled else self.act_inv_scale
-    out = get_backend("cpu").linear_dynamic(x2, inv, self.w_runtime, self.w_scale, self.bias, self.w_bits,
-                                            self.a_bits, self.in_features, self.out_features, x.dtype)
+    out, _ = get_backend("cpu").linear_dynamic(x2, inv, self.w_runtime, self.w_scale, self.bias, self.w_bits,
+                                               self.a_bits, self.in_features, self.out_features, x.dtype)
     return out.reshape(*lead, self.out_features)
 
 

@@ -335,7 +335,7 @@ struct Workspace {
   std::vector<int8_t> x;        // zero-padded activation copy (K not a multiple of the unit), or tail rows
   std::vector<int8_t> xi;       // x / |x| interleaved panel (AVX2 int8 sign kernel)
   std::vector<int32_t> rowsum;  // [mp]
-  std::vector<float> scale;     // [m] fused linear: per-token activation scales
+  std::vector<float> scale;     // fused linear: the chunk's per-token steps (times scale_mul)
 };
 
 Workspace& workspace() {
@@ -467,6 +467,8 @@ struct RowSource {
   int64_t row_bytes = 0;
   const float* smooth_inv = nullptr;    // smooth mode: x * smooth_inv before the dynamic rule
   int64_t a_bits = 8;
+  float* scale_out = nullptr;           // [M] the plain per-token steps
+  float scale_mul = 1.f;                // the epilogue uses step * scale_mul (overflow headroom)
 };
 
 void check_prepacked(const at::Tensor& w, int64_t bits, int64_t k, int64_t n) {
@@ -548,8 +550,10 @@ void run_gemm(const int8_t* x, int64_t m, int64_t k, const uint8_t* wp, int64_t 
           int mx = 0;
           int8_t* dst = i >= full ? xbuf + (i - full) * kpad : nullptr;
           if (i < m && src != nullptr) {
-            row_scale[i - row0] = quantize_row_dynamic(src->x + i * src->row_bytes, src->dtype, src->smooth_inv, k,
-                                                       src->a_bits, dst);
+            const float step = quantize_row_dynamic(src->x + i * src->row_bytes, src->dtype, src->smooth_inv, k,
+                                                    src->a_bits, dst);
+            if (tc == 0) src->scale_out[i] = step;  // one writer per chunk: its first tile chunk
+            row_scale[i - row0] = step * src->scale_mul;
             std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
             row_stats(dst, k, &sum, &mx, avx2);
           } else if (i < m) {
@@ -738,9 +742,11 @@ at::Tensor packed_linear(const at::Tensor& xq_in, const at::Tensor& a_scale_in, 
   return out;
 }
 
-at::Tensor linear_dynamic(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_inv_in, const at::Tensor& w,
-                          const at::Tensor& w_scale_in, const std::optional<at::Tensor>& bias_in, int64_t w_bits,
-                          int64_t a_bits, int64_t k, int64_t n, at::ScalarType out_dtype) {
+std::tuple<at::Tensor, at::Tensor> linear_dynamic(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_inv_in,
+                                                  const at::Tensor& w, const at::Tensor& w_scale_in,
+                                                  const std::optional<at::Tensor>& bias_in, int64_t w_bits,
+                                                  int64_t a_bits, int64_t k, int64_t n, at::ScalarType out_dtype,
+                                                  const std::optional<at::Tensor>& a_scale_mul) {
   check_prepacked(w, w_bits, k, n);
   TORCH_CHECK(a_bits == 4 || a_bits == 6 || a_bits == 8, "mixq cpu: unsupported a_bits=", a_bits,
               "; supported: 4, 6, 8");
@@ -765,8 +771,14 @@ at::Tensor linear_dynamic(const at::Tensor& x_in, const std::optional<at::Tensor
     bias = bias_in->to(at::kFloat).contiguous().reshape({-1});
     TORCH_CHECK(bias.numel() == n, "mixq cpu: bias must have N=", n, " elements, got ", bias.numel());
   }
+  float mul = 1.f;
+  if (a_scale_mul.has_value() && a_scale_mul->defined()) {
+    TORCH_CHECK(a_scale_mul->numel() == 1, "mixq cpu: a_scale_mul must hold one value, got ", a_scale_mul->numel());
+    mul = a_scale_mul->to(at::kFloat).item<float>();
+  }
   at::Tensor out = at::empty({m, n}, out_dtype);
-  if (m == 0) return out;
+  at::Tensor a_scale = at::empty({m}, at::kFloat);
+  if (m == 0) return {out, a_scale};
   Epilogue ep;
   if (out_dtype == at::kFloat) ep.out_f32 = out.data_ptr<float>();
   else ep.out_bf16 = out.data_ptr<at::BFloat16>();
@@ -779,8 +791,10 @@ at::Tensor linear_dynamic(const at::Tensor& x_in, const std::optional<at::Tensor
   src.row_bytes = k * static_cast<int64_t>(x.element_size());
   src.smooth_inv = smooth_inv.defined() ? smooth_inv.data_ptr<float>() : nullptr;
   src.a_bits = a_bits;
+  src.scale_out = a_scale.data_ptr<float>();
+  src.scale_mul = mul;
   run_gemm(nullptr, m, k, w.data_ptr<uint8_t>(), w_bits, n, ep, &src);
-  return out;
+  return {out, a_scale};
 }
 
 }  // namespace mixq

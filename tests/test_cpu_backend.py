@@ -174,10 +174,18 @@ def test_linear_dynamic_fused_equals_two_ops(kernel_path, w_bits, a_bits, dtype,
     out_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
     xq, a_scale = ops.quantize_act_dynamic(xs, a_bits, "reference")
     ref = ops.packed_linear(xq, a_scale, canonical, w_scale, bias, w_bits, k, n, out_dtype, "reference")
-    got = CPU.linear_dynamic(x, inv, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, a_bits, k, n, out_dtype)
+    w = CPU.prepack(canonical, w_bits, k)
+    got, got_scale = CPU.linear_dynamic(x, inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype)
     assert got.dtype == out_dtype and got.shape == (m, n)
     assert torch.equal(got.isnan(), ref.isnan())
     assert torch.equal(got.nan_to_num(0), ref.nan_to_num(0))
+    assert torch.equal(got_scale.isnan(), a_scale.isnan())
+    assert torch.equal(got_scale.nan_to_num(0), a_scale.nan_to_num(0))
+    if not smooth:  # the triton backend's entry point, with an epilogue headroom factor
+        f = torch.tensor([2.0**-3])
+        ref_f = ops.packed_linear(xq, a_scale * f, canonical, w_scale, bias, w_bits, k, n, out_dtype, "reference")
+        got_f, _ = CPU.quantized_linear_dynamic(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, f)
+        assert torch.equal(got_f.nan_to_num(0), ref_f.nan_to_num(0))
 
 
 @pytest.mark.parametrize("w_bits", BITS)
@@ -196,8 +204,9 @@ def test_gemm_many_chunks_and_threads(kernel_path, w_bits):
     w_scale, bias = torch.rand(n, generator=gen) * 0.01, torch.randn(n, generator=gen)
     xq, a_scale = ops.quantize_act_dynamic(x, 8, "reference")
     ref = ops.packed_linear(xq, a_scale, canonical, w_scale, bias, w_bits, k, n, torch.float32, "reference")
-    got = CPU.linear_dynamic(x, None, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, 8, k, n, torch.float32)
-    assert torch.equal(got, ref)
+    got, got_scale = CPU.linear_dynamic(x, None, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, 8, k, n,
+                                        torch.float32)
+    assert torch.equal(got, ref) and torch.equal(got_scale, a_scale)
 
 
 def test_packed_linear_without_bias_and_empty_batch():
