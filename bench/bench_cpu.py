@@ -1,19 +1,20 @@
-"""CPU speed of mixq's packed Linear against fp32 nn.Linear and fbgemm's int8 dynamic Linear.
+"""CPU speed of mixq's QuantLinear against fp32 nn.Linear and fbgemm's int8 dynamic Linear.
 
-Every mixq timing is end to end, as a real Linear runs: per-token activation quantization
-(mixq::quantize_act_dynamic) plus the packed GEMM with its fused epilogue
-(mixq::packed_linear), fp32 in and fp32 out. Shapes: the SAM ViT-B image encoder (M = 4096
-tokens) and ViT-B/16 (M = 197, one image; M = 197*8, a batch of 8), each with the four Linear
-shapes of a block (qkv 768x2304, fc1 768x3072, fc2 3072x768, proj 768x768).
+Every mixq timing is end to end, as a real Linear runs: ``QuantLinear(act_quant="dynamic")``
+forward (per-token activation quantization, packed GEMM, fused epilogue), fp32 in and out,
+against ``torch.ao.quantization.quantize_dynamic`` (fbgemm) on the same weights. Shapes: issue
+14's ViT-S/ViT-B batch-1, BERT-small and SAM-B Linears, plus ViT-B/16 batch 8.
 
-    pytest bench/bench_cpu.py --benchmark-only            # pytest-benchmark, few rounds
-    python bench/bench_cpu.py --table [--quick] [--threads T]   # Markdown table with ratios and GOP/s
+    pytest bench/bench_cpu.py --benchmark-only                  # pytest-benchmark, few rounds
+    python bench/bench_cpu.py --table [--quick] [--threads T]   # Markdown table, interleaved medians
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
 import subprocess
 import time
 import warnings
@@ -24,11 +25,23 @@ import torch
 
 from mixq import formats, ops
 
-KN = [(768, 2304), (768, 3072), (3072, 768), (768, 768)]
-MS = [197, 197 * 8, 4096]
-SHAPES = [(m, k, n) for m in MS for (k, n) in KN]
-W_BITS = (8, 6, 4)
-IMPLS = ["fp32", "fbgemm"] + [f"W{w}A8" for w in W_BITS]
+# (name, M, K, N): the table of issue 14 first, then ours.
+TABLE_SHAPES = [
+    ("ViT-S qkv, batch 1", 257, 384, 1152),
+    ("ViT-S fc2, batch 1", 257, 1536, 384),
+    ("ViT-B fc1, batch 1", 197, 768, 3072),
+    ("BERT-small fc1", 2048, 384, 1536),
+    ("SAM-B fc1", 4096, 768, 3072),
+    ("SAM-B qkv", 4096, 768, 2304),
+    ("ViT-B proj, batch 1", 197, 768, 768),
+    ("ViT-B fc2, batch 8", 1576, 3072, 768),
+]
+SHAPES = [(m, k, n) for _, m, k, n in TABLE_SHAPES]
+QUANT = ["W8A8", "W6A8", "W4A8", "W4A4"]
+IMPLS = ["fp32", "fbgemm"] + QUANT
+# "fused": the same Linear through CpuBackend.linear_dynamic (quantize + GEMM in one call), what
+# QuantLinear runs once ops.py routes dynamic/smooth layers to it (see bench/results/cpu.md).
+FUSED = ["W4A8 fused", "W8A8 fused"]
 
 
 def _cpu_backend_ready() -> bool:
@@ -53,17 +66,17 @@ def make_runner(impl: str, m: int, k: int, n: int, seed: int = 0) -> Callable[[]
             )
         return lambda: qlinear(x)
     w_bits, a_bits = int(impl[1]), int(impl[3])
-    from mixq.backends import get_backend
+    from mixq.nn import QuantLinear
 
-    q, w_scale = formats.quantize_weight(linear.weight.detach(), w_bits, clip_search=False)
-    w = get_backend("cpu").prepack(formats.pack_weight(q, w_bits), w_bits, k)
-    bias = linear.bias.detach()
+    qlin = QuantLinear.from_float(linear, w_bits, a_bits, act_quant="dynamic", backend="cpu", clip_search=False)
+    assert qlin.backend == "cpu"
+    if impl.endswith("fused"):
+        from mixq.backends import get_backend
 
-    def run() -> torch.Tensor:
-        xq, a_scale = ops.quantize_act_dynamic(x, a_bits, "cpu")
-        return ops.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, torch.float32, "cpu")
-
-    return run
+        cpu = get_backend("cpu")
+        args = (qlin.w_runtime, qlin.w_scale, qlin.bias, w_bits, a_bits, k, n, torch.float32)
+        return lambda: cpu.linear_dynamic(x, None, *args)
+    return lambda: qlin(x)
 
 
 def gops(m: int, k: int, n: int, seconds: float) -> float:
@@ -89,22 +102,40 @@ def test_linear_cpu(benchmark, impl, m, k, n):
 # ----------------------------------------------------------------------------- table
 
 
-def best_times(runs: dict[str, Callable[[], torch.Tensor]], reps: int) -> dict[str, float]:
-    """Best wall time of each callable over ``reps`` rounds, after one warm-up call each.
+def median_times(
+    runs: dict[str, Callable[[], torch.Tensor]], rounds: int, best: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Median wall time of each callable over ``rounds`` interleaved rounds, after two warm-up calls.
 
-    The callables take turns within every round, so a change of load on a shared CPU hits
-    all of them alike and the ratios stay fair; the best of the rounds is the least disturbed.
+    The callables take turns within every round, so a change of load on the shared CPU hits all
+    of them alike and the ratios stay fair. Each round times a batch of calls long enough
+    (>= ~20 ms) that the clock's and Python's overheads do not matter. ``best``, if given, gets
+    the fastest single call of each (the least disturbed one when other jobs share the cores).
     """
-    best = {name: float("inf") for name in runs}
     with torch.no_grad():
-        for run in runs.values():
+        reps = {}
+        for name, run in runs.items():
             run()
-        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            reps[name] = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds):
             for name, run in runs.items():
                 t0 = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+                fastest = float("inf")
+                for _ in range(reps[name]):
+                    t1 = time.perf_counter()
+                    run()
+                    fastest = min(fastest, time.perf_counter() - t1)
+                samples[name].append((time.perf_counter() - t0) / reps[name])
+                if best is not None:
+                    best[name] = min(best.get(name, float("inf")), fastest)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def loadavg() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def cpu_model() -> str:
@@ -118,44 +149,62 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def table(quick: bool = False) -> str:
-    """Markdown table: ms per Linear, speed-up vs fbgemm and fp32, GOP/s and share of the measured peak."""
-    import os
+def table(quick: bool = False, rounds: int = 7, fused: bool = True) -> str:
+    """Markdown table: ms per Linear, speed-up vs fbgemm (and fp32), GOP/s, share of the measured peak."""
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from cpu_peak import measure_peaks
 
+    from mixq import _C
+
     threads = torch.get_num_threads()
+    load_before = loadavg()
     iters = 5_000_000 if quick else 20_000_000
     peaks = measure_peaks(iters=iters)
-    shapes = [(197, 768, 3072), (1576, 768, 2304), (4096, 768, 3072)] if quick else SHAPES
+    shapes = TABLE_SHAPES[:3] if quick else TABLE_SHAPES
     rows = []
-    for m, k, n in shapes:
-        reps = 3 if m >= 4096 else 5
-        t = best_times({impl: make_runner(impl, m, k, n) for impl in IMPLS}, reps)
-        rows.append((m, k, n, t))
-        print(f"M={m} K={k} N={n}: " + ", ".join(f"{i} {v * 1e3:.1f} ms" for i, v in t.items()), flush=True)
+    for name, m, k, n in shapes:
+        impls = IMPLS + (FUSED if fused else [])
+        fastest: dict[str, float] = {}
+        t = median_times({impl: make_runner(impl, m, k, n) for impl in impls}, rounds, fastest)
+        rows.append((name, m, k, n, t, fastest))
+        print(f"{name} M={m} K={k} N={n}: " + ", ".join(f"{i} {v * 1e3:.3f} ms" for i, v in t.items()), flush=True)
     # The peak is measured before and after the run; the higher reading is the less disturbed one.
     peaks = {key: max(v, w) for (key, v), w in zip(peaks.items(), measure_peaks(iters=iters).values())}
-    peak_madd = peaks[("maddubs_madd", threads)]
-    peak_add16 = peaks[("maddubs_add16", threads)]
+    quant = QUANT + (FUSED if fused else [])
+    fb_isa = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "best available")
     lines = [
-        f"CPU: {cpu_model()}, {threads} thread(s), torch {torch.__version__}. "
-        f"Measured int8 peak ({threads} thread(s)): maddubs+madd {peak_madd:.0f} GOP/s, "
-        f"maddubs+add16 {peak_add16:.0f} GOP/s (bench/cpu_peak.py).",
+        f"CPU: {cpu_model()}, {threads} thread(s), torch {torch.__version__}, fbgemm ISA: {fb_isa}, mixq kernel path "
+        f"`{_C.kernel_path()}`. Load average (1/5/15 min) before: {load_before}, after: {loadavg()}. "
+        f"Medians of {rounds} interleaved rounds.",
         "",
-        "| M | K x N | fp32 ms | fbgemm ms | impl | ms | vs fbgemm | vs fp32 | GOP/s | % of peak (add16) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Measured int8 peak (bench/cpu_peak.py, GOP/s, 2 ops per MAC, " + f"{threads} thread(s)): "
+        + ", ".join(f"{seq} {v:.0f}" for (seq, t), v in peaks.items() if t == threads),
+        "",
+        "| shape (M, K, N) | fp32 ms | fbgemm ms | fbgemm vs fp32 | " + " | ".join(quant) + " | "
+        + " | ".join(f"{q} GOP/s" for q in QUANT) + " |",
+        "|---|---:|---:|---:|" + "---:|" * (len(quant) + len(QUANT)),
     ]
-    for m, k, n, t in rows:
-        for w in W_BITS:
-            impl = f"W{w}A8"
-            g = gops(m, k, n, t[impl])
-            lines.append(
-                f"| {m} | {k}x{n} | {t['fp32'] * 1e3:.1f} | {t['fbgemm'] * 1e3:.1f} | {impl} | {t[impl] * 1e3:.1f} | "
-                f"{t['fbgemm'] / t[impl]:.2f}x | {t['fp32'] / t[impl]:.2f}x | {g:.0f} | {100 * g / peak_add16:.0f}% |"
-            )
+    header = lines[-2:]
+    for name, m, k, n, t, _ in rows:
+        ratios = " | ".join(f"{t['fbgemm'] / t[q]:.2f}x" for q in quant)
+        rates = " | ".join(f"{gops(m, k, n, t[q]):.0f}" for q in QUANT)
+        lines.append(
+            f"| {name} ({m}, {k}, {n}) | {t['fp32'] * 1e3:.3f} | {t['fbgemm'] * 1e3:.3f} | "
+            f"{t['fp32'] / t['fbgemm']:.2f}x | {ratios} | {rates} |"
+        )
+    lines.append("")
+    lines.append("Ratios: fbgemm time / mixq time (above 1: mixq faster). GOP/s = 2*M*K*N / mixq time.")
+    lines += ["", "Fastest single call of each (the least disturbed when other jobs share the cores):", ""]
+    lines += header
+    for name, m, k, n, _, t in rows:
+        ratios = " | ".join(f"{t['fbgemm'] / t[q]:.2f}x" for q in quant)
+        rates = " | ".join(f"{gops(m, k, n, t[q]):.0f}" for q in QUANT)
+        lines.append(
+            f"| {name} ({m}, {k}, {n}) | {t['fp32'] * 1e3:.3f} | {t['fbgemm'] * 1e3:.3f} | "
+            f"{t['fp32'] / t['fbgemm']:.2f}x | {ratios} | {rates} |"
+        )
     return "\n".join(lines)
 
 
@@ -164,6 +213,10 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the Markdown table of all shapes")
     parser.add_argument("--quick", action="store_true", help="three shapes and a short peak measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
+    parser.add_argument("--isa", choices=["auto", "avx2"], default="auto",
+                        help="avx2: mixq's AVX2 kernels against fbgemm's AVX2 kernels (a machine without VNNI)")
+    parser.add_argument("--no-fused", action="store_true", help="leave out the fused linear_dynamic columns")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,7 +224,13 @@ def main() -> None:
         parser.error("use --table (or run under pytest for pytest-benchmark)")
     if not _cpu_backend_ready():
         raise SystemExit("mixq._C is not built: run `python setup.py build_ext --inplace` first")
-    print(table(quick=args.quick))
+    if args.isa == "avx2":
+        from mixq import _C
+
+        # fbgemm reads this once, at its first GEMM (none has run yet); mixq caps its dispatch.
+        os.environ["FBGEMM_ENABLE_INSTRUCTIONS"] = "AVX2"
+        _C.set_kernel_path("avx2")
+    print(table(quick=args.quick, rounds=args.rounds, fused=not args.no_fused))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The micro-kernel of csrc/gemm.cpp is built from `vpmaddubsw` (32 u8 x s8 multiply-adds)
 followed either by `vpmaddwd` + `vpaddd` (widen to int32 after every product) or by `vpaddw`
-(int16 accumulation, what the int4/int6 kernels do between widenings). This script runs
+(int16 accumulation, what the int4/int6 kernels do between widenings), and, where the CPU has
+AVX-512 VNNI, `vpdpbusd` on 256-bit vectors (the VNNI kernels). This script runs
 independent chains of each sequence (csrc/peak.cpp) and prints GOP/s (2 ops per MAC), the
 ceiling against which bench_cpu.py states its kernels' efficiency.
 
@@ -23,8 +24,9 @@ def measure_peaks(iters: int = 20_000_000, repeats: int = 3) -> dict[tuple[str, 
     from mixq import _C
 
     threads = sorted({1, torch.get_num_threads()})
+    seqs = SEQUENCES + (("dpbusd",) if _C.has_vnni() else ())
     return {
-        (seq, t): max(_C.measure_int8_peak(seq, iters, t) for _ in range(repeats)) for seq in SEQUENCES for t in threads
+        (seq, t): max(_C.measure_int8_peak(seq, iters, t) for _ in range(repeats)) for seq in seqs for t in threads
     }
 
 

@@ -4,9 +4,20 @@
 #include "mixq_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mixq CPU kernels: AVX2 + OpenMP int8 x packed int4/int6/int8 GEMM and activation quantization";
+  m.doc() = "mixq CPU kernels: AVX-512 VNNI / AVX2 + OpenMP int8 x packed int4/int6/int8 GEMM and activation quantization";
   m.def("has_avx2", &mixq::cpu_has_avx2, "True when the CPU supports AVX2, FMA and F16C");
-  m.def("use_avx2", &mixq::use_avx2, "True when the AVX2 kernels are in use");
+  m.def("use_avx2", &mixq::use_avx2, "True when the AVX2 (or VNNI) kernels are in use");
+  m.def("has_vnni", &mixq::cpu_has_vnni, "True when the CPU supports AVX-512 VNNI (+VL, BW)");
+  m.def("kernel_path", &mixq::kernel_path_name, "The kernel family in use: 'vnni', 'avx2' or 'scalar'");
+  m.def(
+      "set_kernel_path",
+      [](const std::string& path) {
+        if (path == "scalar") mixq::set_max_isa(mixq::Isa::kScalar);
+        else if (path == "avx2") mixq::set_max_isa(mixq::Isa::kAvx2);
+        else if (path == "vnni" || path == "auto") mixq::set_max_isa(mixq::Isa::kVnni);
+        else throw std::invalid_argument("kernel path must be 'vnni', 'avx2', 'scalar' or 'auto', got '" + path + "'");
+      },
+      py::arg("path"), "Cap the kernel family (the best supported one at or below it runs)");
   m.def("set_force_scalar", &mixq::set_force_scalar, py::arg("force"),
         "Force the portable scalar kernels (for tests of that path)");
   m.def("prepack_k_unit", &mixq::prepack_k_unit, py::arg("bits"));
@@ -16,6 +27,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int_gemm", &mixq::int_gemm, py::arg("xq"), py::arg("w"), py::arg("bits"), py::arg("k"), py::arg("n"));
   m.def("packed_linear", &mixq::packed_linear, py::arg("xq"), py::arg("a_scale"), py::arg("w"), py::arg("w_scale"),
         py::arg("bias"), py::arg("bits"), py::arg("k"), py::arg("n"), py::arg("out_dtype"));
+  m.def("linear_dynamic", &mixq::linear_dynamic, py::arg("x"), py::arg("smooth_inv"), py::arg("w"),
+        py::arg("w_scale"), py::arg("bias"), py::arg("w_bits"), py::arg("a_bits"), py::arg("k"), py::arg("n"),
+        py::arg("out_dtype"), py::arg("a_scale_mul") = py::none(),
+        "Fused dynamic-activation Linear: quantize (+ smooth multiply), GEMM, epilogue -> (out, a_scale)");
   m.def("quantize_dynamic", &mixq::quantize_dynamic, py::arg("x"), py::arg("bits"));
   m.def("quantize_static", &mixq::quantize_static, py::arg("x"), py::arg("inv_scale"), py::arg("bits"));
   m.def("layernorm_quantize", &mixq::layernorm_quantize, py::arg("x"), py::arg("weight"), py::arg("bias"),

@@ -1,4 +1,4 @@
-// Run-time choice between the AVX2 + FMA kernels and the portable scalar path.
+// Run-time choice between the VNNI, AVX2 + FMA and portable scalar kernels.
 #include "cpu_features.h"
 
 #include <atomic>
@@ -8,10 +8,17 @@
 namespace mixq {
 
 namespace {
-std::atomic<bool> g_force_scalar{[] {
-  const char* env = std::getenv("MIXQ_CPU_SCALAR");
-  return env != nullptr && std::strcmp(env, "1") == 0;
-}()};
+int initial_cap() {
+  const char* scalar = std::getenv("MIXQ_CPU_SCALAR");
+  if (scalar != nullptr && std::strcmp(scalar, "1") == 0) return static_cast<int>(Isa::kScalar);
+  const char* isa = std::getenv("MIXQ_CPU_ISA");
+  if (isa != nullptr) {
+    if (std::strcmp(isa, "scalar") == 0) return static_cast<int>(Isa::kScalar);
+    if (std::strcmp(isa, "avx2") == 0) return static_cast<int>(Isa::kAvx2);
+  }
+  return static_cast<int>(Isa::kVnni);
+}
+std::atomic<int> g_cap{initial_cap()};
 }  // namespace
 
 bool cpu_has_avx2() {
@@ -23,8 +30,34 @@ bool cpu_has_avx2() {
 #endif
 }
 
-bool use_avx2() { return cpu_has_avx2() && !g_force_scalar.load(std::memory_order_relaxed); }
+bool cpu_has_vnni() {
+#if defined(__x86_64__)
+  static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512vnni") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
 
-void set_force_scalar(bool force) { g_force_scalar.store(force, std::memory_order_relaxed); }
+Isa active_isa() {
+  const int cap = g_cap.load(std::memory_order_relaxed);
+  const int best = cpu_has_vnni() ? 2 : (cpu_has_avx2() ? 1 : 0);
+  return static_cast<Isa>(cap < best ? cap : best);
+}
+
+bool use_avx2() { return active_isa() >= Isa::kAvx2; }
+
+void set_max_isa(Isa isa) { g_cap.store(static_cast<int>(isa), std::memory_order_relaxed); }
+
+void set_force_scalar(bool force) { set_max_isa(force ? Isa::kScalar : Isa::kVnni); }
+
+const char* kernel_path_name() {
+  switch (active_isa()) {
+    case Isa::kVnni: return "vnni";
+    case Isa::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
 
 }  // namespace mixq

@@ -20,11 +20,15 @@
 // K is padded with zero weights to a multiple of 4, 8, 16 (int8, int4, int6) and activations
 // with zeros, so padding contributes nothing.
 //
-// Driver: activations are copied once into a zero-padded panel (with row sums and max |x|);
-// threads (at::parallel_for, torch's OpenMP pool) take (64-row chunk x weight-tile block) items;
-// K runs in panels of 1024 so a 4-row activation panel and a weight-tile panel share L1; the
-// epilogue ((float(acc) * a_scale[m]) * w_scale[n] + bias[n], fp32 or bf16) is fused per tile.
-// Without AVX2 the same prepacked layout feeds a portable scalar kernel.
+// With AVX-512 VNNI (+VL, BW) the same layout feeds `vpdpbusd` (see the VNNI kernels): every
+// weight is an offset code there (int8 too: u = w + 128), exact for all int8 activations.
+//
+// Driver (run_gemm): one OpenMP region per call (torch's OpenMP pool) computes row sums (and
+// a zero-padded copy only when K is not a multiple of the unit, or for the last partial row
+// block), picks the kernel, then runs (row chunk x tile chunk) items; the kernels keep the
+// whole of K in registers, and the epilogue ((float(acc) * a_scale[m]) * w_scale[n] + bias[n],
+// fp32 or bf16) is fused per register tile. Without AVX2 the same prepacked layout feeds a
+// portable scalar kernel.
 #include "mixq_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -96,9 +100,11 @@ inline int tile_code(const uint8_t* tile, int64_t bits, int64_t g, int i) {
 }
 
 // ----------------------------------------------------------------------------- kernels
-// A kernel computes out[r*8 + c] = sum_k code(w[c, k]) * x[r, k] for kMR rows and one tile;
-// the caller removes the code offset. `ngroups` is a multiple of the unit's group count.
-using KernelFn = void (*)(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups, int32_t* out);
+// A kernel computes out[r][t*8 + c] = sum_k code(w[c, k]) * x[r, k] for MR rows and NT adjacent
+// tiles (tile_bytes apart), over the whole of K: out is [MR][NT*8] int32, the caller removes the
+// code offset. `ngroups` is a multiple of the unit's group count. (MR, NT) depend on the family.
+using KernelFn = void (*)(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t tile_bytes, int64_t ngroups,
+                          int32_t* out);
 
 void kernel_scalar(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups, int32_t* out,
                    int64_t bits) {
@@ -119,7 +125,7 @@ void kernel_scalar(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ng
 }
 
 template <int BITS>
-void kernel_scalar_t(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups, int32_t* out) {
+void kernel_scalar_t(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t, int64_t ngroups, int32_t* out) {
   kernel_scalar(x, ldx, tile, ngroups, out, BITS);
 }
 
@@ -159,7 +165,7 @@ MIXQ_AVX2 inline __m256i broadcast_group(const int8_t* p) {
 
 // Offset-code kernel: F maddubs results are summed in int16 before one madd widens them.
 template <Mode MODE, int F>
-MIXQ_AVX2 void kernel_avx2_offset(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups,
+MIXQ_AVX2 void kernel_avx2_offset(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t, int64_t ngroups,
                                   int32_t* out) {
   constexpr int U = MODE == Mode::kW4 ? 2 : (MODE == Mode::kW6 ? 4 : 1);
   constexpr int UB = MODE == Mode::kW6 ? 96 : 32;
@@ -203,8 +209,8 @@ MIXQ_AVX2 void kernel_avx2_offset(const int8_t* x, int64_t ldx, const uint8_t* t
 
 // int8 weights with full-range activations: |x| is the unsigned operand, sign(x) moves onto w.
 // The activation panel is interleaved for this kernel (per group: 4 bytes x, then 4 bytes |x|,
-// see interleave_abs), so |x| is computed once per call rather than once per weight tile.
-MIXQ_AVX2 void kernel_avx2_w8_sign(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t ngroups,
+// built in run_gemm), so |x| is computed once per call rather than once per weight tile.
+MIXQ_AVX2 void kernel_avx2_w8_sign(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t, int64_t ngroups,
                                    int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[kMR];
@@ -233,6 +239,50 @@ KernelFn pick_offset_kernel(int f) {
     default: return kernel_avx2_offset<MODE, 64>;
   }
 }
+
+// ----------------------------------------------------------------------------- VNNI kernels
+// AVX-512 VNNI on 256-bit vectors (EVEX vpdpbusd, 32 vector registers). vpdpbusd adds the four
+// products u8 x s8 of each 32-bit lane straight into the int32 accumulator: there is no 16-bit
+// pair sum (maddubs saturates there), so every code (u <= 255) times every int8 activation
+// (-128 included) is exact; the non-saturating form wraps modulo 2^32 like the scalar path, and
+// only the final sum must fit int32. One instruction per 32 MACs, against maddubs + madd + add
+// (or maddubs + add16 + amortized madd) on AVX2. int8 weights use the offset code u = w + 128
+// (the sign flip is one xor per weight vector, shared by MR rows). Register tile: MR rows x NT
+// tiles of 8 channels = MR*NT accumulators (16) + NT*U weight vectors + 1 broadcast <= 32.
+#define MIXQ_VNNI __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+template <Mode MODE, int MR, int NT>
+MIXQ_VNNI void kernel_vnni(const int8_t* x, int64_t ldx, const uint8_t* tile, int64_t tile_bytes, int64_t ngroups,
+                           int32_t* out) {
+  constexpr int U = MODE == Mode::kW4 ? 2 : (MODE == Mode::kW6 ? 4 : 1);
+  constexpr int UB = MODE == Mode::kW6 ? 96 : 32;
+  __m256i acc[MR][NT];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_si256();
+  const int64_t nunits = ngroups / U;
+  for (int64_t u = 0; u < nunits; ++u) {
+    __m256i wv[NT][U];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) unpack_unit<MODE>(tile + t * tile_bytes + u * UB, wv[t]);
+#pragma GCC unroll 4
+    for (int v = 0; v < U; ++v) {
+      const int8_t* xg = x + (u * U + v) * kGroup;
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const __m256i xb = broadcast_group(xg + r * ldx);
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_dpbusd_epi32(acc[r][t], wv[t][v], xb);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r * NT + t) * kTileN), acc[r][t]);
+}
 #endif
 
 // Largest power of two F <= 64 such that F maddubs pair sums of codes <= umax times
@@ -245,77 +295,89 @@ int choose_flush(int umax, int xmax) {
 }
 
 struct KernelChoice {
-  KernelFn fn;
-  int32_t offset;           // code offset to remove: acc -= offset * rowsum(x)
-  bool interleaved = false; // the kernel reads the x / |x| interleaved panel
+  KernelFn fn = nullptr;       // MR rows x NT tiles
+  KernelFn fn_one = nullptr;   // MR rows x 1 tile (the last tile when the tile count is odd)
+  int mr = kMR, nt = 1;
+  int32_t offset = 0;          // code offset to remove: acc -= offset * rowsum(x)
+  bool interleaved = false;    // the kernel reads the x / |x| interleaved panel
 };
 
-KernelChoice choose_kernel(int64_t bits, int xmax) {
+constexpr int kVnniMR = 8, kVnniNT = 2;
+
+int family_mr(Isa isa) { return isa == Isa::kVnni ? kVnniMR : kMR; }
+
+KernelChoice choose_kernel(Isa isa, int64_t bits, int xmax) {
 #if defined(__x86_64__)
-  if (use_avx2()) {
-    if (bits == 4) return {pick_offset_kernel<Mode::kW4>(choose_flush(15, xmax)), 8};
-    if (bits == 6) return {pick_offset_kernel<Mode::kW6>(choose_flush(63, xmax)), 32};
-    if (xmax <= 64) return {pick_offset_kernel<Mode::kW8Offset>(choose_flush(255, xmax)), 128};
-    return {kernel_avx2_w8_sign, 0, true};
+  if (isa == Isa::kVnni) {
+    constexpr int R = kVnniMR, T = kVnniNT;
+    if (bits == 4) return {kernel_vnni<Mode::kW4, R, T>, kernel_vnni<Mode::kW4, R, 1>, R, T, 8};
+    if (bits == 6) return {kernel_vnni<Mode::kW6, R, T>, kernel_vnni<Mode::kW6, R, 1>, R, T, 32};
+    return {kernel_vnni<Mode::kW8Offset, R, T>, kernel_vnni<Mode::kW8Offset, R, 1>, R, T, 128};
+  }
+  if (isa == Isa::kAvx2) {
+    KernelFn f;
+    if (bits == 4) f = pick_offset_kernel<Mode::kW4>(choose_flush(15, xmax));
+    else if (bits == 6) f = pick_offset_kernel<Mode::kW6>(choose_flush(63, xmax));
+    else if (xmax <= 64) f = pick_offset_kernel<Mode::kW8Offset>(choose_flush(255, xmax));
+    else return {kernel_avx2_w8_sign, kernel_avx2_w8_sign, kMR, 1, 0, true};
+    return {f, f, kMR, 1, static_cast<int32_t>(bits == 4 ? 8 : (bits == 6 ? 32 : 128))};
   }
 #endif
-  if (bits == 4) return {kernel_scalar_t<4>, 8};
-  if (bits == 6) return {kernel_scalar_t<6>, 32};
-  return {kernel_scalar_t<8>, 0};
+  (void)xmax;
+  if (bits == 4) return {kernel_scalar_t<4>, kernel_scalar_t<4>, kMR, 1, 8};
+  if (bits == 6) return {kernel_scalar_t<6>, kernel_scalar_t<6>, kMR, 1, 32};
+  return {kernel_scalar_t<8>, kernel_scalar_t<8>, kMR, 1, 0};
 }
 
-// ----------------------------------------------------------------------------- activations
-struct PackedActivations {
-  std::vector<int8_t> data;     // [mp, kpad], zero padded
+// ----------------------------------------------------------------------------- workspace
+// Per calling thread, grown and never shrunk: the hot path allocates nothing but its output.
+struct Workspace {
+  std::vector<int8_t> x;        // zero-padded activation copy (K not a multiple of the unit), or tail rows
+  std::vector<int8_t> xi;       // x / |x| interleaved panel (AVX2 int8 sign kernel)
   std::vector<int32_t> rowsum;  // [mp]
-  int64_t mp = 0, kpad = 0;
-  int xmax = 0;                 // max |x| (128 when -128 occurs)
+  std::vector<float> scale;     // fused linear: the chunk's per-token steps (times scale_mul)
 };
 
-PackedActivations pack_activations(const int8_t* x, int64_t m, int64_t k, int64_t kpad) {
-  PackedActivations a;
-  a.mp = round_up(std::max<int64_t>(m, 1), kMR);
-  a.kpad = kpad;
-  a.data.assign(static_cast<size_t>(a.mp * kpad), 0);
-  a.rowsum.assign(static_cast<size_t>(a.mp), 0);
-  std::vector<int> row_max(static_cast<size_t>(a.mp), 0);
-  // Cheap O(M*K) pass: split over threads only when each gets a sizeable share.
-  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(k, 1));
-  at::parallel_for(0, m, grain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int8_t* src = x + i * k;
-      std::memcpy(a.data.data() + i * kpad, src, static_cast<size_t>(k));
-      int32_t s = 0;
-      int mx = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        const int v = src[j];
-        s += v;
-        mx = std::max(mx, v < 0 ? -v : v);
-      }
-      a.rowsum[i] = s;
-      row_max[i] = mx;
-    }
-  });
-  for (int v : row_max) a.xmax = std::max(a.xmax, v);
-  return a;
+Workspace& workspace() {
+  static thread_local Workspace ws;
+  return ws;
 }
 
-// Panel for the int8 sign kernel: per group of 4, the 4 bytes of x then the 4 bytes of |x|
-// (|-128| = 128 read as unsigned by maddubs).
-void interleave_abs(PackedActivations& a) {
-  std::vector<int8_t> out(a.data.size() * 2);
-  const int64_t total_groups = static_cast<int64_t>(a.data.size()) / kGroup;
-  at::parallel_for(0, total_groups, int64_t{1} << 16, [&](int64_t b, int64_t e) {
-    for (int64_t g = b; g < e; ++g) {
-      for (int j = 0; j < kGroup; ++j) {
-        const int8_t v = a.data[g * kGroup + j];
-        out[g * 2 * kGroup + j] = v;
-        out[g * 2 * kGroup + kGroup + j] = static_cast<int8_t>(v < 0 ? -static_cast<int>(v) : v);
-      }
-    }
-  });
-  a.data.swap(out);
-  a.kpad *= 2;  // row stride in bytes
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+#if defined(__x86_64__)
+// Row sum and max |x| of one int8 row (auto-vectorized under the AVX2 target).
+MIXQ_AVX2 void row_stats_avx2(const int8_t* x, int64_t k, int32_t* sum, int* amax) {
+  int32_t s = 0;
+  int mx = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const int v = x[j];
+    s += v;
+    mx = std::max(mx, v < 0 ? -v : v);
+  }
+  *sum = s;
+  *amax = mx;
+}
+#endif
+
+void row_stats(const int8_t* x, int64_t k, int32_t* sum, int* amax, bool avx2) {
+#if defined(__x86_64__)
+  if (avx2) return row_stats_avx2(x, k, sum, amax);
+#endif
+  (void)avx2;
+  int32_t s = 0;
+  int mx = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const int v = x[j];
+    s += v;
+    mx = std::max(mx, v < 0 ? -v : v);
+  }
+  *sum = s;
+  *amax = mx;
 }
 
 // ----------------------------------------------------------------------------- epilogue
@@ -325,6 +387,7 @@ struct Epilogue {
   at::BFloat16* out_bf16 = nullptr; // packed_linear bf16
   const float* a_scale = nullptr;
   bool a_scale_per_row = false;
+  int64_t a_scale_row0 = 0;         // a_scale[m - a_scale_row0] when per row (chunk-local scales)
   const float* w_scale = nullptr;
   const float* bias = nullptr;
   int64_t ldo = 0;
@@ -342,20 +405,22 @@ MIXQ_AVX2 inline __m128i f32_to_bf16_avx2(__m256 v) {
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
 }
 
-MIXQ_AVX2 void finish_tile_avx2(const int32_t* acc, const int32_t* rowsum, int32_t offset, int64_t m0,
+// One full tile of 8 channels (n0 + 8 <= N, so the 8 scales and biases exist unpadded).
+MIXQ_AVX2 void finish_tile_avx2(const int32_t* acc, int64_t lda, const int32_t* rowsum, int32_t offset, int64_t m0,
                                 int64_t rows, int64_t n0, const Epilogue& ep) {
   const bool int_out = ep.out_i32 != nullptr;
   const __m256 ws = int_out ? _mm256_setzero_ps() : _mm256_loadu_ps(ep.w_scale + n0);
   const __m256 b = ep.bias ? _mm256_loadu_ps(ep.bias + n0) : _mm256_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
-    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * kTileN));
-    v = _mm256_sub_epi32(v, _mm256_set1_epi32(offset * rowsum[r]));
-    if (ep.out_i32) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + r * lda));
+    v = _mm256_sub_epi32(v, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset) *
+                                                                   static_cast<uint32_t>(rowsum[r]))));
+    if (int_out) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(ep.out_i32 + m * ep.ldo + n0), v);
       continue;
     }
-    const __m256 as = _mm256_set1_ps(ep.a_scale[ep.a_scale_per_row ? m : 0]);
+    const __m256 as = _mm256_set1_ps(ep.a_scale[ep.a_scale_per_row ? m - ep.a_scale_row0 : 0]);
     __m256 o = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), as), ws);
     if (ep.bias) o = _mm256_add_ps(o, b);
     if (ep.out_f32) {
@@ -368,14 +433,14 @@ MIXQ_AVX2 void finish_tile_avx2(const int32_t* acc, const int32_t* rowsum, int32
 #endif
 
 // Same arithmetic in the same order as the reference: ((float)acc * a_scale) * w_scale + bias.
-void finish_tile_scalar(const int32_t* acc, const int32_t* rowsum, int32_t offset, int64_t m0, int64_t rows,
-                        int64_t n0, int64_t cols, const Epilogue& ep) {
+void finish_tile_scalar(const int32_t* acc, int64_t lda, const int32_t* rowsum, int32_t offset, int64_t m0,
+                        int64_t rows, int64_t n0, int64_t cols, const Epilogue& ep) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t m = m0 + r;
-    const float as = ep.out_i32 ? 0.f : ep.a_scale[ep.a_scale_per_row ? m : 0];
+    const float as = ep.out_i32 ? 0.f : ep.a_scale[ep.a_scale_per_row ? m - ep.a_scale_row0 : 0];
     for (int64_t c = 0; c < cols; ++c) {
       // Wrapping int32 arithmetic: the true result fits, intermediates may wrap.
-      const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(acc[r * kTileN + c]) -
+      const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(acc[r * lda + c]) -
                                              static_cast<uint32_t>(offset) * static_cast<uint32_t>(rowsum[r]));
       const int64_t n = n0 + c;
       if (ep.out_i32) {
@@ -395,6 +460,17 @@ void finish_tile_scalar(const int32_t* acc, const int32_t* rowsum, int32_t offse
 }
 
 // ----------------------------------------------------------------------------- driver
+// Fused linear: the GEMM's first phase quantizes the float rows itself (into the workspace).
+struct RowSource {
+  const char* x = nullptr;              // float rows [M, K] (fp32, bf16 or fp16)
+  at::ScalarType dtype = at::kFloat;
+  int64_t row_bytes = 0;
+  const float* smooth_inv = nullptr;    // smooth mode: x * smooth_inv before the dynamic rule
+  int64_t a_bits = 8;
+  float* scale_out = nullptr;           // [M] the plain per-token steps
+  float scale_mul = 1.f;                // the epilogue uses step * scale_mul (overflow headroom)
+};
+
 void check_prepacked(const at::Tensor& w, int64_t bits, int64_t k, int64_t n) {
   check_bits(bits);
   TORCH_CHECK(k > 0 && n > 0, "mixq cpu: k and n must be positive, got k=", k, " n=", n);
@@ -406,88 +482,149 @@ void check_prepacked(const at::Tensor& w, int64_t bits, int64_t k, int64_t n) {
               " at ", bits, " bits need ", expect, "; pass the output of CpuBackend.prepack, not canonical weights");
 }
 
-void run_gemm(const at::Tensor& xq, const at::Tensor& w, int64_t bits, int64_t k, int64_t n, const Epilogue& ep_in) {
-  const int64_t m = xq.size(0);
+// One OpenMP parallel region per call, and no barrier inside it: under load a barrier waits
+// for a descheduled thread (a whole time slice), so the only one is the region's end.
+// Items are (row chunk x tile chunk), handed out dynamically in order. A thread prepares a row
+// chunk itself the first time it meets it, in its own workspace: row sums, the kernel choice
+// (AVX2 depends on the chunk's max |x|), and the rows the kernel cannot read in place (the
+// fused quantize, a K that needs zero padding, the last partial MR block, the AVX2 int8 x/|x|
+// panel). When two threads share a chunk both prepare it (a pass over M x K, ~1/N of the GEMM)
+// instead of waiting for each other. Row chunks keep <= ~128 KiB of activations (L2); inside
+// an item the NT-tile weight panel stays in L1 while every MR-row block of the chunk passes
+// over it; kernels keep the whole of K in registers and the epilogue is fused per tile.
+// M ~ 200 is one or two row chunks, so the items cut N and both cores stay busy.
+void run_gemm(const int8_t* x, int64_t m, int64_t k, const uint8_t* wp, int64_t bits, int64_t n,
+              const Epilogue& ep_in, const RowSource* src = nullptr) {
   if (m == 0) return;
   const int64_t kpad = round_up(k, prepack_k_unit(bits));
   const int64_t tile_bytes = prepacked_tile_bytes(k, bits);
   const int64_t ntiles = round_up(n, kTileN) / kTileN;
-  PackedActivations a = pack_activations(xq.data_ptr<int8_t>(), m, k, kpad);
-  const KernelChoice kc = choose_kernel(bits, a.xmax);
-  if (kc.interleaved) interleave_abs(a);
-  const int64_t ldx = a.kpad;
-  const bool avx2 = use_avx2();
-  const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t ngroups = kpad / kGroup;
+  const Isa isa = active_isa();
+  const bool avx2 = isa >= Isa::kAvx2;
+  const int mr = family_mr(isa);
+  const int nt_family = isa == Isa::kVnni ? kVnniNT : 1;
+  const int64_t mp = round_up(m, mr);
+  const bool copy_all = kpad != k || src != nullptr;  // else rows are read in place (but the tail)
 
-  // Cache blocking: a block of weight tiles (<= ~192 KiB, kept in L2) is swept by a chunk of
-  // rows; each kMR-row panel of activations stays in L1 while it meets every tile of the block.
-  const int64_t threads = at::get_num_threads();
-  int64_t tiles_per_block = std::max<int64_t>(1, (192 * 1024) / tile_bytes);
-  tiles_per_block = std::min(tiles_per_block, ntiles);
-  const int64_t rows_per_chunk = 64;
-  const int64_t mchunks = (a.mp + rows_per_chunk - 1) / rows_per_chunk;
-  // Enough work items for every thread when M is small.
-  while (tiles_per_block > 1 && mchunks * ((ntiles + tiles_per_block - 1) / tiles_per_block) < 4 * threads) {
-    tiles_per_block = (tiles_per_block + 1) / 2;
-  }
-  const int64_t nblocks = (ntiles + tiles_per_block - 1) / tiles_per_block;
-  const Epilogue ep = ep_in;
+  // Threads: all of torch's, unless the call is too small to pay for waking them.
+  const int64_t work = m * kpad * ntiles * kTileN;
+  const int nthreads = work < (int64_t{1} << 20) ? 1 : std::max(1, at::get_num_threads());
 
-  // K panels of up to 1024 values: the kMR-row activation panel and one weight tile panel stay
-  // in L1 together; int32 partial sums of a whole (row chunk x tile block) carry across panels.
-  const int64_t ug = unit_groups(bits);
-  const int64_t panel_groups = std::min<int64_t>(ngroups, 256);  // a multiple of 4, so of ug
-  const int64_t npanels = (ngroups + panel_groups - 1) / panel_groups;
-  const int64_t x_group_bytes = kc.interleaved ? 2 * kGroup : kGroup;
-  const int64_t tile_panel_bytes = panel_groups / ug * unit_bytes(bits);
+  // Row chunks of <= 128 KiB of activations, equal sizes in MR blocks; then tile chunks so that
+  // every thread gets several items.
+  const int64_t mblocks = mp / mr;
+  const int64_t nm = std::min(mblocks, std::max<int64_t>(1, (mp * kpad + (128 << 10) - 1) / (128 << 10)));
+  const int64_t chunk_blocks = (mblocks + nm - 1) / nm;
+  const int64_t mchunks = (mblocks + chunk_blocks - 1) / chunk_blocks;
+  const int64_t tgroups = (ntiles + nt_family - 1) / nt_family;
+  const int64_t want = std::max<int64_t>(1, (4 * nthreads + mchunks - 1) / mchunks);
+  const int64_t tchunk_groups = std::max<int64_t>(1, tgroups / std::min(want, tgroups));
+  const int64_t tchunks = (tgroups + tchunk_groups - 1) / tchunk_groups;
+  const int64_t chunk_rows = chunk_blocks * mr;
 
-  at::parallel_for(0, mchunks * nblocks, 1, [&](int64_t begin, int64_t end) {
-    alignas(32) int32_t tmp[kMR * kTileN];
-    std::vector<int32_t> accbuf(static_cast<size_t>(rows_per_chunk * tiles_per_block * kTileN));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t mc = item / nblocks, nb = item % nblocks;
-      const int64_t mbeg = mc * rows_per_chunk;
-      const int64_t mend = std::min(std::min(a.mp, mbeg + rows_per_chunk), round_up(m, kMR));
-      const int64_t tbeg = nb * tiles_per_block;
-      const int64_t tend = std::min(ntiles, tbeg + tiles_per_block);
-      auto slot = [&](int64_t m0, int64_t t) {
-        return accbuf.data() + ((m0 - mbeg) / kMR * tiles_per_block + (t - tbeg)) * kMR * kTileN;
-      };
-      for (int64_t p = 0; p < npanels; ++p) {
-        const int64_t g0 = p * panel_groups;
-        const int64_t gn = std::min(panel_groups, ngroups - g0);
-        for (int64_t m0 = mbeg; m0 < mend; m0 += kMR) {
-          const int8_t* xpanel = a.data.data() + m0 * ldx + g0 * x_group_bytes;
-          for (int64_t t = tbeg; t < tend; ++t) {
-            int32_t* dst = slot(m0, t);
-            if (p == 0) {
-              kc.fn(xpanel, ldx, wp + t * tile_bytes, gn, dst);
-            } else {
-              kc.fn(xpanel, ldx, wp + t * tile_bytes + p * tile_panel_bytes, gn, tmp);
-              for (int i = 0; i < kMR * kTileN; ++i) {  // wrapping add: only the final sum must fit
-                dst[i] = static_cast<int32_t>(static_cast<uint32_t>(dst[i]) + static_cast<uint32_t>(tmp[i]));
+#pragma omp parallel num_threads(nthreads)
+  {
+    Workspace& ws = workspace();  // this thread's
+    int32_t* rowsum = grow(ws.rowsum, chunk_rows);
+    int8_t* xbuf = grow(ws.x, (copy_all ? chunk_rows : mr) * kpad);
+    int8_t* xi = (isa == Isa::kAvx2 && bits == 8) ? grow(ws.xi, chunk_rows * 2 * kpad) : nullptr;
+    float* row_scale = src != nullptr ? grow(ws.scale, chunk_rows) : nullptr;
+    Epilogue ep = ep_in;
+    int64_t prepared = -1;
+    int64_t row0 = 0, rows_end = 0, full = 0;  // chunk rows [row0, rows_end); in place below `full`
+    KernelChoice kc;
+    alignas(64) int32_t acc[kVnniMR * kVnniNT * kTileN];
+
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < mchunks * tchunks; ++item) {
+      const int64_t mc = item / tchunks, tc = item % tchunks;
+      if (mc != prepared) {
+        prepared = mc;
+        row0 = mc * chunk_rows;
+        rows_end = std::min(mp, row0 + chunk_rows);
+        full = copy_all ? row0 : std::max(row0, std::min(rows_end, m / mr * mr));
+        int xmax = 0;
+        for (int64_t i = row0; i < rows_end; ++i) {
+          int32_t sum = 0;
+          int mx = 0;
+          int8_t* dst = i >= full ? xbuf + (i - full) * kpad : nullptr;
+          if (i < m && src != nullptr) {
+            const float step = quantize_row_dynamic(src->x + i * src->row_bytes, src->dtype, src->smooth_inv, k,
+                                                    src->a_bits, dst);
+            if (tc == 0) src->scale_out[i] = step;  // one writer per chunk: its first tile chunk
+            row_scale[i - row0] = step * src->scale_mul;
+            std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
+            row_stats(dst, k, &sum, &mx, avx2);
+          } else if (i < m) {
+            row_stats(x + i * k, k, &sum, &mx, avx2);
+            if (dst != nullptr) {
+              std::memcpy(dst, x + i * k, static_cast<size_t>(k));
+              std::memset(dst + k, 0, static_cast<size_t>(kpad - k));
+            }
+          } else {
+            std::memset(dst, 0, static_cast<size_t>(kpad));
+          }
+          rowsum[i - row0] = sum;
+          xmax = std::max(xmax, mx);
+        }
+        kc = choose_kernel(isa, bits, xmax);
+        if (kc.interleaved) {
+          // The AVX2 int8 sign kernel reads, per group of 4, the 4 bytes of x then the 4 bytes
+          // of |x| (|-128| = 128 read as unsigned by maddubs): once per chunk, not per tile.
+          for (int64_t i = row0; i < rows_end; ++i) {
+            const int8_t* row = i >= full ? xbuf + (i - full) * kpad : x + i * k;
+            int8_t* dst = xi + (i - row0) * 2 * kpad;
+            for (int64_t g = 0; g < ngroups; ++g) {
+              for (int j = 0; j < kGroup; ++j) {
+                const int8_t v = row[g * kGroup + j];
+                dst[g * 2 * kGroup + j] = v;
+                dst[g * 2 * kGroup + kGroup + j] = static_cast<int8_t>(v < 0 ? -static_cast<int>(v) : v);
               }
             }
           }
         }
+        if (src != nullptr) {
+          ep.a_scale = row_scale;
+          ep.a_scale_per_row = true;
+          ep.a_scale_row0 = row0;
+        }
       }
-      for (int64_t m0 = mbeg; m0 < mend; m0 += kMR) {
-        const int64_t rows = std::min<int64_t>(kMR, m - m0);
-        for (int64_t t = tbeg; t < tend; ++t) {
-          const int64_t n0 = t * kTileN;
-          const int64_t cols = std::min<int64_t>(kTileN, n - n0);
-#if defined(__x86_64__)
-          if (avx2 && cols == kTileN) {
-            finish_tile_avx2(slot(m0, t), a.rowsum.data() + m0, kc.offset, m0, rows, n0, ep);
-            continue;
+      const int64_t g0 = tc * tchunk_groups, g1 = std::min(tgroups, g0 + tchunk_groups);
+      for (int64_t tg = g0; tg < g1; ++tg) {
+        const int64_t t0 = tg * kc.nt;
+        const int nt = static_cast<int>(std::min<int64_t>(kc.nt, ntiles - t0));
+        const KernelFn fn = nt == kc.nt ? kc.fn : kc.fn_one;
+        const uint8_t* wt = wp + t0 * tile_bytes;
+        for (int64_t m0 = row0; m0 < rows_end; m0 += mr) {
+          const int8_t* xp;
+          int64_t ldx;
+          if (kc.interleaved) {
+            xp = xi + (m0 - row0) * 2 * kpad, ldx = 2 * kpad;
+          } else if (m0 < full) {
+            xp = x + m0 * k, ldx = k;
+          } else {
+            xp = xbuf + (m0 - full) * kpad, ldx = kpad;
           }
+          fn(xp, ldx, wt, tile_bytes, ngroups, acc);
+          const int64_t rows = std::min<int64_t>(mr, m - m0);
+          const int32_t* rs = rowsum + (m0 - row0);
+          for (int t = 0; t < nt; ++t) {
+            const int64_t n0 = (t0 + t) * kTileN;
+            const int64_t cols = std::min<int64_t>(kTileN, n - n0);
+            const int32_t* a = acc + t * kTileN;
+#if defined(__x86_64__)
+            if (avx2 && cols == kTileN) {
+              finish_tile_avx2(a, nt * kTileN, rs, kc.offset, m0, rows, n0, ep);
+              continue;
+            }
 #endif
-          finish_tile_scalar(slot(m0, t), a.rowsum.data() + m0, kc.offset, m0, rows, n0, cols, ep);
+            finish_tile_scalar(a, nt * kTileN, rs, kc.offset, m0, rows, n0, cols, ep);
+          }
         }
       }
     }
-  });
+  }
 }
 
 void check_activations(const at::Tensor& xq, int64_t k) {
@@ -569,7 +706,7 @@ at::Tensor int_gemm(const at::Tensor& xq_in, const at::Tensor& w, int64_t bits, 
   Epilogue ep;
   ep.out_i32 = out.data_ptr<int32_t>();
   ep.ldo = n;
-  run_gemm(xq, w, bits, k, n, ep);
+  run_gemm(xq.data_ptr<int8_t>(), xq.size(0), k, w.data_ptr<uint8_t>(), bits, n, ep);
   return out;
 }
 
@@ -593,25 +730,71 @@ at::Tensor packed_linear(const at::Tensor& xq_in, const at::Tensor& a_scale_in, 
     TORCH_CHECK(bias.numel() == n, "mixq cpu: bias must have N=", n, " elements, got ", bias.numel());
   }
   at::Tensor out = at::empty({m, n}, out_dtype);
-  // The AVX2 epilogue loads 8 scales at once: pad per-channel vectors to whole tiles.
-  const int64_t np = round_up(n, kTileN);
-  at::Tensor ws_pad = at::zeros({np}, at::kFloat);
-  ws_pad.narrow(0, 0, n).copy_(w_scale);
-  at::Tensor b_pad;
-  if (bias.defined()) {
-    b_pad = at::zeros({np}, at::kFloat);
-    b_pad.narrow(0, 0, n).copy_(bias);
-  }
   Epilogue ep;
   if (out_dtype == at::kFloat) ep.out_f32 = out.data_ptr<float>();
   else ep.out_bf16 = out.data_ptr<at::BFloat16>();
   ep.a_scale = a_scale.data_ptr<float>();
   ep.a_scale_per_row = a_scale.numel() == m;
-  ep.w_scale = ws_pad.data_ptr<float>();
-  ep.bias = b_pad.defined() ? b_pad.data_ptr<float>() : nullptr;
+  ep.w_scale = w_scale.data_ptr<float>();
+  ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   ep.ldo = n;
-  run_gemm(xq, w, bits, k, n, ep);
+  run_gemm(xq.data_ptr<int8_t>(), m, k, w.data_ptr<uint8_t>(), bits, n, ep);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_dynamic(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_inv_in,
+                                                  const at::Tensor& w, const at::Tensor& w_scale_in,
+                                                  const std::optional<at::Tensor>& bias_in, int64_t w_bits,
+                                                  int64_t a_bits, int64_t k, int64_t n, at::ScalarType out_dtype,
+                                                  const std::optional<at::Tensor>& a_scale_mul) {
+  check_prepacked(w, w_bits, k, n);
+  TORCH_CHECK(a_bits == 4 || a_bits == 6 || a_bits == 8, "mixq cpu: unsupported a_bits=", a_bits,
+              "; supported: 4, 6, 8");
+  const auto t = x_in.scalar_type();
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 && (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf),
+              "mixq cpu: linear_dynamic expects a 2-D float32/bfloat16/float16 CPU tensor [M, K], got ", t, " ",
+              x_in.sizes(), " on ", x_in.device());
+  TORCH_CHECK(x_in.size(1) == k, "mixq cpu: x has K=", x_in.size(1), " but the weights have k=", k);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16,
+              "mixq cpu: out_dtype must be float32 or bfloat16, got ", out_dtype);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.size(0);
+  at::Tensor smooth_inv;
+  if (smooth_inv_in.has_value() && smooth_inv_in->defined()) {
+    smooth_inv = smooth_inv_in->to(at::kFloat).contiguous().reshape({-1});
+    TORCH_CHECK(smooth_inv.numel() == k, "mixq cpu: smooth_inv must have K=", k, " elements, got ", smooth_inv.numel());
+  }
+  const at::Tensor w_scale = w_scale_in.to(at::kFloat).contiguous().reshape({-1});
+  TORCH_CHECK(w_scale.numel() == n, "mixq cpu: w_scale must have N=", n, " elements, got ", w_scale.numel());
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->to(at::kFloat).contiguous().reshape({-1});
+    TORCH_CHECK(bias.numel() == n, "mixq cpu: bias must have N=", n, " elements, got ", bias.numel());
+  }
+  float mul = 1.f;
+  if (a_scale_mul.has_value() && a_scale_mul->defined()) {
+    TORCH_CHECK(a_scale_mul->numel() == 1, "mixq cpu: a_scale_mul must hold one value, got ", a_scale_mul->numel());
+    mul = a_scale_mul->to(at::kFloat).item<float>();
+  }
+  at::Tensor out = at::empty({m, n}, out_dtype);
+  at::Tensor a_scale = at::empty({m}, at::kFloat);
+  if (m == 0) return {out, a_scale};
+  Epilogue ep;
+  if (out_dtype == at::kFloat) ep.out_f32 = out.data_ptr<float>();
+  else ep.out_bf16 = out.data_ptr<at::BFloat16>();
+  ep.w_scale = w_scale.data_ptr<float>();
+  ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  ep.ldo = n;
+  RowSource src;
+  src.x = static_cast<const char*>(x.data_ptr());
+  src.dtype = t;
+  src.row_bytes = k * static_cast<int64_t>(x.element_size());
+  src.smooth_inv = smooth_inv.defined() ? smooth_inv.data_ptr<float>() : nullptr;
+  src.a_bits = a_bits;
+  src.scale_out = a_scale.data_ptr<float>();
+  src.scale_mul = mul;
+  run_gemm(nullptr, m, k, w.data_ptr<uint8_t>(), w_bits, n, ep, &src);
+  return {out, a_scale};
 }
 
 }  // namespace mixq

@@ -32,7 +32,20 @@ at::Tensor packed_linear(const at::Tensor& xq, const at::Tensor& a_scale, const 
                          const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t bits,
                          int64_t k, int64_t n, at::ScalarType out_dtype);
 
+// Quantize + GEMM + epilogue in one parallel region, the activation codes kept in a per-thread
+// workspace: the dynamic per-token rule, optionally after the smooth-mode multiply x * smooth_inv.
+// Returns (out, the plain per-token steps); the epilogue uses step * a_scale_mul when given.
+std::tuple<at::Tensor, at::Tensor> linear_dynamic(const at::Tensor& x, const std::optional<at::Tensor>& smooth_inv,
+                                                  const at::Tensor& w, const at::Tensor& w_scale,
+                                                  const std::optional<at::Tensor>& bias, int64_t w_bits,
+                                                  int64_t a_bits, int64_t k, int64_t n, at::ScalarType out_dtype,
+                                                  const std::optional<at::Tensor>& a_scale_mul);
+
 // ----------------------------------------------------------------------------- activations
+// One row by the dynamic rule (after x * smooth_inv in fp32 when smooth_inv is given): writes
+// k codes to q and returns the row's scale. Bit-exact with quantize_dynamic.
+float quantize_row_dynamic(const void* x, at::ScalarType dtype, const float* smooth_inv, int64_t k, int64_t bits,
+                           int8_t* q);
 std::tuple<at::Tensor, at::Tensor> quantize_dynamic(const at::Tensor& x, int64_t bits);
 at::Tensor quantize_static(const at::Tensor& x, const at::Tensor& inv_scale, int64_t bits);
 at::Tensor layernorm_quantize(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

@@ -5,6 +5,12 @@
 // Static: the same rounding with a given fp32 inverse scale per channel [K] or per tensor [1].
 // Inputs may be fp32, bf16 or fp16; they widen to fp32 exactly. Compiled without fast-math
 // or FP contraction, so the multiply and the rounding are the IEEE operations the reference does.
+//
+// Non-finite input (as the reference, whose float -> int8 cast turns NaN into 0): a product
+// x * inv that is NaN gives code 0, +-inf gives +-qmax after the clamp. A row amax is NaN when
+// the row holds a NaN (NaN propagates, as torch.amax), so the dynamic scale is NaN and every
+// code of that row 0; an inf in the row gives scale inf, inv 0, and x * 0 = 0 (inf * 0 = NaN
+// -> 0). min/max instructions drop or keep NaN by operand order, so NaN is handled explicitly.
 #include "mixq_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -15,6 +21,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 namespace mixq {
 
@@ -35,15 +43,17 @@ void check_input(const at::Tensor& x) {
               "mixq cpu: activations must be float32, bfloat16 or float16, got ", t);
 }
 
-// Rows per parallel chunk: these passes are cheap, so split only when each thread gets a
-// sizeable share (waking threads costs more than quantizing a few rows).
-int64_t row_grain(int64_t k) { return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(k, 1)); }
+// Rows per parallel chunk: these passes are cheap (~0.1 ms per 2^18 values), so split only when
+// each thread gets a sizeable share: waking a thread costs microseconds on a quiet machine and a
+// whole time slice when the other core is busy, and the region's barrier waits for it.
+int64_t row_grain(int64_t k) { return std::max<int64_t>(16, (int64_t{1} << 18) / std::max<int64_t>(k, 1)); }
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(at::BFloat16 v) { return static_cast<float>(v); }
 inline float to_f32(at::Half v) { return static_cast<float>(v); }
 
 inline int8_t round_clamp(float y, float lim) {
+  if (std::isnan(y)) return 0;  // the reference's NaN -> int8 cast
   // torch.clamp then torch.round (half to even under the default rounding mode).
   y = std::min(std::max(y, -lim), lim);
   return static_cast<int8_t>(std::nearbyintf(y));
@@ -52,7 +62,11 @@ inline int8_t round_clamp(float y, float lim) {
 template <typename T>
 float row_amax_scalar(const T* x, int64_t k) {
   float m = 0.f;
-  for (int64_t j = 0; j < k; ++j) m = std::max(m, std::fabs(to_f32(x[j])));
+  for (int64_t j = 0; j < k; ++j) {
+    const float v = std::fabs(to_f32(x[j]));
+    if (std::isnan(v)) return v;  // torch.amax propagates NaN
+    m = std::max(m, v);
+  }
   return m;
 }
 
@@ -77,23 +91,34 @@ template <typename T>
 MIXQ_AVX2 float row_amax_avx2(const T* x, int64_t k) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  __m256 nan = _mm256_setzero_ps();  // lanes that met a NaN (max_ps would drop it)
   int64_t j = 0;
   for (; j + 16 <= k; j += 16) {
-    m0 = _mm256_max_ps(m0, _mm256_and_ps(load8(x + j), abs_mask));
-    m1 = _mm256_max_ps(m1, _mm256_and_ps(load8(x + j + 8), abs_mask));
+    const __m256 a = _mm256_and_ps(load8(x + j), abs_mask);
+    const __m256 b = _mm256_and_ps(load8(x + j + 8), abs_mask);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+    m0 = _mm256_max_ps(m0, a);
+    m1 = _mm256_max_ps(m1, b);
   }
+  if (_mm256_movemask_ps(nan) != 0) return std::numeric_limits<float>::quiet_NaN();
   m0 = _mm256_max_ps(m0, m1);
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, m0);
   float m = 0.f;
   for (float v : lanes) m = std::max(m, v);
-  for (; j < k; ++j) m = std::max(m, std::fabs(to_f32(x[j])));
+  for (; j < k; ++j) {
+    const float v = std::fabs(to_f32(x[j]));
+    if (std::isnan(v)) return v;
+    m = std::max(m, v);
+  }
   return m;
 }
 
 MIXQ_AVX2 inline __m256i round_clamp8(__m256 y, __m256 lo, __m256 hi) {
-  y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
-  return _mm256_cvtps_epi32(_mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256 nan = _mm256_cmp_ps(y, y, _CMP_UNORD_Q);
+  y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);  // a NaN lane becomes lo here; zeroed below
+  const __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return _mm256_andnot_si256(_mm256_castps_si256(nan), q);
 }
 
 template <typename T, bool PER_CHANNEL>
@@ -135,7 +160,7 @@ void quantize_dynamic_impl(const at::Tensor& x, int64_t bits, at::Tensor& q, at:
 #else
       const float amax = row_amax_scalar(row, k);
 #endif
-      const float s = std::max(amax, kScaleEps) / lim;
+      const float s = (std::isnan(amax) ? amax : std::max(amax, kScaleEps)) / lim;  // clamp_min keeps NaN
       const float inv = 1.0f / s;
       sp[i] = s;
 #if defined(__x86_64__)
@@ -188,7 +213,48 @@ at::Tensor checked_inv_scale(const at::Tensor& inv_scale, int64_t k) {
   return inv;
 }
 
+template <typename T>
+float quantize_row_dynamic_t(const T* row, int64_t k, float lim, int8_t* q) {
+#if defined(__x86_64__)
+  const bool avx2 = use_avx2();
+  const float amax = avx2 ? row_amax_avx2(row, k) : row_amax_scalar(row, k);
+#else
+  const float amax = row_amax_scalar(row, k);
+#endif
+  const float s = (std::isnan(amax) ? amax : std::max(amax, kScaleEps)) / lim;
+  const float inv = 1.0f / s;
+#if defined(__x86_64__)
+  if (avx2) {
+    quantize_row_avx2<T, false>(row, &inv, lim, k, q);
+    return s;
+  }
+#endif
+  quantize_row_scalar(row, &inv, false, lim, k, q);
+  return s;
+}
+
 }  // namespace
+
+float quantize_row_dynamic(const void* x, at::ScalarType dtype, const float* smooth_inv, int64_t k, int64_t bits,
+                           int8_t* q) {
+  const float lim = static_cast<float>(qmax_of(bits));
+  float s = 0.f;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* row = static_cast<const T*>(x);
+    if (smooth_inv == nullptr) {
+      s = quantize_row_dynamic_t(row, k, lim, q);
+      return;
+    }
+    // Smooth mode: x / s_k as the reference forms it (fp32 x times fp32 1/s_k, one rounding),
+    // kept in a per-thread row buffer (L1) for the amax and the quantize passes.
+    static thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < k) buf.resize(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) buf[j] = to_f32(row[j]) * smooth_inv[j];
+    s = quantize_row_dynamic_t(buf.data(), k, lim, q);
+  });
+  return s;
+}
 
 std::tuple<at::Tensor, at::Tensor> quantize_dynamic(const at::Tensor& x_in, int64_t bits) {
   check_input(x_in);

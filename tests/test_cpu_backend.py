@@ -23,15 +23,16 @@ from mixq.backends.cpu import CpuBackend  # noqa: E402
 BITS = [4, 6, 8]
 PAIRS = [(w, a) for w in BITS for a in BITS]
 CPU = CpuBackend()
-PATHS = ["avx2", "scalar"] if _C.has_avx2() else ["scalar"]
+PATHS = (["vnni"] if _C.has_vnni() else []) + (["avx2"] if _C.has_avx2() else []) + ["scalar"]
 
 
 @pytest.fixture(params=PATHS)
 def kernel_path(request):
-    """Runs a test on the AVX2 kernels and again with the scalar fallback forced."""
-    _C.set_force_scalar(request.param == "scalar")
+    """Runs a test on every kernel family this CPU has: AVX-512 VNNI, AVX2, the scalar fallback."""
+    _C.set_kernel_path(request.param)
+    assert _C.kernel_path() == request.param
     yield request.param
-    _C.set_force_scalar(False)
+    _C.set_kernel_path("auto")
 
 
 def _weights(n: int, k: int, bits: int, gen: torch.Generator) -> torch.Tensor:
@@ -98,8 +99,9 @@ def test_int_gemm_hypothesis_shapes(m, k, n, w_bits, a_bits, seed):
 @pytest.mark.parametrize("a_bits", BITS + [0])
 def test_int_gemm_extremes_do_not_overflow(kernel_path, w_bits, a_bits):
     """Every int16 partial sum of the kernels at its largest: all weights at +-qmax times
-    all activations at +-qmax (and -128 for the full int8 range), over a long K."""
-    k = 4099 if kernel_path == "avx2" else 515
+    all activations at +-qmax (and -128 for the full int8 range), over a long K. On the VNNI
+    path the offset codes reach 255 (int8 weights) and the whole K sits in one int32 register."""
+    k = 4099 if kernel_path != "scalar" else 515
     lw = formats.qmax(w_bits)
     la = formats.qmax(a_bits) if a_bits else 127
     lo_a = -la if a_bits else -128
@@ -150,6 +152,61 @@ def test_packed_linear_matches_reference(kernel_path, w_bits, a_bits, out_dtype,
     exact = (xq.double() @ wq.double().T) * a_scale.double().reshape(-1, 1) * w_scale.double() + bias.double()
     tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[out_dtype]
     torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 16), (19, 83, 21), (200, 96, 40)])
+def test_linear_dynamic_fused_equals_two_ops(kernel_path, w_bits, a_bits, dtype, smooth, m, k, n):
+    """The fused call gives the bits of quantize (after x * 1/s in fp32) + packed_linear, on the
+    reference backend too (NaN rows included)."""
+    gen = torch.Generator().manual_seed(m + k + n + w_bits * 3 + a_bits)
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    if m > 1:
+        x[1, 7] = float("nan")
+    inv = torch.rand(k, generator=gen) + 0.5 if smooth else None
+    wq = _weights(n, k, w_bits, gen)
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=gen)
+    canonical = formats.pack_weight(wq, w_bits)
+    xs = x.to(torch.float32) * inv if smooth else x
+    out_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+    xq, a_scale = ops.quantize_act_dynamic(xs, a_bits, "reference")
+    ref = ops.packed_linear(xq, a_scale, canonical, w_scale, bias, w_bits, k, n, out_dtype, "reference")
+    w = CPU.prepack(canonical, w_bits, k)
+    got, got_scale = CPU.linear_dynamic(x, inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.nan_to_num(0), ref.nan_to_num(0))
+    assert torch.equal(got_scale.isnan(), a_scale.isnan())
+    assert torch.equal(got_scale.nan_to_num(0), a_scale.nan_to_num(0))
+    if not smooth:  # the triton backend's entry point, with an epilogue headroom factor
+        f = torch.tensor([2.0**-3])
+        ref_f = ops.packed_linear(xq, a_scale * f, canonical, w_scale, bias, w_bits, k, n, out_dtype, "reference")
+        got_f, _ = CPU.quantized_linear_dynamic(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, f)
+        assert torch.equal(got_f.nan_to_num(0), ref_f.nan_to_num(0))
+
+
+@pytest.mark.parametrize("w_bits", BITS)
+def test_gemm_many_chunks_and_threads(kernel_path, w_bits):
+    """A shape that splits into several row chunks and tile chunks over the threads (each thread
+    prepares the chunks it meets), with padding (K = 1000) and tails in M and N."""
+    if kernel_path == "scalar":
+        pytest.skip("the scalar path is checked on the smaller shapes")
+    m, k, n = 301, 1000, 203
+    gen = torch.Generator().manual_seed(w_bits)
+    ref, got = _gemm_both(_acts(m, k, 8, gen), _weights(n, k, w_bits, gen), w_bits)
+    assert torch.equal(got, ref)
+    x = torch.randn(m, k, generator=gen)
+    wq = _weights(n, k, w_bits, gen)
+    canonical = formats.pack_weight(wq, w_bits)
+    w_scale, bias = torch.rand(n, generator=gen) * 0.01, torch.randn(n, generator=gen)
+    xq, a_scale = ops.quantize_act_dynamic(x, 8, "reference")
+    ref = ops.packed_linear(xq, a_scale, canonical, w_scale, bias, w_bits, k, n, torch.float32, "reference")
+    got, got_scale = CPU.linear_dynamic(x, None, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, 8, k, n,
+                                        torch.float32)
+    assert torch.equal(got, ref) and torch.equal(got_scale, a_scale)
 
 
 def test_packed_linear_without_bias_and_empty_batch():
@@ -244,6 +301,45 @@ def test_layernorm_quantize_matches_float64(a_bits, dtype):
     # A 1-LSB difference only where the exact value sits within float error of a rounding boundary.
     near_tie = ((t - t.floor() - 0.5).abs() < 1e-4 * t.abs().clamp_min(1)) & (t.abs() < lim)
     assert bool((near_tie | (diff == 0)).all())
+
+
+# ----------------------------------------------------------------------------- non-finite input
+
+
+def _nonfinite_rows(k: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows with a NaN, +inf, -inf, both infinities, and a finite control row; the bad values
+    sit both in the vector body and in the scalar tail (k is not a multiple of 32)."""
+    x = torch.randn(7, k, generator=gen) * 3
+    nan, inf = float("nan"), float("inf")
+    x[0, 5] = nan
+    x[1, k - 1] = nan
+    x[2, 9] = inf
+    x[3, 40] = -inf
+    x[4, 3], x[4, k - 2] = inf, -inf
+    x[5, :] = nan
+    return x
+
+
+@pytest.mark.parametrize("a_bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_input_matches_reference(kernel_path, a_bits, dtype):
+    """NaN and +-inf give the reference's codes and scales on every path (defect 4 of issue 11):
+    dynamic: a NaN row gets scale NaN and codes 0, an inf row scale inf and codes 0;
+    static: NaN -> 0, +-inf -> +-qmax; LayerNorm: a row with any non-finite value -> codes 0."""
+    k = 75
+    gen = torch.Generator().manual_seed(a_bits)
+    x = _nonfinite_rows(k, gen).to(dtype)
+    q_ref, s_ref = ops.quantize_act_dynamic(x, a_bits, "reference")
+    q, s = ops.quantize_act_dynamic(x, a_bits, "cpu")
+    assert torch.equal(q, q_ref)
+    assert torch.equal(s.isnan(), s_ref.isnan()) and torch.equal(s.nan_to_num(0), s_ref.nan_to_num(0))
+    for inv in (torch.tensor([0.7]), torch.rand(k, generator=gen) + 0.5):
+        assert torch.equal(ops.quantize_act_static(x, inv, a_bits, "cpu"),
+                           ops.quantize_act_static(x, inv, a_bits, "reference"))
+        w, b = torch.rand(k, generator=gen) + 0.5, torch.randn(k, generator=gen)
+        q_ln = ops.layernorm_quantize(x, w, b, 1e-5, inv, a_bits, "cpu")
+        assert torch.equal(q_ln[:6], torch.zeros_like(q_ln[:6]))
+        assert torch.equal(q_ln[:6], ops.layernorm_quantize(x, w, b, 1e-5, inv, a_bits, "reference")[:6])
 
 
 # ----------------------------------------------------------------------------- fallback

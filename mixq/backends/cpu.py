@@ -128,5 +128,54 @@ class CpuBackend:
             return _C.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, torch.float32).to(torch.float16)
         return _C.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, out_dtype)
 
+    def linear_dynamic(
+        self,
+        x: torch.Tensor,
+        smooth_inv: Optional[torch.Tensor],
+        w: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        w_bits: int,
+        a_bits: int,
+        k: int,
+        n: int,
+        out_dtype: torch.dtype,
+        a_scale_mul: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``packed_linear(*quantize_dynamic(x * smooth_inv))`` in one call and one parallel region:
+        (out [M, n], a_scale [M]).
+
+        Same numbers bit for bit as the two ops (the smooth multiply is the same fp32 product); the
+        activation codes never become a tensor. ``a_scale_mul`` (one value) multiplies each step in
+        the epilogue only, as ``packed_linear(xq, a_scale * a_scale_mul, ...)`` would (QuantLinear's
+        overflow headroom); the returned ``a_scale`` is the plain step.
+        """
+        _require_ext()
+        formats.check_bits(w_bits, "w_bits")
+        formats.check_bits(a_bits, "a_bits")
+        _check_float_2d(x, "x")
+        if out_dtype not in _OUT_DTYPES:
+            raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+        kernel_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
+        out, a_scale = _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, kernel_dtype,
+                                         a_scale_mul)
+        return (out.to(torch.float16) if out_dtype == torch.float16 else out), a_scale
+
+    def quantized_linear_dynamic(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        w_bits: int,
+        a_bits: int,
+        k: int,
+        n: int,
+        out_dtype: torch.dtype,
+        a_scale_mul: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The triton backend's fused entry point, same signature: dynamic quantize + packed_linear
+        in one call -> (out [M, n], a_scale [M])."""
+        return self.linear_dynamic(x, None, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul)
 
 register_backend(CpuBackend())
