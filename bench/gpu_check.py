@@ -39,25 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_gpu import Shape  # noqa: E402  (one GEMM-shape record for the benchmark and the check)
 
 BITS = (8, 6, 4)
 GRAPH_REPS = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    model: str
-    m: int
-    k: int
-    n: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.model} {self.m}x{self.k}x{self.n}"
-
-    @property
-    def ops(self) -> int:
-        return 2 * self.m * self.n * self.k
 
 
 def gemm_shapes(dry: bool) -> list[Shape]:
