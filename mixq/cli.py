@@ -25,6 +25,7 @@ EPILOG = """examples:
   mixq eval runs/d6/model.safetensors --task dinov2
   mixq bench runs/d6/model.safetensors
   mixq report runs/d6/plan.json --out runs/d6/report
+  mixq report --pareto bench/results/pareto.json --out runs/pareto_report
 """
 
 
@@ -294,9 +295,89 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+FRONTIER_METRICS = {"knn_agree": "kNN same as FP (%)", "probe_agree": "probe same as FP (%)"}
+PARETO_SETTINGS = "v1-test300"  # the settings bench/pareto.py's results table is rendered from
+
+
+def frontier_from_sweep(store: dict, settings: Optional[str] = None) -> tuple[list[dict], str]:
+    """Frontier points (as :func:`mixq.report.plot_frontier` takes them) from a Pareto sweep JSON
+    (bench/pareto.py): every uniform point and every default-variant mixed plan of ``settings``
+    (default v1-test300, else the only settings the file has), each metric summarized over its
+    per-image values with a paired-bootstrap 95% interval. The FP row, the variants and the
+    channel-activation points are left out, as the sweep's own plots leave them out."""
+    from .eval.harness import summarize
+
+    if not isinstance(store, dict):
+        raise ValueError("the top level is not an object of settings")
+    if settings is None:
+        with_points = [k for k, v in store.items() if isinstance(v, dict) and "points" in v]
+        if PARETO_SETTINGS in with_points:
+            settings = PARETO_SETTINGS
+        elif len(with_points) == 1:
+            settings = with_points[0]
+        else:
+            raise ValueError(f"no settings {PARETO_SETTINGS!r} and not exactly one with points "
+                             f"(found: {', '.join(with_points) or 'none'})")
+    if settings not in store or not isinstance(store[settings], dict) or "points" not in store[settings]:
+        raise ValueError(f"no points under {settings!r}")
+    points = []
+    for key, p in store[settings]["points"].items():
+        if key == "fp" or p.get("kind") == "fp" or "channel" in key or "per_image" not in p:
+            continue
+        if p["kind"] == "mixed" and p.get("variant", "default") != "default":
+            continue
+        summ = summarize(p["per_image"])
+        points.append({"kind": p["kind"], "label": str(p["label"]).replace("mixed ", ""), "bops": float(p["bops"]),
+                       "wbits": float(p["wbits"]), "metrics": {m: iv.to_dict() for m, iv in summ.items()}})
+    if not points:
+        raise ValueError(f"no uniform or mixed points with per-image values under {settings!r}")
+    return points, settings
+
+
+def _load_frontier(path: str) -> tuple[list[dict], str]:
+    src = Path(path)
+    if not src.is_file():
+        raise CliError(f"--pareto {src} does not exist: give the sweep's JSON (bench/results/pareto.json)")
+    try:
+        return frontier_from_sweep(json.loads(src.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CliError(f"--pareto {src} is not valid JSON: {e}") from e
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CliError(f"--pareto {src} is not a Pareto sweep JSON: {e}") from e
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import ReportData, load_points, rows_from_layer_configs, write_report
 
+    if not args.source and not args.pareto:
+        raise CliError("give a plan JSON or a checkpoint, or --pareto with a sweep JSON")
+    frontier = _load_frontier(args.pareto) if args.pareto else None
+    if not args.source:
+        final = Path(args.out) if args.out else Path(args.pareto).parent / "pareto_report"
+        _check_output(final, args.force)
+        data = ReportData(f"mixq report: Pareto frontier of {Path(args.pareto).name}", [])
+    else:
+        data = _report_source(args, ReportData, rows_from_layer_configs)
+        final = Path(args.out) if args.out else Path(args.source).with_suffix("").parent / "report"
+    if frontier is not None:
+        points, settings = frontier
+        data.frontier, data.frontier_metrics = points, dict(FRONTIER_METRICS)
+        data.frontier_caption = (f"From {args.pareto} ({settings}): {sum(p['kind'] == 'uniform' for p in points)} "
+                                 f"uniform points (squares) and {sum(p['kind'] == 'mixed' for p in points)} mixed "
+                                 "plans (circles, their upper envelope drawn). Every value: mean over the test images "
+                                 "[bootstrap 95% interval, 2,000 resamples].")
+    if args.results:
+        data.points = load_points(args.results)
+        data.metric = args.metric
+    with _staged_output(final, args.force) as out:
+        write_report(data, out)
+    _table("mixq report", ["file", "path"], [("markdown", str(final / "report.md")),
+                                             ("html", str(final / "report.html"))] +
+           [(p.name, str(p)) for p in sorted(final.glob("*.png"))])
+    return 0
+
+
+def _report_source(args: argparse.Namespace, ReportData, rows_from_layer_configs):
     src = Path(args.source)
     if not src.is_file():
         raise CliError(f"{src} does not exist: give a plan JSON or a checkpoint")
@@ -316,15 +397,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise CliError(str(e)) from e
         data = ReportData(f"mixq report: {src.name} ({meta.get('model_spec') or 'model'})",
                           rows_from_layer_configs(meta["layers"]))
-    if args.results:
-        data.points = load_points(args.results)
-        data.metric = args.metric
-    with _staged_output(final, args.force) as out:
-        write_report(data, out)
-    _table("mixq report", ["file", "path"], [("markdown", str(final / "report.md")),
-                                             ("html", str(final / "report.html"))] +
-           [(p.name, str(p)) for p in sorted(final.glob("*.png"))])
-    return 0
+    return data
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -416,9 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("report", help="Markdown/HTML report with plots from a plan JSON or a checkpoint",
-                       description="Per-layer bits across depth, scores, size and BOPs against budget, and "
-                       "accuracy vs average bits when --results is given.")
-    s.add_argument("source", help="plan.json or model.safetensors")
+                       description="Per-layer bits across depth, scores, size and BOPs against budget, "
+                       "accuracy vs average bits when --results is given, and the Pareto frontier when --pareto is.")
+    s.add_argument("source", nargs="?", help="plan.json or model.safetensors (optional with --pareto)")
+    s.add_argument("--pareto", metavar="SWEEP_JSON",
+                   help="draw the Pareto frontier (kNN and probe agreement with FP vs BOPs and vs average weight "
+                   "bits, 95%% intervals) from a sweep JSON such as bench/results/pareto.json")
     s.add_argument("--results", help="results JSON with accuracy points (written by mixq demo)")
     s.add_argument("--metric", default="probe_top1", help="which accuracy key to plot (default probe_top1)")
     s.add_argument("--out", help="output folder (default: report/ next to the source)")

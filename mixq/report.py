@@ -10,7 +10,7 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from .alloc.problem import stored_bits
 from .formats import SUPPORTED_BITS
@@ -52,6 +52,11 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)  # extra Markdown tables, verbatim
     budget_kind: str = "bits_per_weight"  # or "bytes": what size_budget_bits constrains (as in Plan)
+    # The Pareto frontier: points as plot_frontier takes them ({"kind", "label", "bops", "wbits",
+    # "metrics": {m: {"value", "lo", "hi"}}}), the metrics to draw (key -> column title), a caption.
+    frontier: list[dict] = field(default_factory=list)
+    frontier_metrics: dict[str, str] = field(default_factory=dict)
+    frontier_caption: str = ""
 
     @property
     def size_bits(self) -> int:
@@ -175,6 +180,61 @@ def _fig_pareto(data: ReportData, path: Path) -> bool:
     return True
 
 
+def plot_frontier(points: Sequence[dict], metric: str, path: str | Path, x: str = "bops",
+                  title: Optional[str] = None) -> Path:
+    """Metric vs BOPs (``x="bops"``, fraction of W8A8) or vs size (``x="wbits"``, average weight bits):
+    uniform points as labelled squares, mixed plans as circles joined into their frontier, each with
+    its 95% interval as an error bar. ``points``: dicts with ``kind`` ("uniform" | "mixed"),
+    ``label``, ``bops`` (fraction of W8A8), ``wbits`` and ``metrics[metric] = {"value", "lo", "hi"}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if x not in ("bops", "wbits"):
+        raise ValueError(f"x must be 'bops' or 'wbits', got {x!r}")
+    pts = [p for p in points if metric in p.get("metrics", {})]
+    if not pts:
+        raise ValueError(f"no point has metric {metric!r}")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, style in (("uniform", dict(marker="s", color="tab:gray")), ("mixed", dict(marker="o", color="tab:blue"))):
+        sel = sorted([p for p in pts if p["kind"] == kind], key=lambda p: (p[x], p["metrics"][metric]["value"]))
+        if not sel:
+            continue
+        xs = np.array([p[x] for p in sel])
+        ys = np.array([p["metrics"][metric]["value"] for p in sel])
+        # a point without an interval ("lo"/"hi" missing) is drawn without an error bar
+        err = np.array([[p["metrics"][metric]["value"] - p["metrics"][metric].get("lo", p["metrics"][metric]["value"])
+                         for p in sel],
+                        [p["metrics"][metric].get("hi", p["metrics"][metric]["value"]) - p["metrics"][metric]["value"]
+                         for p in sel]])
+        ax.errorbar(xs, ys, yerr=err, linestyle="none", capsize=3, label=kind, **style)
+        if kind == "mixed":  # the upper envelope: best value at or below each x
+            order = np.argsort(xs)
+            fx, fy, best = [], [], -np.inf
+            for i in order:
+                if ys[i] > best:
+                    best = ys[i]
+                    fx.append(xs[i])
+                    fy.append(ys[i])
+            ax.plot(fx, fy, color="tab:blue", alpha=0.6)
+        else:
+            for p, xx, yy in zip(sel, xs, ys):
+                ax.annotate(p["label"], (xx, yy), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("BOPs (fraction of W8A8)" if x == "bops" else "average weight bits")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} vs {'BOPs' if x == 'bops' else 'size'}: uniform points and mixed plans (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _layer_table(data: ReportData) -> str:
     lines = ["| # | layer | W | A | params | MACs | cost |", "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(data.layers):
@@ -183,38 +243,78 @@ def _layer_table(data: ReportData) -> str:
     return "\n".join(lines)
 
 
+def _fmt_value(m: dict) -> str:
+    if "lo" in m and "hi" in m:
+        return f"{m['value']:.4g} [{m['lo']:.4g}, {m['hi']:.4g}]"
+    return f"{m['value']:.4g}"
+
+
+def frontier_table(points: Sequence[dict], metrics: dict[str, str]) -> str:
+    """Markdown table of frontier points: bits, BOPs and each metric as 'value [lo, hi]'."""
+    lines = ["| point | kind | avg W bits | BOPs (x W8A8) | " + " | ".join(metrics.values()) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(metrics)]
+    for p in sorted(points, key=lambda p: (p["bops"], p["wbits"], p["kind"] != "uniform")):
+        cells = [_fmt_value(p["metrics"][m]) if m in p.get("metrics", {}) else "–" for m in metrics]
+        lines.append(f"| {p['label']} | {p['kind']} | {p['wbits']:.3f} | {p['bops']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _frontier_figures(data: ReportData, out: Path) -> list[tuple[str, str]]:
+    figures = []
+    for metric, name in data.frontier_metrics.items():
+        if not any(metric in p.get("metrics", {}) for p in data.frontier):
+            continue
+        for x, xname in (("bops", "BOPs"), ("wbits", "average weight bits")):
+            fname = f"frontier_{metric}_{x}.png"
+            plot_frontier(data.frontier, metric, out / fname, x=x, title=f"{name} vs {xname}")
+            figures.append((fname, f"Frontier: {name} vs {xname}"))
+    return figures
+
+
 def write_report(data: ReportData, out_dir: str | Path) -> Path:
-    """Write report.md, report.html and the PNG plots into ``out_dir``; returns the Markdown path."""
+    """Write report.md, report.html and the PNG plots into ``out_dir``; returns the Markdown path.
+
+    A report without layers (only a frontier) leaves out the per-layer plots and summary."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = [("bits_per_layer.png", "Bit-widths per layer")]
-    _fig_bits(data, out / "bits_per_layer.png")
-    if _fig_scores(data, out / "scores_per_layer.png"):
-        figures.append(("scores_per_layer.png", "Scores per layer"))
-    _fig_budget(data, out / "size_bops_budget.png")
-    figures.append(("size_bops_budget.png", "Size and BOPs against budget"))
+    figures = []
+    if data.layers:
+        figures.append(("bits_per_layer.png", "Bit-widths per layer"))
+        _fig_bits(data, out / "bits_per_layer.png")
+        if _fig_scores(data, out / "scores_per_layer.png"):
+            figures.append(("scores_per_layer.png", "Scores per layer"))
+        _fig_budget(data, out / "size_bops_budget.png")
+        figures.append(("size_bops_budget.png", "Size and BOPs against budget"))
     if _fig_pareto(data, out / "pareto.png"):
         figures.append(("pareto.png", "Accuracy vs average bits"))
 
-    params = sum(r.params for r in data.layers)
-    counts = choice_counts((r.w_bits, r.a_bits) for r in data.layers)
     md = [f"# {data.title}", ""]
-    md += [f"- quantized Linear layers: {len(data.layers)} ({params:,} weights)",
-           f"- average weight bits: {data.avg_w_bits:.3f}" if params else "- average weight bits: n/a",
-           f"- quantized-layer size: {data.size_bits / 8 / 2**20:.2f} MiB of integer weights, scales and biases "
-           f"(fp32 weights would be {params * 4 / 2**20:.2f} MiB)",
-           f"- BOPs: {data.bops:.4g}" + (f" (budget {data.bops_budget:.4g})" if data.bops_budget else ""),
-           "- choices: " + ", ".join(f"{k} x{v}" for k, v in counts.items())]
+    if data.layers:
+        params = sum(r.params for r in data.layers)
+        counts = choice_counts((r.w_bits, r.a_bits) for r in data.layers)
+        md += [f"- quantized Linear layers: {len(data.layers)} ({params:,} weights)",
+               f"- average weight bits: {data.avg_w_bits:.3f}" if params else "- average weight bits: n/a",
+               f"- quantized-layer size: {data.size_bits / 8 / 2**20:.2f} MiB of integer weights, scales and biases "
+               f"(fp32 weights would be {params * 4 / 2**20:.2f} MiB)",
+               f"- BOPs: {data.bops:.4g}" + (f" (budget {data.bops_budget:.4g})" if data.bops_budget else ""),
+               "- choices: " + ", ".join(f"{k} x{v}" for k, v in counts.items())]
     md += [f"- {n}" for n in data.notes]
     md.append("")
     for t in data.tables:
         md += [t, ""]
+    if data.frontier and data.frontier_metrics:
+        md += ["## Pareto frontier", ""]
+        if data.frontier_caption:
+            md += [data.frontier_caption, ""]
+        md += [frontier_table(data.frontier, data.frontier_metrics), ""]
+        figures += _frontier_figures(data, out)
     for fname, caption in figures:
         md += [f"## {caption}", "", f"![{caption}]({fname})", ""]
-    md += ["## Layers", "", _layer_table(data), ""]
+    if data.layers:
+        md += ["## Layers", "", _layer_table(data), ""]
     text = "\n".join(md)
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(_to_html(data.title, md))

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..report import plot_frontier  # noqa: F401  (re-exported)
+
 BITS = (4, 6, 8)
 UNIFORM_POINTS: list[tuple[int, int]] = [(w, a) for w in BITS for a in BITS]
 OUTPUTS = ("feat", "patch", "cls", "probe_kl")
@@ -315,55 +317,8 @@ def is_uniform(plan) -> bool:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_frontier(points: Sequence[dict], metric: str, path: str | Path, x: str = "bops",
-                  title: Optional[str] = None) -> Path:
-    """Metric vs BOPs (``x="bops"``, fraction of W8A8) or vs size (``x="wbits"``, average weight bits):
-    uniform points as labelled squares, mixed plans as circles joined into their frontier, each with
-    its 95% interval as an error bar. ``points``: dicts with ``kind`` ("uniform" | "mixed"),
-    ``label``, ``bops`` (fraction of W8A8), ``wbits`` and ``metrics[metric] = {"value", "lo", "hi"}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if x not in ("bops", "wbits"):
-        raise ValueError(f"x must be 'bops' or 'wbits', got {x!r}")
-    pts = [p for p in points if metric in p.get("metrics", {})]
-    if not pts:
-        raise ValueError(f"no point has metric {metric!r}")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, style in (("uniform", dict(marker="s", color="tab:gray")), ("mixed", dict(marker="o", color="tab:blue"))):
-        sel = sorted([p for p in pts if p["kind"] == kind], key=lambda p: (p[x], p["metrics"][metric]["value"]))
-        if not sel:
-            continue
-        xs = np.array([p[x] for p in sel])
-        ys = np.array([p["metrics"][metric]["value"] for p in sel])
-        err = np.array([[p["metrics"][metric]["value"] - p["metrics"][metric]["lo"] for p in sel],
-                        [p["metrics"][metric]["hi"] - p["metrics"][metric]["value"] for p in sel]])
-        ax.errorbar(xs, ys, yerr=err, linestyle="none", capsize=3, label=kind, **style)
-        if kind == "mixed":  # the upper envelope: best value at or below each x
-            order = np.argsort(xs)
-            fx, fy, best = [], [], -np.inf
-            for i in order:
-                if ys[i] > best:
-                    best = ys[i]
-                    fx.append(xs[i])
-                    fy.append(ys[i])
-            ax.plot(fx, fy, color="tab:blue", alpha=0.6)
-        else:
-            for p, xx, yy in zip(sel, xs, ys):
-                ax.annotate(p["label"], (xx, yy), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xlabel("BOPs (fraction of W8A8)" if x == "bops" else "average weight bits")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{metric} vs {'BOPs' if x == 'bops' else 'size'}: uniform points and mixed plans (95% CI)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+# plot_frontier lives in mixq.report (floor 8, matplotlib only) so `mixq report` can draw it; it is
+# re-exported here, where the sweep has always imported it from.
 
 
 def between_budgets(points: Sequence[tuple[float, float]] = ((4.5, 24 / 64), (5.0, 36 / 64), (5.5, 36 / 64),
