@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 
 import torch
 
@@ -313,3 +314,84 @@ def log2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
     code = round_half_even(-torch.log2(xf.clamp_min(2.0 ** (-levels - 1))))
     out = torch.where(code > levels, torch.zeros_like(xf), torch.exp2(-code.clamp(0, levels)))
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention matmuls
+#
+# QK^T contracts over the head dim, so per-token (row) steps of Q and of K both factor out of the
+# sum: Q and K use quantize_act_dynamic as they are. softmax(.)V contracts over tokens, so V's step
+# must be constant along tokens: V is quantized per head-dim channel (dynamic, amax over the tokens
+# of one (batch, head)), i.e. quantize_act_dynamic of V^T. Probabilities are unsigned codes in [0, 1]
+# on a log2 grid (or a uniform one, for comparison). See docs/DESIGN_NOTES.md, "Attention matmuls".
+
+SOFTMAX_QUANT: tuple[str, ...] = ("log2", "uniform")
+# Largest log2 code with a non-zero value: 2^-31 (~5e-10) is below anything a probability times a
+# value can contribute, and it keeps the exact shift form of P.V inside int64 (|v| 2^31 N < 2^63).
+LOG2_MAX_CODE: int = 31
+# fp32(sqrt(1/2)): a mantissa m in [0.5, 1) below it has -log2(m) > 0.5 (sqrt(1/2) is irrational, no ties).
+def _fp32(x: float) -> float:
+    """x rounded to the nearest fp32 value (a Python float, so traced code sees a constant)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+_SQRT_HALF_F32 = _fp32(math.sqrt(0.5))
+
+
+def check_softmax_quant(kind: str) -> str:
+    if kind not in SOFTMAX_QUANT:
+        raise ValueError(f"unknown softmax_quant={kind!r}; allowed: {list(SOFTMAX_QUANT)}")
+    return kind
+
+
+def log2_max_code(bits: int) -> int:
+    """Largest non-zero log2 code at ``bits``: min(2**bits - 2, 31) (the top code 2**bits - 1 is 0)."""
+    return min(2 ** check_bits(bits) - 2, LOG2_MAX_CODE)
+
+
+def prob_zero_code(bits: int, kind: str = "log2") -> int:
+    """The code whose value is 0: 2**bits - 1 on the log2 grid, 0 on the uniform grid."""
+    return 2 ** check_bits(bits) - 1 if check_softmax_quant(kind) == "log2" else 0
+
+
+def quantize_probs(p: torch.Tensor, bits: int, kind: str = "log2") -> torch.Tensor:
+    """Post-softmax probabilities p -> uint8 codes (the contract for every backend).
+
+    log2: c = round(-log2 p), computed exactly from the fp32 exponent and mantissa
+    (p = m 2^e, m in [0.5, 1): c = -e + (m < fp32(sqrt 1/2))), clamped below at 0 (p >= 1 -> 2^0);
+    a code above :func:`log2_max_code` and p <= 0 or NaN give the zero code 2**bits - 1.
+    uniform: c = rne(clamp(p * (2**bits - 1), 0, 2**bits - 1)), value c / (2**bits - 1).
+    """
+    check_softmax_quant(kind)
+    pf = p.to(torch.float32)
+    if kind == "uniform":
+        lim = float(2 ** check_bits(bits) - 1)
+        return round_half_even((pf * lim).clamp(0.0, lim).nan_to_num(nan=0.0)).to(torch.uint8)
+    cmax = log2_max_code(bits)
+    m, e = torch.frexp(pf)
+    code = (-e.to(torch.int32) + (m < _SQRT_HALF_F32).to(torch.int32)).clamp_min(0)
+    zero = (pf <= 0) | pf.isnan() | (code > cmax)
+    return torch.where(zero, prob_zero_code(bits), code).to(torch.uint8)
+
+
+def prob_values(codes: torch.Tensor, bits: int, kind: str = "log2", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of probability codes: 2^-c (0 for the zero code) on log2, c / (2**bits - 1) on uniform."""
+    c = codes.to(torch.int32)
+    if check_softmax_quant(kind) == "uniform":
+        return (c.to(torch.float64) / (2 ** check_bits(bits) - 1)).to(dtype)
+    v = torch.exp2(-c.to(torch.float64))
+    return torch.where(c == prob_zero_code(bits), torch.zeros_like(v), v).to(dtype)
+
+
+def prob_integer_weights(codes: torch.Tensor, bits: int, kind: str = "log2") -> tuple[torch.Tensor, float]:
+    """(int64 weights w, fp32 step s) with value = w * s exactly: the integer form of P in P.V.
+
+    log2: w = 2^(cmax - c) (a left shift of V's integers), 0 for the zero code, s = 2^-cmax;
+    uniform: w = c, s = fp32(1 / (2**bits - 1)) (a rounded constant, the same on every path).
+    """
+    c = codes.to(torch.int64)
+    if check_softmax_quant(kind) == "uniform":
+        return c, _fp32(1.0 / (2 ** check_bits(bits) - 1))
+    cmax = log2_max_code(bits)
+    w = torch.where(c == prob_zero_code(bits), torch.zeros_like(c),
+                    torch.ones_like(c) << (cmax - c.clamp(max=cmax)))
+    return w, 2.0 ** -cmax
