@@ -117,3 +117,41 @@ def quantized_linear_dynamic(
 @quantized_linear_dynamic.register_fake
 def _(x, w, w_scale, bias, a_scale_mul, w_bits, a_bits, k, n, out_dtype, backend):
     return x.new_empty((x.shape[0], n), dtype=out_dtype)
+
+
+def _attention_impl(backend: str, method: str):
+    """The backend's attention method, or the reference one: cpu and triton have no native kernel yet
+    (phase 2 of issue 15), so today every backend runs the reference integer computation."""
+    return getattr(get_backend(backend), method, None) or getattr(get_backend("reference"), method)
+
+
+@torch.library.custom_op("mixq::quantized_qk", mutates_args=())
+def quantized_qk(
+    q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """Q K^T of int8 codes q [..., N, D], k [..., M, D] with per-token steps [..., N], [..., M] -> [..., N, M]:
+    (fp32(exact acc) * q_scale[i]) * k_scale[j], batched over the leading dims (batch, heads).
+    The cpu and triton backends fall back to the reference implementation for now."""
+    return _attention_impl(backend, "quantized_qk")(q, q_scale, k, k_scale, out_dtype)
+
+
+@quantized_qk.register_fake
+def _(q, q_scale, k, k_scale, out_dtype, backend):
+    return q.new_empty((*q.shape[:-1], k.shape[-2]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mixq::quantized_pv", mutates_args=())
+def quantized_pv(
+    p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str, out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """softmax(.) V: uint8 probability codes p [..., N, M] (``formats.quantize_probs``, grid ``p_kind``)
+    times int8 V codes [..., M, D] with per-channel steps v_scale [..., D] -> [..., N, D], exact integer
+    sums (log2: shifts of V's integers). The cpu and triton backends fall back to the reference for now."""
+    return _attention_impl(backend, "quantized_pv")(p, v, v_scale, p_bits, p_kind, out_dtype)
+
+
+@quantized_pv.register_fake
+def _(p, v, v_scale, p_bits, p_kind, out_dtype, backend):
+    return p.new_empty((*p.shape[:-1], v.shape[-1]), dtype=out_dtype)

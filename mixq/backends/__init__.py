@@ -58,6 +58,13 @@ class Backend(Protocol):
     ) -> torch.Tensor:
         """(xq @ W^T) * a_scale[m] * w_scale[n] + bias[n], a_scale [M] or [1]; ``w`` is prepacked."""
 
+    # Optional, probed with getattr by mixq.ops.quantized_qk / quantized_pv (the reference backend's
+    # methods run when absent; cpu and triton have none yet):
+    # quantized_qk(q, q_scale, k, k_scale, out_dtype) -> [..., N, M]: int8 Q [..., N, D] times int8
+    #     K [..., M, D]^T, exact integer sums, (fp32(acc) * q_scale[i]) * k_scale[j].
+    # quantized_pv(p, v, v_scale, p_bits, p_kind, out_dtype) -> [..., N, D]: uint8 probability codes
+    #     (formats.quantize_probs) times int8 V [..., M, D] with per-channel steps [..., D].
+    #
     # Optional, probed with getattr by mixq.ops.quantized_linear_dynamic (composed from the two
     # calls above when absent):
     # quantized_linear_dynamic(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=None)

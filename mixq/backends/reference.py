@@ -59,5 +59,56 @@ class ReferenceBackend:
             out = out + bias.to(torch.float32)
         return out.to(out_dtype)
 
+    def quantized_qk(
+        self, q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        return attention_qk(q, q_scale, k, k_scale, out_dtype)
+
+    def quantized_pv(
+        self, p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        return attention_pv(p, v, v_scale, p_bits, p_kind, out_dtype)
+
+
+def _exact_matmul(a: torch.Tensor, b: torch.Tensor, bound: float) -> torch.Tensor:
+    """a @ b of integer-valued tensors, exact: float64 when every partial sum is below 2**53 (``bound``
+    bounds them), else int64 on the CPU. Returns float64 holding the exact integers."""
+    if bound < 2.0**53:
+        return a.to(torch.float64) @ b.to(torch.float64)
+    if bound >= 2.0**63:
+        raise ValueError(f"integer attention product would overflow int64 (bound {bound:.3g}); too many tokens")
+    return (a.cpu().to(torch.int64) @ b.cpu().to(torch.int64)).to(a.device, torch.float64)
+
+
+def attention_qk(
+    q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Q codes [..., N, D] x K codes [..., M, D] (int8, per-token steps [..., N] / [..., M]) -> [..., N, M].
+
+    acc = exact integer sum over D; out = (fp32(acc) * q_scale[i]) * k_scale[j] in fp32, cast to out_dtype.
+    Differentiable in the steps and, through integer-valued float tensors, in q and k (the simulation
+    calls it with straight-through values).
+    """
+    d = q.shape[-1]
+    acc = _exact_matmul(q, k.transpose(-2, -1), 128.0 * 128.0 * d)
+    out = (acc.to(torch.float32) * q_scale.to(torch.float32)[..., :, None]) * k_scale.to(torch.float32)[..., None, :]
+    return out.to(out_dtype)
+
+
+def attention_pv(
+    p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Probability codes [..., N, M] (uint8, formats.quantize_probs) x V codes [..., M, D] (int8, one step per
+    channel, v_scale [..., D]) -> [..., N, D].
+
+    acc = sum_j w_ij v_jd exactly, with (w, s) = formats.prob_integer_weights (log2: w = 2^(cmax - c),
+    V's integers shifted); out = (fp32(acc) * s) * v_scale[d] in fp32, cast to out_dtype.
+    """
+    w, step = formats.prob_integer_weights(p, p_bits, p_kind)
+    top = float(2 ** formats.log2_max_code(p_bits)) if p_kind == "log2" else float(2**p_bits - 1)
+    acc = _exact_matmul(w, v, top * 128.0 * p.shape[-1])
+    out = (acc.to(torch.float32) * step) * v_scale.to(torch.float32)[..., None, :]
+    return out.to(out_dtype)
+
 
 register_backend(ReferenceBackend())
