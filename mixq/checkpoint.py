@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .attention import quantized_attention
 from .data import model_device
 from .modules import quantized_layers, set_module
 from .nn import QuantLinear
@@ -68,6 +69,11 @@ def save(
     path = Path(path)
     if path.exists() and not overwrite:  # early and friendly; the exclusive link below is the real check
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    attn = quantized_attention(model)
+    if attn:
+        raise NotImplementedError(
+            f"cannot save a model with quantized attention ({next(iter(attn))!r} and {len(attn) - 1} more): "
+            "checkpoints do not record it yet; save the model quantized with quantize_attention=False")
     layers = layer_configs(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layer: quantize it with mixq.quantize_ before saving")

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from . import formats
+from .attention import (QuantAttention, is_attention, is_supported_attention, quantized_attention,
+                        unsupported_attention)
 from .data import batch_to, iter_batches, model_device, run_model, tensors_in
 from .modules import FilterFn, find_linears, quantized_layers, set_module
 from .nn import ACT_MODES, WEIGHT_METHODS, QuantLinear
@@ -48,6 +50,10 @@ class QuantConfig:
     fold_layernorm: bool = False
     smooth_alpha: float = 0.5
     weight_method: str = "auto"
+    quantize_attention: bool = False
+    attn_bits: Optional[int] = None
+    softmax_bits: Optional[int] = None
+    softmax_quant: str = "log2"
 
     def __post_init__(self) -> None:
         formats.check_bits(self.w_bits, "w_bits")
@@ -65,7 +71,19 @@ class QuantConfig:
             raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.max_calib_rows < 1:
             raise ValueError(f"max_calib_rows must be >= 1, got {self.max_calib_rows}")
+        if not isinstance(self.quantize_attention, bool):
+            raise TypeError(f"quantize_attention must be True or False, got {self.quantize_attention!r}")
+        if self.attn_bits is not None:
+            formats.check_bits(self.attn_bits, "attn_bits")
+        if self.softmax_bits is not None:
+            formats.check_bits(self.softmax_bits, "softmax_bits")
+        formats.check_softmax_quant(self.softmax_quant)
         self.skip = tuple(self.skip)
+
+    def attention_bits(self) -> tuple[int, int]:
+        """(bits of Q, K, V; bits of the softmax probabilities) when quantize_attention is on."""
+        a = int(self.a_bits if self.attn_bits is None else self.attn_bits)
+        return a, int(a if self.softmax_bits is None else self.softmax_bits)
 
     def bits_for(self, name: str) -> tuple[int, int]:
         w, a = self.layer_bits.get(name, (self.w_bits, self.a_bits))
@@ -184,6 +202,7 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
         raise TypeError(f"config must be a QuantConfig or a plan with to_config(), got {type(config).__name__}")
     targets = _targets(model, config)
     _check_weights(targets)
+    attention = _attention_targets(model, config) if config.quantize_attention else {}
     samples: dict[str, torch.Tensor] = {}
     fed_by: dict[str, str] = {}
     weight_method = config.weight_method
@@ -207,7 +226,30 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
     if config.fold_layernorm and fed_by:
         check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
         _fold_layernorms(model, fed_by, check)
+    attn_bits, softmax_bits = config.attention_bits()
+    for name in attention:  # after the Linears: QuantAttention keeps the (now quantized) qkv and proj
+        set_module(model, name, QuantAttention(model.get_submodule(name), attn_bits, softmax_bits,
+                                               config.softmax_quant, config.simulate, config.backend))
     return model
+
+
+def _attention_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """The attention modules quantize_attention replaces; refuses, naming them, the ones it cannot yet."""
+    def skipped(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in config.skip)
+
+    bad = {n: t for n, t in unsupported_attention(model).items() if not skipped(n)}
+    if bad:
+        first = next(iter(bad))
+        raise NotImplementedError(
+            f"quantize_attention=True: {len(bad)} attention module(s) of a kind mixq cannot quantize yet "
+            f"({first!r} is {bad[first]}; supported: timm vision_transformer.Attention, as in ViT, DeiT and "
+            "DINOv2); list them in skip to keep them float, or set quantize_attention=False")
+    found = {n: m for n, m in model.named_modules() if is_supported_attention(m) and not skipped(n)}
+    if not found and not quantized_attention(model) and not any(is_attention(m) for m in model.modules()):
+        raise ValueError("quantize_attention=True but the model has no attention module: nothing for the "
+                         "flag to quantize; set quantize_attention=False")
+    return found
 
 
 def _check_weights(targets: dict[str, nn.Linear]) -> None:
@@ -311,7 +353,10 @@ def _sole_consumers(model: nn.Module, pairs: list[tuple[str, str]], batch: Any) 
 
 
 def set_simulate(model: nn.Module, simulate: bool) -> nn.Module:
-    """Switch every QuantLinear of ``model`` between the integer kernels and float simulation."""
+    """Switch every QuantLinear and QuantAttention of ``model`` between the integer kernels and float
+    simulation."""
     for m in quantized_layers(model).values():
         m.set_simulate(simulate)
+    for a in quantized_attention(model).values():
+        a.set_simulate(simulate)
     return model
