@@ -326,3 +326,18 @@ def test_dinov2_architecture_with_smooth_linears_and_folding():
         out = model(x)
         assert torch.equal(set_simulate(model, True)(x), out)
     assert float((out - fp).norm() / fp.norm()) < 0.2
+
+
+def test_masks_mean_what_timm_means():
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(3)
+    qa = QuantAttention(Attention(dim=32, num_heads=2), 8).eval()
+    x = torch.randn(2, 7, 32)
+    keep = torch.ones(7, 7, dtype=torch.bool).tril()
+    with torch.no_grad():
+        causal = qa(x, is_causal=True)
+        assert torch.equal(qa(x, attn_mask=keep), causal)
+        assert torch.equal(qa(x, attn_mask=torch.zeros(7, 7).masked_fill(~keep, float("-inf"))), causal)
+        assert torch.equal(qa(x, attn_mask=torch.ones(7, 7, dtype=torch.bool)), qa(x))
+        assert not torch.equal(causal, qa(x))
