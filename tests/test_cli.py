@@ -175,3 +175,45 @@ def test_demo_summary_shows_dash_for_untimed_rows_and_the_torch_int8_row(capsys)
     table("summary", SUMMARY_COLUMNS, rows)
     text = capsys.readouterr().out
     assert "nan" not in text and "–" in text and "torch int8" in text  # (rich may wrap the name)
+
+
+def test_demo_mixed_budgets_lie_between_uniform_points():
+    from mixq.demo import MIXED_PLANS, UNIFORM
+    from mixq.eval.pareto import uniform_budget
+
+    (l5, b5, f5), (l45, b45, f45) = MIXED_PLANS
+    assert (b5, f5) == (5.0, uniform_budget(6, 6)[1]) == (5.0, "0.5625x")  # 5 bits at W6A6's BOPs
+    assert (b45, f45) == (4.5, uniform_budget(4, 8)[1]) == (4.5, "0.5x")  # 4.5 bits at W4A8's BOPs
+    assert (6, 6) in UNIFORM and (4, 8) in UNIFORM
+    # both strictly smaller than the uniform point whose BOPs they get
+    assert b5 < 6 and 4 < b45
+
+
+def test_demo_frontier_points_and_plot(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from mixq.demo import (FRONTIER_CAPTION, FRONTIER_METRICS, MIXED_PLANS, UNIFORM, frontier_point,
+                           per_image_values, plan_bops_fraction)
+    from mixq.report import LayerRow, ReportData, write_report
+
+    # per-image values from an evaluator's state after evaluate() (tiny stand-in)
+    probe = SimpleNamespace(logits=lambda f: f)
+    ev = SimpleNamespace(probe=probe, _last_features=torch.eye(4)[[0, 1, 2, 2]], _fp_pred=torch.tensor([0, 1, 2, 3]),
+                         test_labels=torch.tensor([0, 0, 2, 2]), fp_maps=torch.ones(3, 4, 4))
+    row = SimpleNamespace(maps=torch.stack([torch.ones(4, 4), torch.zeros(4, 4), torch.ones(4, 4)]))
+    v = per_image_values(ev, row)
+    assert v == {"probe_agree": [100.0, 100.0, 100.0, 0.0], "probe_top1": [100.0, 0.0, 100.0, 100.0],
+                 "sal_iou05": [1.0, 0.0, 1.0]}
+    assert plan_bops_fraction({"a": (4, 8), "b": (8, 8)}, {"a": {"macs": 1}, "b": {"macs": 3}}) == (32 + 3 * 64) / 256
+
+    frontier = [frontier_point(f"W{w}A{a}", "uniform", w, w * a / 64, v) for w, a in UNIFORM]
+    frontier += [frontier_point(label, "mixed", bits - 0.3, float(f.rstrip("x")), v) for label, bits, f in MIXED_PLANS]
+    iv = frontier[0]["metrics"]["probe_agree"]
+    assert iv["value"] == 75.0 and iv["lo"] <= 75.0 <= iv["hi"]
+    data = ReportData("demo", [LayerRow("a", 4, 8, 16, 64, None, 4)], frontier=frontier,
+                      frontier_metrics=dict(FRONTIER_METRICS), frontier_caption=FRONTIER_CAPTION.format(n_test=4))
+    md = write_report(data, tmp_path).read_text()
+    assert (tmp_path / "frontier_probe_agree_bops.png").stat().st_size > 1000
+    assert "| mixed-5b | mixed |" in md and "the 4 test images" in md
