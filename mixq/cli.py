@@ -502,9 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("demo", help="the built-in default run on the shipped DINOv2 ViT-S (about 15 minutes)",
-                       description="Calibrate on 32 shipped images, score, allocate at ~6 and ~4 average bits, "
-                       "quantize, evaluate against FP and uniform baselines, time CPU latency vs float and torch "
-                       "int8, and write a report with plots.")
+                       description="Calibrate on 32 shipped images, score, allocate at two budgets between uniform "
+                       "points (5 average weight bits at W6A6's BOPs, 4.5 bits at W4A8's BOPs), quantize, evaluate "
+                       "against FP and uniform baselines, time CPU latency vs float and torch int8, and write a "
+                       "report with plots, the frontier of the evaluated points among them.")
     s.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.add_argument("--quick", action="store_true", help="a small fast version (fewer test images)")
