@@ -94,7 +94,8 @@ def _adapter(spec: str, calib: Optional[str] = None):
 
 
 # --scorer names; "combined" sums the three (each normalized first, as allocate does for a list).
-SCORER_CHOICES = {"kl": "kl", "lrp": "lrp", "sensitivity": "sensitivity", "combined": ["kl", "lrp", "sensitivity"]}
+SCORER_CHOICES = {"kl": "kl", "lrp": "lrp", "sensitivity": "sensitivity", "measured": "measured",
+                  "combined": ["kl", "lrp", "sensitivity"]}
 
 
 def _parse_uniform(text: str) -> tuple[int, int]:
@@ -189,7 +190,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         else:
             try:
                 plan = allocate(model, calib, budget=args.budget, bops_budget=args.bops,
-                                scorer=SCORER_CHOICES[args.scorer], synergy=not args.no_synergy,
+                                scorer=SCORER_CHOICES[args.scorer], synergy=False if args.no_synergy else None,
                                 filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
             except InfeasibleBudgetError as e:
                 raise CliError(str(e)) from e
@@ -449,9 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bit-operation budget per input: absolute (3.2e12, '800G', '3.2T') or a fraction of "
                    "uniform W8A8 ('0.5x'); BOPs = sum of MACs x w_bits x a_bits")
     s.add_argument("--scorer", choices=list(SCORER_CHOICES), default="kl",
-                   help="layer score used as the per-choice cost (default kl; combined = the sum of all three, "
+                   help="layer score used as the per-choice cost (default kl; measured = every layer and choice "
+                   "quantized alone and measured, slowest; combined = the sum of kl, lrp and sensitivity, "
                    "each normalized)")
-    s.add_argument("--no-synergy", action="store_true", help="drop the cross-layer synergy term")
+    s.add_argument("--no-synergy", action="store_true",
+                   help="drop the cross-layer synergy term (always off with --scorer measured)")
     s.add_argument("--uniform", metavar="WxAy", help="skip allocation: every layer at these bits, e.g. W8A8 or 4/8")
     s.add_argument("--fold-layernorm", action="store_true",
                    help="fold a LayerNorm into the one Linear it feeds (smooth: its gamma/beta take the channel "

@@ -172,3 +172,41 @@ def test_cache_makes_reruns_free_and_keys_on_weights(known, tmp_path, monkeypatc
     assert cache.fingerprint(model, x, {}) != cache.fingerprint(Known(), x, {})
     monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "env"))
     assert cache.cache_root(None) == tmp_path / "env" and cache.cache_root(False) is None
+
+
+def test_measured_per_image_more_bits_less_error_bypassed_zero(known):
+    from mixq.scores.measured import measured_cost_table, measured_scores
+
+    model, x = known
+    before = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    res = measured_scores(model, x, ["loud", "quiet", "dead"], [(4, 4), (8, 8)], batch_size=4, cache_dir=False,
+                          progress=False)
+    per = torch.tensor(res["per_image"], dtype=torch.float64)
+    assert per.shape == (3, 2, 10) and (per >= 0).all()
+    (loud4, loud8), (quiet4, quiet8), (dead4, dead8) = res["kl"]
+    assert loud4 > loud8 and loud4 > quiet4 and dead4 == dead8 == 0.0
+    # the model is left as it was: float Linears, same weights
+    assert all(type(model.get_submodule(n)) is nn.Linear and torch.equal(model.get_submodule(n).weight, w)
+               for n, w in before.items())
+    costs, shares = measured_cost_table(res)
+    assert costs.shape == (3, 2) and shares.shape == (3, 10)
+    assert torch.allclose(torch.tensor(shares.sum(0)), torch.ones(10, dtype=torch.float64))
+
+
+def test_measured_scorer_in_allocate_synergy_off_by_default(known, monkeypatch):
+    import mixq.scores.kl as kl_mod
+    from mixq import allocate
+
+    model, x = known
+    calls = []
+    monkeypatch.setattr(kl_mod, "kl_importance", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("measured alone must not run the KL probes")))
+    plan = allocate(model, x, budget=6.0, scorer="measured", filter_fn=lambda n, m: n != "dead",
+                    cache_dir=False, progress=False)
+    assert plan.scorer == "measured" and not calls
+    # loud (amplified 20x) gets at least the weight bits of quiet
+    assert plan.layers["loud"][0] >= plan.layers["quiet"][0]
+    with pytest.raises(ValueError, match="weight_method"):
+        from mixq.scores.measured import measured_scores
+
+        measured_scores(model, x, ["loud"], [(4, 4)], weight_method="nope", cache_dir=False)

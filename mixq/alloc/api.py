@@ -11,7 +11,7 @@ from .budgets import check_bops_budget, parse_size_budget
 from .plan import Plan, solve_plan
 from .problem import DEFAULT_CANDIDATES, AllocationProblem, Budget
 
-SCORERS = ("kl", "lrp", "sensitivity")
+SCORERS = ("kl", "lrp", "sensitivity", "measured")
 Scorer = Union[str, Sequence[str], dict]
 
 
@@ -36,7 +36,7 @@ def allocate(
     budget: Optional[Budget] = 6.0,
     bops_budget: Union[float, int, str, None] = None,
     scorer: Scorer = "kl",
-    synergy: bool = True,
+    synergy: Optional[bool] = None,
     lam: float = 0.05,
     candidates: Optional[Sequence[tuple[int, int]]] = None,
     pinned: Optional[dict[str, Union[int, tuple[int, int]]]] = None,
@@ -53,10 +53,14 @@ def allocate(
         counted, the field's "average bit-width"), or the stored size of the planned layers in bytes
         (a larger number, or a string ``"12MB"``/``"1.5GiB"``; weights + fp32 scales + fp32 biases).
     bops_budget: BOPs per input (``3.2e12``, ``"800G"``) or a fraction of uniform W8A8 (``"0.5x"``).
-    scorer: "kl" | "lrp" | "sensitivity", a list of them (summed) or a dict name -> weight. Each
-        scorer's costs are normalized to mean 1 per layer at the noisiest candidate first.
+    scorer: "kl" | "lrp" | "sensitivity" | "measured", a list of them (summed) or a dict name ->
+        weight. Each scorer's costs are normalized to mean 1 per layer at the noisiest candidate
+        first. "measured" quantizes each layer alone at each candidate as ``quantize_`` would (smooth,
+        GPTQ) and measures the KL of ``output_fn`` per image (:mod:`mixq.scores.measured`): the
+        slowest scorer (one forward pass per layer and candidate) and, in the Pareto sweep, the best.
     synergy, lam: add ``lam * S[l, m] * ((w_l - w_m)^2 + (a_l - a_m)^2)`` over execution-order
-        neighbours, S from the per-image KL importances (normalized to max 1).
+        neighbours, S from the per-image KL importances (normalized to max 1). ``synergy=None``
+        (default): on, except for ``scorer="measured"`` alone, where the sweep found it off better.
     pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed.
     output_fn: called as ``output_fn(model, batch)`` for each calibration batch; returns the output
         distribution per image, probabilities [B, D] with rows summing to 1, for the KL and
@@ -66,12 +70,15 @@ def allocate(
     from ..scores.inventory import adjacent_pairs, build_inventory
     from ..scores.kl import kl_importance
     from ..scores.lrp import lrp_importance
+    from ..scores.measured import measured_cost_table, measured_scores
     from ..scores.outputs import check_output_fn
     from ..scores.sensitivity import sensitivity_scores
     from ..scores.synergy import synergy_scores
 
     cands = [tuple(map(int, c)) for c in (candidates if candidates is not None else DEFAULT_CANDIDATES)]
     weights = _scorer_weights(scorer)
+    if synergy is None:
+        synergy = set(weights) != {"measured"}
     if budget is not None:
         parse_size_budget(budget)  # bad budgets fail here, not after minutes of scoring
     check_bops_budget(bops_budget)
@@ -89,8 +96,11 @@ def allocate(
     lowest = (min(w for w, _ in cands), min(a for _, a in cands))
     noise = np.array([noise_factor(w, a) for w, a in cands]) / noise_factor(*lowest)
     common = dict(batch_size=batch_size, progress=progress, cache_dir=cache_dir)
-    kl_costs = per_image = None
-    if "kl" in weights or (synergy and lam > 0):
+    kl_costs = per_image = measured = None
+    if "measured" in weights and weights["measured"] > 0:
+        measured = measured_cost_table(measured_scores(model, calib_data, names, cands, output_fn, **common))
+        per_image = measured[1]
+    if "kl" in weights or (synergy and lam > 0 and per_image is None):
         # Two probes per layer, weights alone and activations alone at the lowest bits (the other
         # side at the highest candidate), so the costs tell weight noise from activation noise.
         highest = (max(w for w, _ in cands), max(a for _, a in cands))
@@ -103,6 +113,8 @@ def allocate(
             continue
         if name == "kl":
             table = kl_costs
+        elif name == "measured":
+            table = measured[0]
         elif name == "lrp":
             table = np.asarray(lrp_importance(model, calib_data, names, **common)["importance"])[:, None] * noise[None, :]
         else:
