@@ -333,14 +333,14 @@ class QuantLinear(nn.Module):
                 bias = self.bias * f if self.bias is not None else None
                 out = ops.quantized_linear_dynamic(xs, self.w_runtime, self.w_scale, bias, f, self.w_bits,
                                                    self.a_bits, self.in_features, self.out_features, dtype,
-                                                   self.backend) / f
+                                                   self.backend).div_(f)  # in place: no second output
                 return out.to(x.dtype).reshape(*lead, self.out_features)
             xq, a_scale = self._quantize_input(xk)
             if dynamic:  # a data-derived step can be huge: keep headroom
                 f = formats.epilogue_headroom(a_scale)
                 bias = self.bias * f if self.bias is not None else None
                 out = ops.packed_linear(xq, a_scale * f, self.w_runtime, self.w_scale, bias, self.w_bits,
-                                        self.in_features, self.out_features, dtype, self.backend) / f
+                                        self.in_features, self.out_features, dtype, self.backend).div_(f)
             else:
                 out = ops.packed_linear(xq, a_scale, self.w_runtime, self.w_scale, self.bias, self.w_bits,
                                         self.in_features, self.out_features, dtype, self.backend)
