@@ -10,10 +10,11 @@ import torch
 
 from mixq.eval.dinov2_tasks import LinearProbe
 from mixq.eval.pareto import (
-    Planner, _distortions, _set, cost_table, dinov2_blocks, is_uniform, measured_costs, plan_mix, plot_frontier,
+    Planner, _distortions, cost_table, dinov2_blocks, is_uniform, measured_costs, plan_mix, plot_frontier,
     uniform_budget,
 )
 from mixq.models.dinov2 import Dinov2Backbone, Dinov2Saliency, SaliencyDecoder
+from mixq.modules import set_module
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +50,12 @@ def test_measured_costs_equal_a_full_forward(tiny, tmp_path):
     original = model.get_submodule(names[li])
     with torch.no_grad():
         ref = model.backbone(score)
-        _set(model, names[li], QuantLinear.from_float(original, 4, 4, act_quant="smooth", act_samples=samples[names[li]],
+        set_module(model, names[li], QuantLinear.from_float(original, 4, 4, act_quant="smooth", act_samples=samples[names[li]],
                                                       simulate=True, weight_method="gptq"))
         try:
             got = _distortions(model.backbone(score), ref, probe)
         finally:
-            _set(model, names[li], original)
+            set_module(model, names[li], original)
     for o in ("feat", "patch", "cls", "probe_kl"):
         assert np.allclose(c[o][li][0], got[o].numpy(), rtol=1e-5, atol=1e-12), o
     # W8A8 distorts less than W4A4 on average, and the first block's layers were measured too

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..modules import set_module
 from ..report import plot_frontier  # noqa: F401  (re-exported)
 
 BITS = (4, 6, 8)
@@ -153,11 +154,6 @@ def _block_of(name: str, prefix: str) -> int:
     return int(name[len(prefix):].split(".", 1)[0])
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def _distortions(tok: torch.Tensor, ref: torch.Tensor, probe) -> dict[str, torch.Tensor]:
     """Per-image distortions of tokens [B, 1+P, D] against the FP tokens."""
     from .harness import pooled
@@ -215,7 +211,7 @@ def measured_costs(model: nn.Module, calib: torch.Tensor, score: torch.Tensor, n
         for ci, (w, a) in enumerate(candidates):
             q = QuantLinear.from_float(original, w, a, act_quant=act_quant, act_samples=samples[name], simulate=True,
                                        weight_method=weight_method)
-            _set(model, name, q)
+            set_module(model, name, q)
             try:
                 col = {o: [] for o in OUTPUTS}
                 for bi, x in enumerate(block_in[k]):
@@ -226,7 +222,7 @@ def measured_costs(model: nn.Module, calib: torch.Tensor, score: torch.Tensor, n
                 for o in OUTPUTS:
                     out[o][li, ci] = torch.cat(col[o]).numpy()
             finally:
-                _set(model, name, original)
+                set_module(model, name, original)
         log(f"measured costs {li + 1}/{len(names)} {name} ({time.perf_counter() - t:.1f} s)")
     result = {"names": list(names), "candidates": [list(c) for c in candidates], "n_images": len(score),
               "seconds": time.perf_counter() - t0, **{o: out[o].tolist() for o in OUTPUTS}}
