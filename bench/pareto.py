@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from mixq.eval.harness import METRICS, PERCENT, Dinov2Harness, compare, summarize  # noqa: E402
 from mixq.eval.pareto import (  # noqa: E402
-    UNIFORM_POINTS, Planner, cost_table, is_uniform, measured_costs, memoized_quantization, plan_mix, plot_frontier,
-    uniform_budget,
+    UNIFORM_POINTS, Planner, cost_table, frontier_points, is_uniform, measured_costs, memoized_quantization,
+    plan_mix, plot_frontier, uniform_budget,
 )
 from mixq.eval.stats import line_gap, verdict  # noqa: E402
 
@@ -362,14 +362,7 @@ def render(store: dict, out_md: Path, plots: bool = True) -> str:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
     if plots:
-        points = []
-        for k, p in pts.items():
-            if k == "fp" or k not in summ or "channel" in k:
-                continue
-            if p["kind"] == "mixed" and p["variant"] != "default":
-                continue
-            points.append({"kind": p["kind"], "label": p["label"].replace("mixed ", ""), "bops": p["bops"],
-                           "wbits": p["wbits"], "metrics": {m: summ[k][m].to_dict() for m in summ[k]}})
+        points = frontier_points(pts, summ)
         if points:
             for m in ("knn_top1", "knn_agree", "probe_agree", "sal_iou05"):
                 for x in ("bops", "wbits"):

@@ -306,7 +306,7 @@ def frontier_from_sweep(store: dict, settings: Optional[str] = None) -> tuple[li
     (default v1-test300, else the only settings the file has), each metric summarized over its
     per-image values with a paired-bootstrap 95% interval. The FP row, the variants and the
     channel-activation points are left out, as the sweep's own plots leave them out."""
-    from .eval.harness import summarize
+    from .eval.pareto import frontier_points
 
     if not isinstance(store, dict):
         raise ValueError("the top level is not an object of settings")
@@ -321,15 +321,7 @@ def frontier_from_sweep(store: dict, settings: Optional[str] = None) -> tuple[li
                              f"(found: {', '.join(with_points) or 'none'})")
     if settings not in store or not isinstance(store[settings], dict) or "points" not in store[settings]:
         raise ValueError(f"no points under {settings!r}")
-    points = []
-    for key, p in store[settings]["points"].items():
-        if key == "fp" or p.get("kind") == "fp" or "channel" in key or "per_image" not in p:
-            continue
-        if p["kind"] == "mixed" and p.get("variant", "default") != "default":
-            continue
-        summ = summarize(p["per_image"])
-        points.append({"kind": p["kind"], "label": str(p["label"]).replace("mixed ", ""), "bops": float(p["bops"]),
-                       "wbits": float(p["wbits"]), "metrics": {m: iv.to_dict() for m, iv in summ.items()}})
+    points = frontier_points(store[settings]["points"])
     if not points:
         raise ValueError(f"no uniform or mixed points with per-image values under {settings!r}")
     return points, settings

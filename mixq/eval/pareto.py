@@ -326,3 +326,28 @@ def between_budgets(points: Sequence[tuple[float, float]] = ((4.5, 24 / 64), (5.
             raise ValueError(f"budget ({wb}, {frac}) outside 4..8 bits / (0, 1] of W8A8")
         out.append((float(wb), f"{frac:.10f}".rstrip("0") + "x"))
     return out
+
+
+def frontier_points(points: dict, summaries: Optional[dict] = None) -> list[dict]:
+    """The points a frontier plot shows (as :func:`mixq.report.plot_frontier` takes them): every
+    uniform point and every default-variant mixed plan of a sweep's ``points``, each metric with its
+    paired-bootstrap interval. The FP row, the allocator variants and the channel-activation points
+    are left out: they are not on the frontier's recipe. ``summaries`` ({key: summarize(...)}) saves
+    recomputing intervals the caller already has; without it, points lacking per-image values are skipped."""
+    from .harness import summarize
+
+    out = []
+    for key, p in points.items():
+        if key == "fp" or p.get("kind") == "fp" or "channel" in key:
+            continue
+        if p["kind"] == "mixed" and p.get("variant", "default") != "default":
+            continue
+        if summaries is not None:
+            summ = summaries.get(key)
+        else:
+            summ = summarize(p["per_image"]) if "per_image" in p else None
+        if summ is None:
+            continue
+        out.append({"kind": p["kind"], "label": str(p["label"]).replace("mixed ", ""), "bops": float(p["bops"]),
+                    "wbits": float(p["wbits"]), "metrics": {m: iv.to_dict() for m, iv in summ.items()}})
+    return out
