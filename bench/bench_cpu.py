@@ -187,24 +187,23 @@ def table(quick: bool = False, rounds: int = 7, fused: bool = True) -> str:
         "|---|---:|---:|---:|" + "---:|" * (len(quant) + len(QUANT)),
     ]
     header = lines[-2:]
-    for name, m, k, n, t, _ in rows:
-        ratios = " | ".join(f"{t['fbgemm'] / t[q]:.2f}x" for q in quant)
-        rates = " | ".join(f"{gops(m, k, n, t[q]):.0f}" for q in QUANT)
-        lines.append(
-            f"| {name} ({m}, {k}, {n}) | {t['fp32'] * 1e3:.3f} | {t['fbgemm'] * 1e3:.3f} | "
-            f"{t['fp32'] / t['fbgemm']:.2f}x | {ratios} | {rates} |"
-        )
+
+    def body(fastest: bool) -> list[str]:
+        """Table rows from each shape's medians or its fastest single calls."""
+        out = []
+        for name, m, k, n, median, best in rows:
+            t = best if fastest else median
+            ratios = " | ".join(f"{t['fbgemm'] / t[q]:.2f}x" for q in quant)
+            rates = " | ".join(f"{gops(m, k, n, t[q]):.0f}" for q in QUANT)
+            out.append(f"| {name} ({m}, {k}, {n}) | {t['fp32'] * 1e3:.3f} | {t['fbgemm'] * 1e3:.3f} | "
+                       f"{t['fp32'] / t['fbgemm']:.2f}x | {ratios} | {rates} |")
+        return out
+
+    lines += body(fastest=False)
     lines.append("")
     lines.append("Ratios: fbgemm time / mixq time (above 1: mixq faster). GOP/s = 2*M*K*N / mixq time.")
     lines += ["", "Fastest single call of each (the least disturbed when other jobs share the cores):", ""]
-    lines += header
-    for name, m, k, n, _, t in rows:
-        ratios = " | ".join(f"{t['fbgemm'] / t[q]:.2f}x" for q in quant)
-        rates = " | ".join(f"{gops(m, k, n, t[q]):.0f}" for q in QUANT)
-        lines.append(
-            f"| {name} ({m}, {k}, {n}) | {t['fp32'] * 1e3:.3f} | {t['fbgemm'] * 1e3:.3f} | "
-            f"{t['fp32'] / t['fbgemm']:.2f}x | {ratios} | {rates} |"
-        )
+    lines += header + body(fastest=True)
     return "\n".join(lines)
 
 
