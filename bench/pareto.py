@@ -56,6 +56,7 @@ VARIANTS = {  # part 3 of issue 12, each against the default at the target budge
     "lrp": {"costs": "lrp", "outputs": ["saliency"], "n_score": 8, "lam": 0.05},
     "meas+kl": {"costs": "measured+kl", "outputs": ["feat", "patch"], "n_score": N_SCORE, "lam": 0.05},
     "kl-sal-32": {"costs": "kl", "outputs": ["saliency"], "n_score": 32, "lam": 0.05},
+    "n32": {**DEFAULT_VARIANT, "n_score": 32},
 }
 
 
@@ -89,9 +90,43 @@ def queue() -> list[dict]:
     jobs += [mixed(b, f) for b, f, _ in LINE if b not in (5.0, 5.5)]
     done = {j["name"] for j in jobs}
     jobs += [j for j in (mixed(b, f, v) for v in VARIANTS for b, f in TARGETS) if j["name"] not in done]
+    # synergy off (the library's default since the variants above) at every uniform budget and on the line
+    done = {j["name"] for j in jobs}
+    jobs += [j for j in (mixed(*uniform_budget(w, a), "nosyn") for w, a in UNIFORM_POINTS) if j["name"] not in done]
+    jobs += [j for j in (mixed(b, f, "nosyn") for b, f, _ in LINE) if j["name"] not in done]
     for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)):
         jobs.append({"name": f"u-w{w}a{a}-channel", "kind": "uniform", "w": w, "a": a, "act": "channel"})
+    jobs += attention_jobs()
     return jobs
+
+
+ATTN_UNIFORM = ((8, 8), (6, 6), (4, 8), (4, 4))
+
+
+def attention_jobs() -> list[dict]:
+    """Issue 15: the same models with QK^T and softmax.V on integer codes too (Q, K, V at the Linears'
+    a_bits, log2 probabilities at a_bits; the mixed plans at A8 attention), then the uniform softmax grid."""
+    jobs = [{"name": f"u-w{w}a{a}-attn", "kind": "uniform", "w": w, "a": a,
+             "attn": {"bits": a, "softmax_bits": a, "softmax": "log2"}} for w, a in ATTN_UNIFORM]
+    jobs += [{"name": f"m-{b}@{f}-attn8", "kind": "mixed", "budget": b, "bops": f, "variant": "default",
+              "attn": {"bits": 8, "softmax_bits": 8, "softmax": "log2"}} for b, f in TARGETS]
+    jobs += [{"name": f"u-w{w}a{a}-attn-uniform", "kind": "uniform", "w": w, "a": a,
+              "attn": {"bits": a, "softmax_bits": a, "softmax": "uniform"}} for w, a in ((8, 8), (4, 4))]
+    return jobs
+
+
+def attention_config(job: dict) -> dict:
+    """QuantConfig fields for a job's attention quantization (none when the job has no "attn")."""
+    at = job.get("attn")
+    if not at:
+        return {}
+    return {"quantize_attention": True, "attn_bits": at["bits"], "softmax_bits": at["softmax_bits"],
+            "softmax_quant": at["softmax"]}
+
+
+def attention_label(job: dict) -> str:
+    at = job.get("attn")
+    return f" +attn A{at['bits']} P:{at['softmax']}{at['softmax_bits']}" if at else ""
 
 
 def _round(d: dict) -> dict:
@@ -121,7 +156,7 @@ class Sweep:
         if "fp" not in self.points:
             self.points["fp"] = {"kind": "fp", "label": "FP32", "per_image": _round(self.h.fp_metrics())}
             self.save()
-        self._costs = None
+        self._costs: dict[int, dict] = {}
 
     def _subset_test(self, n: int) -> None:
         """Evaluate on a stratified subset of the test split (the FP reference is indexed, not rerun);
@@ -152,21 +187,24 @@ class Sweep:
         tmp.write_text(json.dumps(self.store))
         tmp.replace(self.args.json)
 
-    def costs(self) -> dict:
-        if self._costs is None:
+    def costs(self, n_score: int = N_SCORE) -> dict:
+        """Measured costs on the first ``max(n_score, N_SCORE)`` scoring images (16 unless a variant
+        asks for more: a 32-image variant measures all 32, the others reuse the 16-image table)."""
+        n = max(n_score, N_SCORE)
+        if n not in self._costs:
             from mixq.eval.dinov2_tasks import LinearProbe
 
-            log(f"measured costs: 48 layers x 9 candidates on {N_SCORE} scoring images (cached after the first run)")
-            self._costs = measured_costs(self.fp, self.calib, self.score[:N_SCORE], self.planner.names,
-                                         [tuple(c) for c in UNIFORM_POINTS], LinearProbe(**self.h.ref.probe),
-                                         cache=self.cache / "scores", log=log)
-            log(f"measured costs ready ({self._costs['seconds']:.0f} s when computed)")
-        return self._costs
+            log(f"measured costs: 48 layers x 9 candidates on {n} scoring images (cached after the first run)")
+            self._costs[n] = measured_costs(self.fp, self.calib, self.score[:n], self.planner.names,
+                                            [tuple(c) for c in UNIFORM_POINTS], LinearProbe(**self.h.ref.probe),
+                                            cache=self.cache / "scores", log=log)
+            log(f"measured costs ready ({self._costs[n]['seconds']:.0f} s when computed)")
+        return self._costs[n]
 
     def plan(self, job: dict):
         v = DEFAULT_VARIANT if job["variant"] == "default" else VARIANTS[job["variant"]]
         if v["costs"] in ("measured", "measured+kl"):
-            c = self.costs()
+            c = self.costs(v["n_score"])
             table, per_image = cost_table(c, v["outputs"], v["n_score"])
             if v["costs"] == "measured+kl":  # the built-in KL scorer's 4^-bits costs, added with equal weight
                 from mixq.alloc import split_kl_costs
@@ -195,19 +233,23 @@ class Sweep:
         if job["kind"] == "uniform":
             w, a = job["w"], job["a"]
             config = QuantConfig(w_bits=w, a_bits=a, filter_fn=self.adapter.quant_filter, backend=self.args.backend,
-                                 fold_layernorm=True, act_quant=job.get("act", "auto"))
-            rec.update(label=f"W{w}A{a}" + (" channel" if job.get("act") else ""), wbits=float(w), abits=float(a),
+                                 fold_layernorm=True, act_quant=job.get("act", "auto"), **attention_config(job))
+            rec.update(label=f"W{w}A{a}" + (" channel" if job.get("act") else "") + attention_label(job),
+                       wbits=float(w), abits=float(a),
                        bops=w * a / 64)
         else:
             plan = self.plan(job)
-            rec.update(label=f"mixed {job['budget']}b@{job['bops']}" + ("" if job["variant"] == "default" else f" [{job['variant']}]"),
+            rec.update(label=f"mixed {job['budget']}b@{job['bops']}" + ("" if job["variant"] == "default" else f" [{job['variant']}]")
+                       + attention_label(job),
                        wbits=plan.avg_bits_per_weight, bops=plan.bops / (self.planner.macs_total * 64),
                        abits=float(np.mean([a for _, a in plan.layers.values()])), mix=plan_mix(plan),
                        plan={n: list(b) for n, b in plan.layers.items()}, plan_status=plan.status,
                        uniform=is_uniform(plan), scorer=plan.scorer, plan_seconds=time.perf_counter() - t0)
             log(f"{job['name']}: plan {plan.avg_bits_per_weight:.3f} W bits, {rec['bops']:.4f}x BOPs, {rec['mix']}")
             same_key = None
-            if rec["uniform"]:
+            if job.get("attn"):  # attention quantized: a different model from any Linear-only point
+                pass
+            elif rec["uniform"]:
                 w, a = next(iter(plan.layers.values()))
                 same_key = f"u-w{w}a{a}" if f"u-w{w}a{a}" in self.points else None
             else:  # the same plan found at another budget: the same quantized model
@@ -219,7 +261,7 @@ class Sweep:
                 self.save()
                 log(f"{job['name']}: same plan as {same_key}, reusing that point")
                 return
-            config = plan.to_config(backend=self.args.backend, fold_layernorm=True)
+            config = plan.to_config(backend=self.args.backend, fold_layernorm=True, **attention_config(job))
         model = copy.deepcopy(self.fp)
         tq = time.perf_counter()
         with torch.no_grad():
@@ -256,6 +298,46 @@ def fmt_iv(iv, metric: str) -> str:
     return iv.fmt(1.0, digits)
 
 
+def target12_tables(suffix: str, how: str, pts: dict, arr: dict, row) -> list[str]:
+    """Targets 1 and 2 of issue 12 for the mixed plans of one variant (suffix "" or "-nosyn")."""
+    def diff(a: str, b: str) -> dict:
+        return compare(arr[a], arr[b])
+
+    lines: list[str] = []
+    lines += ["", f"### Target 1 ({how}): at every uniform point's own size and BOPs, mixed is never significantly worse", "",
+              "Difference mixed - uniform, paired over images [95% interval] (better / worse / n.s.):", "",
+              "| budget | kNN top-1 | kNN same as FP | probe same as FP | saliency IoU@0.5 |", "|---|---|---|---|---|"]
+    t1_fail = []
+    for w, a in UNIFORM_POINTS:
+        b, f = uniform_budget(w, a)
+        m, u = f"m-{b}@{f}{suffix}", f"u-w{w}a{a}"
+        if m in arr and u in arr:
+            lines.append(row(f"W{w}A{a} ({pts[m].get('mix')})", m, u))
+            d = diff(m, u)
+            t1_fail += [f"W{w}A{a} {mm}" for mm in ("knn_top1", "knn_agree", "probe_agree", "sal_iou05")
+                        if verdict(d[mm], True) == "worse"]
+    n_t1 = sum(1 for w, a in UNIFORM_POINTS if f"m-{uniform_budget(w, a)[0]}@{uniform_budget(w, a)[1]}{suffix}" in arr)
+    lines += ["", (f"Missed at: {', '.join(t1_fail)}." if t1_fail else
+                   f"No significant loss at the {n_t1} of 9 budgets measured.")]
+
+    lines += ["", f"### Target 2 ({how}): between uniform points, above the straight line between neighbours", "",
+              "Gap = mixed - ((1-t) left + t right), t the point's position on the (size, BOPs) segment; paired [95%]:", "",
+              "| budget | neighbours | t | kNN top-1 gap | kNN same-as-FP gap | probe same-as-FP gap | IoU@0.5 gap |",
+              "|---|---|---:|---|---|---|---|"]
+    for b, f, (l, r) in LINE:
+        m, ul, ur = f"m-{b}@{f}{suffix}", f"u-{l}", f"u-{r}"
+        if m in arr and ul in arr and ur in arr:
+            xl, xr = pts[ul]["wbits"], pts[ur]["wbits"]
+            t = (b - xl) / (xr - xl)
+            cells = []
+            for mm in ("knn_top1", "knn_agree", "probe_agree", "sal_iou05"):
+                g = line_gap(b, (xl, arr[ul][mm]), (xr, arr[ur][mm]), arr[m][mm], name=mm)
+                cells.append(f"{fmt_iv(g, mm)} ({verdict(g)})")
+            lines.append(f"| {b} b @ {f} ({pts[m].get('mix')}) | {l.upper()}-{r.upper()} | {t:.2f} | " + " | ".join(cells) + " |")
+
+    return lines
+
+
 def render(store: dict, out_md: Path, plots: bool = True) -> str:
     data = store[SETTINGS]
     pts = data["points"]
@@ -275,12 +357,14 @@ def render(store: dict, out_md: Path, plots: bool = True) -> str:
              "folding; integer kernels (`cpu` backend).", "",
              "| point | mix | avg W bits | BOPs (x W8A8) | " + " | ".join(METRICS[m][0] for m in MAIN_METRICS) + " |",
              "|---|---|---:|---:|" + "---:|" * len(MAIN_METRICS)]
-    order = ["fp"] + [k for k in pts if k.startswith("u-") and "channel" not in k] \
-        + sorted([k for k in pts if k.startswith("m-") and pts[k]["variant"] == "default"],
+    linear_only = {k for k in pts if not pts[k].get("attn")}
+    order = ["fp"] + [k for k in pts if k.startswith("u-") and "channel" not in k and k in linear_only] \
+        + sorted([k for k in pts if k.startswith("m-") and pts[k]["variant"] == "default" and k in linear_only],
                  key=lambda k: (pts[k]["bops"], pts[k]["wbits"])) \
         + [k for k in pts if k.startswith("m-") and pts[k]["variant"] != "default"] \
         + [k for k in pts if "channel" in k]
-    for k in order:
+    attn_rows = [j["name"] for j in attention_jobs() if j["name"] in summ]
+    for k in order + attn_rows:
         if k not in summ:
             continue
         p = pts[k]
@@ -300,44 +384,17 @@ def render(store: dict, out_md: Path, plots: bool = True) -> str:
         cells = [f"{METRICS[m][0]} {fmt_iv(d[m], m)} ({verdict(d[m], METRICS[m][1])})" for m in metrics]
         return f"| {title} | " + " | ".join(cells) + " |"
 
-    lines += ["", "### Target 1: at every uniform point's own size and BOPs, mixed is never significantly worse", "",
-              "Difference mixed - uniform, paired over images [95% interval] (better / worse / n.s.):", "",
-              "| budget | kNN top-1 | kNN same as FP | probe same as FP | saliency IoU@0.5 |", "|---|---|---|---|---|"]
-    t1_fail = []
-    for w, a in UNIFORM_POINTS:
-        b, f = uniform_budget(w, a)
-        m, u = f"m-{b}@{f}", f"u-w{w}a{a}"
-        if m in arr and u in arr:
-            lines.append(row(f"W{w}A{a} ({pts[m].get('mix')})", m, u))
-            d = diff(m, u)
-            t1_fail += [f"W{w}A{a} {mm}" for mm in ("knn_top1", "knn_agree", "probe_agree", "sal_iou05")
-                        if verdict(d[mm], True) == "worse"]
-    n_t1 = sum(1 for w, a in UNIFORM_POINTS if f"m-{uniform_budget(w, a)[0]}@{uniform_budget(w, a)[1]}" in arr)
-    lines += ["", (f"Missed at: {', '.join(t1_fail)}." if t1_fail else
-                   f"No significant loss at the {n_t1} of 9 budgets measured.")]
-
-    lines += ["", "### Target 2: between uniform points, above the straight line between neighbours", "",
-              "Gap = mixed - ((1-t) left + t right), t the point's position on the (size, BOPs) segment; paired [95%]:", "",
-              "| budget | neighbours | t | kNN top-1 gap | kNN same-as-FP gap | probe same-as-FP gap | IoU@0.5 gap |",
-              "|---|---|---:|---|---|---|---|"]
-    for b, f, (l, r) in LINE:
-        m, ul, ur = f"m-{b}@{f}", f"u-{l}", f"u-{r}"
-        if m in arr and ul in arr and ur in arr:
-            xl, xr = pts[ul]["wbits"], pts[ur]["wbits"]
-            t = (b - xl) / (xr - xl)
-            cells = []
-            for mm in ("knn_top1", "knn_agree", "probe_agree", "sal_iou05"):
-                g = line_gap(b, (xl, arr[ul][mm]), (xr, arr[ur][mm]), arr[m][mm], name=mm)
-                cells.append(f"{fmt_iv(g, mm)} ({verdict(g)})")
-            lines.append(f"| {b} b @ {f} ({pts[m].get('mix')}) | {l.upper()}-{r.upper()} | {t:.2f} | " + " | ".join(cells) + " |")
+    for suffix, how in (("", "synergy on, as the sweep started"), ("-nosyn", "synergy off, the library's default")):
+        lines += target12_tables(suffix, how, pts, arr, row)
 
     lines += ["", "### Targets 3 and 4", "", "| comparison | kNN top-1 | kNN same as FP | probe same as FP | saliency IoU@0.5 |",
               "|---|---|---|---|---|"]
-    for (b, f), rivals in zip(TARGETS, (("u-w4a4", "u-w4a6"), ("u-w6a6",))):
-        m = f"m-{b}@{f}"
-        for u in rivals:
-            if m in arr and u in arr:
-                lines.append(row(f"{b} b @ {f} ({pts[m].get('mix')}) - {u[2:].upper()}", m, u))
+    for suffix in ("", "-nosyn"):
+        for (b, f), rivals in zip(TARGETS, (("u-w4a4", "u-w4a6"), ("u-w6a6",))):
+            m = f"m-{b}@{f}{suffix}"
+            for u in rivals:
+                if m in arr and u in arr:
+                    lines.append(row(f"{b} b @ {f}{suffix} ({pts[m].get('mix')}) - {u[2:].upper()}", m, u))
 
     # part-3 variants
     lines += ["", "### Part 3: allocator variants at the target budgets (variant - default, paired [95%])", "",
@@ -355,6 +412,14 @@ def render(store: dict, out_md: Path, plots: bool = True) -> str:
         k, u = f"u-w{w}a{a}-channel", f"u-w{w}a{a}"
         if k in arr and u in arr:
             lines.append(row(f"act channel - smooth, W{w}A{a}", k, u))
+    lines += ["", "### Attention matmuls quantized too (issue 15): with - without, paired [95%]", "",
+              "Q, K per token and V per channel at the attention bits; probabilities on the log2 grid unless "
+              "marked uniform; the Linears exactly as in the row without attention.", "",
+              "| point | vs | kNN top-1 | kNN same as FP | probe same as FP | saliency IoU@0.5 |", "|---|---|---|---|---|---|"]
+    for k in attn_rows:
+        base = k.split("-attn")[0]
+        if base in arr:
+            lines.append(row(pts[k]["label"], k, base).replace(" | ", f" | {pts[base]['label']} | ", 1))
     missing = [j["name"] for j in queue() if j["name"] not in pts]
     if missing:
         lines += ["", f"Not measured (yet): {', '.join(missing)}."]

@@ -331,14 +331,14 @@ def between_budgets(points: Sequence[tuple[float, float]] = ((4.5, 24 / 64), (5.
 def frontier_points(points: dict, summaries: Optional[dict] = None) -> list[dict]:
     """The points a frontier plot shows (as :func:`mixq.report.plot_frontier` takes them): every
     uniform point and every default-variant mixed plan of a sweep's ``points``, each metric with its
-    paired-bootstrap interval. The FP row, the allocator variants and the channel-activation points
-    are left out: they are not on the frontier's recipe. ``summaries`` ({key: summarize(...)}) saves
+    paired-bootstrap interval. The FP row, the allocator variants, the channel-activation points and
+    the points with quantized attention are left out: they are not on the frontier's recipe. ``summaries`` ({key: summarize(...)}) saves
     recomputing intervals the caller already has; without it, points lacking per-image values are skipped."""
     from .harness import summarize
 
     out = []
     for key, p in points.items():
-        if key == "fp" or p.get("kind") == "fp" or "channel" in key:
+        if key == "fp" or p.get("kind") == "fp" or "channel" in key or p.get("attn"):
             continue
         if p["kind"] == "mixed" and p.get("variant", "default") != "default":
             continue
