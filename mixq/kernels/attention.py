@@ -15,7 +15,7 @@ through its own int8 ``tl.dot`` with its own int32 accumulator:
 
 * log2: e = 7 t + r (t = e // 7, r = e % 7), so 2**e = 2**(7 t) * 2**r with 2**r in {1, ..., 64}:
   P = sum_t 2**(7 t) P_t, where P_t holds 2**r where the code falls in bucket t, else 0; the zero
-  code is 0 in every bucket. ``cmax // 7 + 1`` buckets: 5 at cmax = 31 (6 and 8 bits), 3 at 14 (4 bits).
+  code is 0 in every bucket. In registers: P_t = (2**e >> 7 t) & 127 on uint32 (three ops a code). ``cmax // 7 + 1`` buckets: 5 at cmax = 31 (6 and 8 bits), 3 at 14 (4 bits).
 * uniform: c = 16 hi + lo with hi, lo in 0..15: two matrices.
 
 Bound (why every int32 accumulator is exact): an entry of any split matrix is at most 64 (log2) or 15
@@ -76,13 +76,16 @@ class AttentionConfig:
 
 
 def default_config(op: str, n: int, m: int, device: torch.device) -> AttentionConfig:
-    """Heuristic tiles (no table yet): 64x64 / 4 warps (one Hopper warpgroup); 128x128 / 8 warps for
-    QK^T at long sequences; small tiles under the interpreter, where work grows with the tile."""
+    """Heuristic tiles (no table yet; statically spill-free at sm_90a, bench/results/gpu_static.md): QK^T
+    64x64 / 4 warps (one Hopper warpgroup), 128x128 / 8 warps at long sequences; P V 64x64 / 8 warps.
+    Small tiles under the interpreter, where work grows with the tile."""
     if device.type != "cuda":
         return AttentionConfig(32, 32, num_warps=1, num_stages=1)
-    if op == "qk" and n >= 1024 and m >= 1024:
-        return AttentionConfig(128, 128, num_warps=8, num_stages=3)
-    return AttentionConfig(64, 64, num_warps=4, num_stages=3)
+    if op == "qk":
+        big = n >= 1024 and m >= 1024
+        return AttentionConfig(128, 128, num_warps=8, num_stages=3) if big else AttentionConfig(64, 64, 4, 3)
+    # P V: 8 warps split the five int32 bucket accumulators (4 warps: 255 registers, spills at sm_90a)
+    return AttentionConfig(64, 64, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -130,9 +133,13 @@ def _qk_kernel(
 
 
 @triton.jit
-def _bucket(w, t, which: tl.constexpr):
-    """The int8 matrix of bucket ``which``: w where the code's bucket is ``which``, else 0."""
-    return tl.where(t == which, w, 0).to(tl.int8)
+def _bucket(pow2, which: tl.constexpr):
+    """The int8 matrix of bucket ``which``: 2**(e - 7 which) where 7 which <= e < 7 which + 7, else 0.
+
+    ``pow2`` = 2**e as uint32 (0 for the zero code): shifted down by 7 which, the bit lands in the low
+    seven bits exactly when e is in the bucket (below it, it shifts out; above it, the mask drops it).
+    """
+    return ((pow2 >> (7 * which)) & 127).to(tl.int8)
 
 
 @triton.jit
@@ -173,18 +180,17 @@ def _pv_kernel(
         v = tl.load(v_cols + ks[:, None] * stride_vm, mask=mask_k[:, None] & mask_d[None, :], other=0)
         if LOG2:
             e = CMAX - tl.minimum(c, CMAX)  # the reference clamps off-grid codes to cmax
-            t = e // 7
-            w = tl.full(e.shape, 1, tl.int32) << (e - 7 * t)  # 2**(e % 7) in 1..64
-            t = tl.where(c == ZERO_CODE, -1, t)  # the zero code is in no bucket
-            acc0 = tl.dot(_bucket(w, t, 0), v, acc0, out_dtype=tl.int32)
+            pow2 = tl.full(e.shape, 1, tl.uint32) << e.to(tl.uint32)  # 2**e, e <= 31: fits uint32
+            pow2 = tl.where(c == ZERO_CODE, 0, pow2)  # the zero code is in no bucket
+            acc0 = tl.dot(_bucket(pow2, 0), v, acc0, out_dtype=tl.int32)
             if BUCKETS > 1:
-                acc1 = tl.dot(_bucket(w, t, 1), v, acc1, out_dtype=tl.int32)
+                acc1 = tl.dot(_bucket(pow2, 1), v, acc1, out_dtype=tl.int32)
             if BUCKETS > 2:
-                acc2 = tl.dot(_bucket(w, t, 2), v, acc2, out_dtype=tl.int32)
+                acc2 = tl.dot(_bucket(pow2, 2), v, acc2, out_dtype=tl.int32)
             if BUCKETS > 3:
-                acc3 = tl.dot(_bucket(w, t, 3), v, acc3, out_dtype=tl.int32)
+                acc3 = tl.dot(_bucket(pow2, 3), v, acc3, out_dtype=tl.int32)
             if BUCKETS > 4:
-                acc4 = tl.dot(_bucket(w, t, 4), v, acc4, out_dtype=tl.int32)
+                acc4 = tl.dot(_bucket(pow2, 4), v, acc4, out_dtype=tl.int32)
         else:
             acc0 = tl.dot((c & 15).to(tl.int8), v, acc0, out_dtype=tl.int32)
             acc1 = tl.dot((c >> 4).to(tl.int8), v, acc1, out_dtype=tl.int32)
