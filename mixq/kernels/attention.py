@@ -38,6 +38,7 @@ tiles of 32 or 64 with masked loads, P V pads D to a power of two (>= 16) in reg
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -276,13 +277,18 @@ def quantized_qk(q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scal
 
 def pv_constants(p_bits: int, p_kind: str) -> dict:
     """The P V kernel's grid constants: the reference's step (formats.prob_integer_weights) and codes."""
+    return dict(_pv_constants(p_bits, p_kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _pv_constants(p_bits: int, p_kind: str) -> tuple:
     formats.check_bits(p_bits, "p_bits")
     formats.check_softmax_quant(p_kind)
     _, step = formats.prob_integer_weights(torch.zeros(1, dtype=torch.uint8), p_bits, p_kind)
     log2 = p_kind == "log2"
     cmax = formats.log2_max_code(p_bits) if log2 else 0
-    return dict(LOG2=log2, CMAX=cmax, ZERO_CODE=formats.prob_zero_code(p_bits, p_kind),
-                BUCKETS=cmax // LOG2_BUCKET_BITS + 1 if log2 else 2, STEP=float(step))
+    return tuple(dict(LOG2=log2, CMAX=cmax, ZERO_CODE=formats.prob_zero_code(p_bits, p_kind),
+                      BUCKETS=cmax // LOG2_BUCKET_BITS + 1 if log2 else 2, STEP=float(step)).items())
 
 
 def quantized_pv(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str,
