@@ -206,19 +206,23 @@ def attention_signature(op: str, cfg, batch: int, n: int, m: int, d: int, p_bits
 
 
 def attention_cases(quick: bool = False) -> list[tuple]:
-    """(label, op, config, batch, n, m, d, p_bits, p_kind): the default tiles at ViT-B and SAM-B global."""
-    from mixq.kernels.attention import AttentionConfig
+    """(label, op, config, batch, n, m, d, p_bits, p_kind): the default tiles (attention.default_config)
+    at ViT-B and SAM-B global, and P V on one warpgroup for comparison."""
+    import torch
 
-    small, big = AttentionConfig(64, 64, 4, 3), AttentionConfig(128, 128, 8, 3)
+    from mixq.kernels.attention import AttentionConfig, default_config
+
+    gpu = torch.device("cuda")
+    vit, sam = ("ViT-B 12x197x64", 12, 197, 197, 64), ("SAM-B global 12x4096x64", 12, 4096, 4096, 64)
+    qk = lambda s: (s[0], "qk", default_config("qk", s[2], s[3], gpu), *s[1:], 8, "log2")  # noqa: E731
+    pv = lambda s, b, k, cfg=None: (s[0], "pv", cfg or default_config("pv", s[2], s[3], gpu), *s[1:], b, k)  # noqa: E731
     if quick:
-        return [("ViT-B 12x197x64", "qk", small, 12, 197, 197, 64, 8, "log2"),
-                ("ViT-B 12x197x64", "pv", small, 12, 197, 197, 64, 8, "log2")]
-    out = [("ViT-B 12x197x64", "qk", small, 12, 197, 197, 64, 8, "log2"),
-           ("SAM-B global 12x4096x64", "qk", big, 12, 4096, 4096, 64, 8, "log2")]
-    for bits, kind in ((8, "log2"), (6, "log2"), (4, "log2"), (8, "uniform")):
-        out.append(("ViT-B 12x197x64", "pv", small, 12, 197, 197, 64, bits, kind))
-    out.append(("SAM-B global 12x4096x64", "pv", small, 12, 4096, 4096, 64, 8, "log2"))
-    out.append(("SAM-B global 12x4096x64", "pv", AttentionConfig(128, 64, 8, 3), 12, 4096, 4096, 64, 8, "log2"))
+        return [qk(vit), pv(vit, 8, "log2")]
+    out = [qk(vit), qk(sam)]
+    out += [pv(vit, b, k) for b, k in ((8, "log2"), (6, "log2"), (4, "log2"), (8, "uniform"))]
+    out += [pv(sam, 8, "log2"), pv(sam, 4, "log2"), pv(sam, 8, "uniform")]
+    one_warpgroup = AttentionConfig(64, 64, num_warps=4, num_stages=3)
+    out += [pv(vit, 8, "log2", one_warpgroup), pv(sam, 8, "log2", one_warpgroup)]
     return out
 
 
