@@ -181,9 +181,11 @@ def test_pv_reads_strided_views_and_larger_tiles():
 def test_64_bit_offsets_give_the_same_bits(monkeypatch):
     g, seed = fresh_generator()
     monkeypatch.setattr(attention, "INT64_THRESHOLD", 0)
-    q, k, qs, ks = codes(g, (2, 5, 40)), codes(g, (2, 11, 40)), steps(g, (2, 5)), steps(g, (2, 11))
+    # transposed views: D is the slow axis, so the D index multiplies a large stride
+    q, k = codes(g, (2, 40, 5)).transpose(-2, -1), codes(g, (2, 11, 40))
+    qs, ks = steps(g, (2, 5)), steps(g, (2, 11))
     assert torch.equal(run_qk(q, qs, k, ks, torch.float32), attention_qk(q, qs, k, ks, torch.float32)), seed
-    p, v, vs = probability_codes(g, (2,), 5, 11, 8, "log2"), codes(g, (2, 11, 40)), steps(g, (2, 40))
+    p, v, vs = probability_codes(g, (2,), 5, 11, 8, "log2"), codes(g, (2, 40, 11)).transpose(-2, -1), steps(g, (2, 40))
     assert torch.equal(run_pv(p, v, vs, 8, "log2", torch.float32),
                        attention_pv(p, v, vs, 8, "log2", torch.float32)), f"seed={seed}"
 

@@ -112,10 +112,11 @@ def _qk_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if INT64:
+    if INT64:  # every index that multiplies a stride: a strided view may put D or N far apart
         b = b.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
         offs_m = offs_m.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
     mask_n = offs_n < N
     mask_m = offs_m < M
     q_rows = q_ptr + b * stride_qb + offs_n[:, None] * stride_qn
@@ -163,6 +164,7 @@ def _pv_kernel(
         b = b.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
     mask_n = offs_n < N
     mask_d = offs_d < D
     p_rows = p_ptr + b * stride_pb + offs_n[:, None] * stride_pn
