@@ -767,6 +767,11 @@ def stage_attention(args) -> int:
             rows += [(f"  PV kernel P{b} {k} (bf16 out)",
                       lambda pc=pc, b=b, k=k: att.quantized_pv(pc, vc, vs, b, k, torch.bfloat16))
                      for (b, k), pc in probs.items()]
+            # the default P V tile is 8 warps (statically spill-free); one warpgroup does half the
+            # integer work per tile but sits at 254-255 registers: which is faster is the GPU's answer
+            one_wg = att.AttentionConfig(64, 64, num_warps=4, num_stages=3) if not dry else None
+            rows.append(("  PV kernel P8 log2, 64x64 on 4 warps", lambda: att.quantized_pv(
+                probs[(8, "log2")], vc, vs, 8, "log2", torch.bfloat16, config=one_wg)))
         except Exception as e:
             failures += 1
             record(f"| {what} | setup error: {type(e).__name__}: {str(e)[:160]} | | |")
