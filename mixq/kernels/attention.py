@@ -15,7 +15,8 @@ through its own int8 ``tl.dot`` with its own int32 accumulator:
 
 * log2: e = 7 t + r (t = e // 7, r = e % 7), so 2**e = 2**(7 t) * 2**r with 2**r in {1, ..., 64}:
   P = sum_t 2**(7 t) P_t, where P_t holds 2**r where the code falls in bucket t, else 0; the zero
-  code is 0 in every bucket. In registers: P_t = (2**e >> 7 t) & 127 on uint32 (three ops a code). ``cmax // 7 + 1`` buckets: 5 at cmax = 31 (6 and 8 bits), 3 at 14 (4 bits).
+  code is 0 in every bucket. In registers: P_t = (2**e >> 7 t) & 127 on uint32 (three ops a code).
+  ``cmax // 7 + 1`` buckets: 5 at cmax = 31 (6 and 8 bits), 3 at 14 (4 bits).
 * uniform: c = 16 hi + lo with hi, lo in 0..15: two matrices.
 
 Bound (why every int32 accumulator is exact): an entry of any split matrix is at most 64 (log2) or 15
