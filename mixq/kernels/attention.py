@@ -54,7 +54,6 @@ MAX_HEAD_DIM: int = 256
 # Largest token count of P V: 64 * 128 * M must stay below 2**31 in every bucket's int32 accumulator.
 MAX_PV_TOKENS: int = 2**18 - 1
 LOG2_BUCKET_BITS: int = 7  # 2**6 = 64 is the largest power of two that int8 holds
-MAX_BUCKETS: int = formats.LOG2_MAX_CODE // LOG2_BUCKET_BITS + 1
 MAX_PROGRAMS: int = 2**31 - 1  # CUDA's grid x limit
 
 
