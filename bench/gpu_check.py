@@ -13,6 +13,9 @@ Triton interpreter at tiny sizes, so CI exercises every line that a GPU session 
     tune    time GEMM configs per shape under a wall-clock budget; save after every shape
     e2e     ViT-B/16 (timm, random init) batch 1 and 64, SAM ViT-B image encoder 1024x1024,
             bf16 against mixq W8A8 / W6A8 / W4A8, replayed in CUDA graphs
+    attention  both attention kernels against the reference (every bits x grid), then the quantized
+            attention (quantize + QK^T + softmax + probabilities + PV) against float SDPA at ViT-S,
+            ViT-B (batch 1 and 64), SAM-B windows and global; appended to e2e.md
 
 GPU timings: every callable is captured REPS times into one CUDA graph and the replay is timed
 with triton.testing.do_bench (median), divided by REPS, so launch overhead is out of the GEMM
@@ -270,8 +273,9 @@ def stage_smoke(args) -> int:
     return 1 if failures else 0
 
 
-def kernel_resources(dry: bool) -> list[str]:
-    """Registers, spills and shared memory of every kernel the JIT compiled in this process (GPU only)."""
+def kernel_resources(dry: bool, fns: Optional[list] = None) -> list[str]:
+    """Registers, spills and shared memory of every kernel the JIT compiled in this process (GPU only);
+    ``fns``: which kernels (default: the GEMM and quantize kernels)."""
     out = ["### Compiled kernels (JIT cache of this process)", ""]
     if dry:
         return out + ["(dry run: the interpreter compiles nothing; see gpu_static for the sm_90a compile)", ""]
@@ -279,9 +283,11 @@ def kernel_resources(dry: bool) -> list[str]:
 
     out += ["| kernel | constexprs | warps | stages | regs | spills | shared B | wgmma (IGMMA in SASS) |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    fns = [gemm._mixed_gemm_kernel, gemm._splitk_reduce_kernel, quantize._dynamic_quant_kernel,
-           quantize._static_quant_kernel, quantize._layernorm_quant_kernel]
-    fns += [getattr(gemm, n) for n in dir(gemm) if n.startswith("_fused") and hasattr(getattr(gemm, n), "device_caches")]
+    if fns is None:
+        fns = [gemm._mixed_gemm_kernel, gemm._splitk_reduce_kernel, quantize._dynamic_quant_kernel,
+               quantize._static_quant_kernel, quantize._layernorm_quant_kernel]
+        fns += [getattr(gemm, n) for n in dir(gemm)
+                if n.startswith("_fused") and hasattr(getattr(gemm, n), "device_caches")]
     for fn in fns:
         try:
             caches = getattr(fn, "device_caches", {})
@@ -316,7 +322,8 @@ def _short_constexprs(k) -> str:
         items = []
         for key, v in consts.items():
             name = names[key[0]] if isinstance(key, tuple) else key
-            if name in ("W_BITS", "BLOCK_M", "BLOCK_N", "SWAP_AB", "ASM", "A_FLOAT", "INT64", "QMAX"):
+            if name in ("W_BITS", "BLOCK_M", "BLOCK_N", "SWAP_AB", "ASM", "A_FLOAT", "INT64", "QMAX", "BLOCK_D",
+                        "LOG2", "BUCKETS"):
                 items.append(f"{name}={v}")
         return " ".join(items) or "-"
     except Exception:
@@ -637,6 +644,151 @@ def stage_e2e(args) -> int:
     return 1 if failures else 0
 
 
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_shapes(dry: bool) -> list[tuple[str, tuple[int, int], int, int]]:
+    """(label, (batch, heads), tokens, head dim): ViT-S/ViT-B at batch 1 and 64, SAM-B windows and global."""
+    if dry:
+        return [("ViT(dry) b1", (1, 2), 13, 24), ("SAM-B window(dry)", (3, 2), 9, 40)]
+    return [("ViT-B b1", (1, 12), 197, 64), ("SAM-B global", (1, 12), 4096, 64), ("ViT-S b1", (1, 6), 257, 64),
+            ("ViT-B b64", (64, 12), 197, 64), ("ViT-S b64", (64, 6), 257, 64), ("SAM-B window", (25, 12), 196, 64)]
+
+
+class AttentionCase:
+    """Random float Q, K, V [batch, heads, tokens, D] and the quantized attention's pieces on them."""
+
+    def __init__(self, lead: tuple[int, int], n: int, d: int, dev: str, seed: int = 0):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        shape = (*lead, n, d)
+        self.lead, self.n, self.d, self.scale = lead, n, d, d ** -0.5
+        self.q, self.k, self.v = (torch.randn(shape, generator=g, device=dev).to(torch.bfloat16) for _ in range(3))
+
+    def quantize(self):
+        """Q, K per token, V per channel (the dynamic rule on V^T), with the Triton quantize kernel."""
+        from mixq import kernels
+
+        n, d = self.n, self.d
+        qc, qs = kernels.quantize_dynamic(self.q.reshape(-1, d), 8)
+        kc, ks = kernels.quantize_dynamic(self.k.reshape(-1, d), 8)
+        vc, vs = kernels.quantize_dynamic(self.v.transpose(-2, -1).reshape(-1, n), 8)
+        return (qc.view(*self.lead, n, d), qs.view(*self.lead, n), kc.view(*self.lead, n, d), ks.view(*self.lead, n),
+                vc.view(*self.lead, d, n).transpose(-2, -1), vs.view(*self.lead, d))
+
+    def probs(self, scores: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        from mixq import formats
+
+        return formats.quantize_probs((scores * self.scale).softmax(-1), bits, kind)
+
+    def pipeline(self, bits: int = 8, kind: str = "log2") -> Callable[[], torch.Tensor]:
+        """quantize Q, K, V + Q K^T + softmax + probability codes + P V: the whole quantized attention."""
+        from mixq.kernels import attention as att
+
+        def run() -> torch.Tensor:
+            qc, qs, kc, ks, vc, vs = self.quantize()
+            s = att.quantized_qk(qc, qs, kc, ks, torch.float32)
+            return att.quantized_pv(self.probs(s, bits, kind), vc, vs, bits, kind, torch.bfloat16)
+
+        return run
+
+    def sdpa(self, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        q, k, v = (t.to(dtype) for t in (self.q, self.k, self.v))
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def stage_attention(args) -> int:
+    """Both attention kernels against the reference on the GPU (every bits x grid), then the quantized
+    attention (quantize + QK^T + softmax + probabilities + PV) timed against float SDPA."""
+    from mixq import formats
+    from mixq.backends.reference import attention_pv, attention_qk
+    from mixq.kernels import attention as att
+
+    dry, dev = args.dry_run, device(args.dry_run)
+    shapes = attention_shapes(dry)
+    lines = ["", "### Attention matmuls (mixq.kernels.attention)", "", header(dry),
+             "Correctness: the Triton kernels against the reference backend (bit-exact expected) on random "
+             "Q/K/V, probabilities from softmax at several temperatures plus rows of extreme codes.", "",
+             "| shape (batch x heads x tokens x D) | op | probs | out | result |", "|---|---|---|---|---|"]
+    _write(args.out, "\n".join(lines), append=True)
+    failures = 0
+
+    def record(row: str) -> None:
+        print(row, flush=True)
+        _write(args.out, row, append=True)
+
+    for label, lead, n, d in shapes[:2]:  # odd token count (ViT-B 197) and long (SAM-B global 4096)
+        case = AttentionCase(lead, n, d, dev, seed=3)
+        qc, qs, kc, ks, vc, vs = case.quantize()
+        what = f"{label} {lead[0]}x{lead[1]}x{n}x{d}"
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16) if label == shapes[0][0] else (torch.float32,):
+            try:
+                ok = torch.equal(att.quantized_qk(qc, qs, kc, ks, out_dtype), attention_qk(qc, qs, kc, ks, out_dtype))
+                res = "exact" if ok else "MISMATCH"
+            except Exception as e:
+                ok, res = False, f"error: {type(e).__name__}: {str(e)[:160]}"
+            failures += not ok
+            record(f"| {what} | qk | - | {str(out_dtype)[6:]} | {res} |")
+        s = attention_qk(qc, qs, kc, ks, torch.float32)
+        combos = [(b, k) for b in (8, 6, 4) for k in ("log2", "uniform")] if label == shapes[0][0] else [(8, "log2")]
+        for bits, kind in combos:
+            try:
+                temp = torch.logspace(-1, 1, n, device=dev).reshape(n, 1)  # sharp to flat rows: every code
+                pc = case.probs(s * temp, bits, kind)
+                pc[..., 0, :] = formats.prob_zero_code(bits, kind)  # nothing contributes
+                pc[..., 1, :] = 0  # log2: every weight 2**cmax; uniform: nothing
+                out_dtype = torch.bfloat16
+                ok = torch.equal(att.quantized_pv(pc, vc, vs, bits, kind, out_dtype),
+                                 attention_pv(pc, vc, vs, bits, kind, out_dtype))
+                res = "exact" if ok else "MISMATCH"
+            except Exception as e:
+                ok, res = False, f"error: {type(e).__name__}: {str(e)[:160]}"
+            failures += not ok
+            record(f"| {what} | pv | P{bits} {kind} | bf16 | {res} |")
+    record(f"\n{failures} failing attention checks.\n")
+
+    lines = ["Timing: each row captured in a CUDA graph (10 calls), do_bench median / 10. `x SDPA bf16` = SDPA bf16 "
+             "time / row time (> 1: faster than SDPA). The pipeline is A8 Q/K/V, P8 log2; the softmax and "
+             "quantize_probs are eager torch ops (several kernels); QK^T and PV rows are the kernels alone.", "",
+             "| shape | what | ms | x SDPA bf16 |", "|---|---|---:|---:|"]
+    _write(args.out, "\n".join(lines), append=True)
+    for label, lead, n, d in shapes:
+        what = f"{label} {lead[0]}x{lead[1]}x{n}x{d}"
+        try:
+            case = AttentionCase(lead, n, d, dev)
+            qc, qs, kc, ks, vc, vs = case.quantize()
+            s = att.quantized_qk(qc, qs, kc, ks, torch.float32)
+            probs = {(b, k): case.probs(s, b, k) for b, k in ((8, "log2"), (4, "log2"), (8, "uniform"))}
+            rows = [("SDPA bf16", case.sdpa(torch.bfloat16)), ("SDPA fp16", case.sdpa(torch.float16)),
+                    ("SDPA fp32", case.sdpa(torch.float32)),
+                    ("mixq quantized attention A8/P8 log2 (all steps)", case.pipeline(8, "log2")),
+                    ("  quantize Q, K, V", case.quantize),
+                    ("  QK^T kernel (fp32 out)", lambda: att.quantized_qk(qc, qs, kc, ks, torch.float32)),
+                    ("  softmax + quantize_probs P8 log2", lambda: case.probs(s, 8, "log2"))]
+            rows += [(f"  PV kernel P{b} {k} (bf16 out)",
+                      lambda pc=pc, b=b, k=k: att.quantized_pv(pc, vc, vs, b, k, torch.bfloat16))
+                     for (b, k), pc in probs.items()]
+            # the default P V tile is 8 warps (statically spill-free); one warpgroup does ~40% less
+            # integer work per tile but sits at 254-255 registers: which is faster is the GPU's answer
+            one_wg = att.AttentionConfig(64, 64, num_warps=4, num_stages=3) if not dry else None
+            rows.append(("  PV kernel P8 log2, 64x64 on 4 warps", lambda: att.quantized_pv(
+                probs[(8, "log2")], vc, vs, 8, "log2", torch.bfloat16, config=one_wg)))
+        except Exception as e:
+            failures += 1
+            record(f"| {what} | setup error: {type(e).__name__}: {str(e)[:160]} | | |")
+            continue
+        t_ref = None
+        for name, fn in rows:
+            try:
+                t = time_ms(fn, dry)
+                t_ref = t if name == "SDPA bf16" else t_ref
+                record(f"| {what} | {name} | {t:.4f} | {f'{t_ref / t:.2f}' if t_ref else '-'} |")
+            except Exception as e:
+                failures += name.startswith("mixq") or name.startswith("  ")
+                record(f"| {what} | {name} | error: {type(e).__name__}: {str(e)[:160]} | |")
+    _write(args.out, "\n".join([""] + kernel_resources(dry, [att._qk_kernel, att._pv_kernel])), append=True)
+    return 1 if failures else 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -648,7 +800,7 @@ def _write(path: Optional[str], text: str, append: bool = False) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=("smoke", "table", "tune", "e2e"))
+    p.add_argument("stage", choices=("smoke", "table", "tune", "e2e", "attention"))
     p.add_argument("--dry-run", action="store_true", help="CPU tensors, Triton interpreter, tiny shapes")
     p.add_argument("--out", help="file to write (table/e2e append)")
     p.add_argument("--configs", default="shipped", help="table: label of the config table in use")
@@ -659,7 +811,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif not torch.cuda.is_available():
         print("no CUDA device visible: run with --dry-run", file=sys.stderr)
         return 2
-    return {"smoke": stage_smoke, "table": stage_table, "tune": stage_tune, "e2e": stage_e2e}[args.stage](args)
+    stages = {"smoke": stage_smoke, "table": stage_table, "tune": stage_tune, "e2e": stage_e2e,
+              "attention": stage_attention}
+    return stages[args.stage](args)
 
 
 if __name__ == "__main__":

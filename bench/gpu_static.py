@@ -69,7 +69,7 @@ def count_sass(cubin: bytes) -> dict[str, int]:
         m = re.search(r"\bBRA\b[^`]*`\(\.(L_x_\d+)\)", line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             body = lines[labels[m.group(1)]:i + 1]
-            if any("IGMMA" in b for b in body):
+            if any(re.search(r"\bI(?:G)?MMA\b", b) for b in body):  # int8 wgmma, or mma.sync
                 if best is None or len(body) < len(best):
                     best = body
     if best:
@@ -106,6 +106,13 @@ def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = Tr
                   EPS=formats.SCALE_EPS, HAS_AMUL=False)
     if fused_a_bits:
         ptrs["a_ptr"] = "*bf16"
+    sig, cex, attrs = specialize(fn, ptrs, consts, ints)
+    return fn, sig, cex, attrs
+
+
+def specialize(fn, ptrs: dict, consts: dict, ints: dict):
+    """(signature, constexprs, attrs) as the JIT specializes a launch: pointers 16-byte aligned, integer
+    arguments equal to 1 constant, the others divisible by 16 marked so."""
     consts = {name: v for name, v in consts.items() if name in fn.arg_names}
     sig, cex, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -124,20 +131,19 @@ def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = Tr
                 sig[name] = "i32"
                 if v % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
-    return fn, sig, cex, attrs
+    return sig, cex, attrs
 
 
-def analyze(w_bits: int, cfg, m: int = 4096, n: int = 2304, k: int = 768, fused_a_bits: int = 0) -> dict:
-    """Compile one config for sm_90a and return its static figures (``fused_a_bits``: quantize fused in)."""
+def compile_stats(fn, sig: dict, cex: dict, attrs: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile one specialized kernel for sm_90a; ptxas -v figures and the SASS opcode counts."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, sig, cex, attrs = launch_signature(w_bits, cfg, m, n, k, fused_a_bits=fused_a_bits)
     t0 = time.time()
     kern = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cex, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                          options={"num_warps": num_warps, "num_stages": num_stages,
                                    "enable_fp_fusion": False})  # as mixq.kernels launches it
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(kern.asm["ptx"])
@@ -150,17 +156,95 @@ def analyze(w_bits: int, cfg, m: int = 4096, n: int = 2304, k: int = 768, fused_
     num = lambda pat: int(m_.group(1)) if (m_ := re.search(pat, rep)) else -1  # noqa: E731
     sass = count_sass(kern.asm["cubin"])
     loop_int = sum(v for op, v in sass.items() if op.startswith("loop_") and op[5:] in INT_OPS)
+    return dict(regs=num(r"Used (\d+) registers"), spill_st=num(r"(\d+) bytes spill stores"),
+                spill_ld=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"),
+                smem=kern.metadata.shared, igmma=sass.get("IGMMA", 0), imma=sass.get("IMMA", 0),
+                stl=sass.get("STL", 0), ldl=sass.get("LDL", 0), loop_len=sass.get("loop_len", 0),
+                loop_igmma=sass.get("loop_IGMMA", 0), loop_int=loop_int,
+                loop_ops={op[5:]: v for op, v in sass.items() if op.startswith("loop_") and op[5:] in INT_OPS},
+                sass=sass, compile_s=time.time() - t0)
+
+
+def analyze(w_bits: int, cfg, m: int = 4096, n: int = 2304, k: int = 768, fused_a_bits: int = 0) -> dict:
+    """Compile one config for sm_90a and return its static figures (``fused_a_bits``: quantize fused in)."""
+    fn, sig, cex, attrs = launch_signature(w_bits, cfg, m, n, k, fused_a_bits=fused_a_bits)
+    r = compile_stats(fn, sig, cex, attrs, cfg.num_warps, cfg.num_stages)
     # weights one thread unpacks per K tile: BLOCK_N x K_TILE / threads
     from mixq.kernels.layout import K_TILE
 
     per_thread = cfg.block_n * K_TILE / (32 * cfg.num_warps)
-    return dict(w_bits=w_bits, cfg=cfg, regs=num(r"Used (\d+) registers"), spill_st=num(r"(\d+) bytes spill stores"),
-                spill_ld=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"),
-                smem=kern.metadata.shared, igmma=sass.get("IGMMA", 0), stl=sass.get("STL", 0), ldl=sass.get("LDL", 0),
-                loop_len=sass.get("loop_len", 0), loop_igmma=sass.get("loop_IGMMA", 0), loop_int=loop_int,
-                int_per_w=loop_int / per_thread if sass.get("loop_len") else float("nan"),
-                loop_ops={op[5:]: v for op, v in sass.items() if op.startswith("loop_") and op[5:] in INT_OPS},
-                compile_s=time.time() - t0)
+    r.update(w_bits=w_bits, cfg=cfg, int_per_w=r["loop_int"] / per_thread if r["loop_len"] else float("nan"))
+    return r
+
+
+# ----------------------------------------------------------------------------- attention kernels
+
+
+def attention_signature(op: str, cfg, batch: int, n: int, m: int, d: int, p_bits: int = 8, p_kind: str = "log2"):
+    """(fn, signature, constexprs, attrs) of the attention kernels as a launch on contiguous
+    [batch, tokens, d] tensors specializes them (bf16 out)."""
+    from mixq.kernels import attention as att
+
+    if op == "qk":
+        fn = att._qk_kernel
+        ints = dict(N=n, M=m, D=d, tiles_n=-(-n // cfg.block_n), tiles_m=-(-m // cfg.block_m),
+                    stride_qb=n * d, stride_qn=d, stride_qd=1, stride_kb=m * d, stride_km=d, stride_kd=1,
+                    stride_qsb=n, stride_qsn=1, stride_ksb=m, stride_ksm=1, stride_ob=n * m, stride_on=m, stride_om=1)
+        ptrs = {"q_ptr": "*i8", "k_ptr": "*i8", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "out_ptr": "*bf16"}
+        consts = dict(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=64 if d % 64 == 0 else 32,
+                      INT64=batch * n * m >= 2**31)
+    else:
+        fn = att._pv_kernel
+        ints = dict(N=n, M=m, D=d, tiles_n=-(-n // cfg.block_n),
+                    stride_pb=n * m, stride_pn=m, stride_pm=1, stride_vb=m * d, stride_vm=d, stride_vd=1,
+                    stride_vsb=d, stride_vsd=1, stride_ob=n * d, stride_on=d, stride_od=1)
+        ptrs = {"p_ptr": "*u8", "v_ptr": "*i8", "vs_ptr": "*fp32", "out_ptr": "*bf16"}
+        consts = dict(**att.pv_constants(p_bits, p_kind), BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+                      BLOCK_D=max(16, 1 << (d - 1).bit_length()), INT64=batch * n * m >= 2**31)
+    sig, cex, attrs = specialize(fn, ptrs, consts, ints)
+    return fn, sig, cex, attrs
+
+
+def attention_cases(quick: bool = False) -> list[tuple]:
+    """(label, op, config, batch, n, m, d, p_bits, p_kind): the default tiles (attention.default_config)
+    at ViT-B and SAM-B global, and P V on one warpgroup for comparison."""
+    import torch
+
+    from mixq.kernels.attention import AttentionConfig, default_config
+
+    gpu = torch.device("cuda")
+    vit, sam = ("ViT-B 12x197x64", 12, 197, 197, 64), ("SAM-B global 12x4096x64", 12, 4096, 4096, 64)
+    qk = lambda s: (s[0], "qk", default_config("qk", s[2], s[3], gpu), *s[1:], 8, "log2")  # noqa: E731
+    pv = lambda s, b, k, cfg=None: (s[0], "pv", cfg or default_config("pv", s[2], s[3], gpu), *s[1:], b, k)  # noqa: E731
+    if quick:
+        return [qk(vit), pv(vit, 8, "log2")]
+    out = [qk(vit), qk(sam)]
+    out += [pv(vit, b, k) for b, k in ((8, "log2"), (6, "log2"), (4, "log2"), (8, "uniform"))]
+    out += [pv(sam, 8, "log2"), pv(sam, 4, "log2"), pv(sam, 8, "uniform")]
+    one_warpgroup = AttentionConfig(64, 64, num_warps=4, num_stages=3)
+    out += [pv(vit, 8, "log2", one_warpgroup), pv(sam, 8, "log2", one_warpgroup)]
+    return out
+
+
+def analyze_attention(case: tuple) -> dict:
+    label, op, cfg, batch, n, m, d, p_bits, p_kind = case
+    fn, sig, cex, attrs = attention_signature(op, cfg, batch, n, m, d, p_bits, p_kind)
+    r = compile_stats(fn, sig, cex, attrs, cfg.num_warps, cfg.num_stages)
+    r.update(label=label, op=op, cfg=cfg, what=f"P{p_bits} {p_kind}" if op == "pv" else "A8")
+    return r
+
+
+def attention_markdown(results: list[dict]) -> str:
+    out = ["| kernel | shape (B x N x D) | probs | BLOCK_N x BLOCK_M | warps | stages | regs | spill st/ld B | smem B | "
+           "IGMMA (loop) | IMMA | int ops in loop | loop int ops |",
+           "|---|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---|"]
+    for r in results:
+        c = r["cfg"]
+        ops = " ".join(f"{k}:{v}" for k, v in sorted(r["loop_ops"].items()))
+        out.append(f"| {r['op']} | {r['label']} | {r['what']} | {c.block_n}x{c.block_m} | {c.num_warps} | {c.num_stages} | "
+                   f"{r['regs']} | {r['spill_st']}/{r['spill_ld']} | {r['smem']} | {r['igmma']} ({r['loop_igmma']}) | "
+                   f"{r['imma']} | {r['loop_int']} | {ops} |")
+    return "\n".join(out) + "\n"
 
 
 def default_configs(quick: bool = False, shipped: bool = False):
@@ -201,24 +285,40 @@ def main(argv=None) -> int:
     p.add_argument("--shipped", action="store_true", help="only the tile shapes of the shipped tables")
     p.add_argument("--out", help="also write the table here")
     p.add_argument("--shape", default="4096,2304,768", help="M,N,K the launch is specialized for")
+    p.add_argument("--attention", choices=("also", "only", "no"), default="also",
+                   help="the attention kernels (mixq.kernels.attention) too, only them, or not")
     args = p.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "0"  # an interpreted kernel cannot be compiled
     m, n, k = (int(v) for v in args.shape.split(","))
     results = []
-    for w_bits, cfg in default_configs(args.quick, args.shipped):
-        try:
-            r = analyze(w_bits, cfg, m, n, k)
-            results.append(r)
-            print(f"W{w_bits} {cfg}: regs {r['regs']} spills {r['spill_st']} IGMMA {r['igmma']} "
-                  f"loop int ops/weight {r['int_per_w']:.2f} ({r['compile_s']:.1f} s)", flush=True)
-        except Exception as e:
-            print(f"W{w_bits} {cfg}: static compile failed: {type(e).__name__}: {e}", flush=True)
-    text = f"Static sm_90a compile (no GPU; specialized for M,N,K = {m},{n},{k}):\n\n" + markdown(results)
+    text = ""
+    if args.attention != "only":
+        for w_bits, cfg in default_configs(args.quick, args.shipped):
+            try:
+                r = analyze(w_bits, cfg, m, n, k)
+                results.append(r)
+                print(f"W{w_bits} {cfg}: regs {r['regs']} spills {r['spill_st']} IGMMA {r['igmma']} "
+                      f"loop int ops/weight {r['int_per_w']:.2f} ({r['compile_s']:.1f} s)", flush=True)
+            except Exception as e:
+                print(f"W{w_bits} {cfg}: static compile failed: {type(e).__name__}: {e}", flush=True)
+        text += f"Static sm_90a compile (no GPU; specialized for M,N,K = {m},{n},{k}):\n\n" + markdown(results)
+    att = []
+    if args.attention != "no":
+        for case in attention_cases(args.quick):
+            try:
+                r = analyze_attention(case)
+                att.append(r)
+                print(f"attention {r['op']} {r['label']} {r['what']} {r['cfg']}: regs {r['regs']} spills "
+                      f"{r['spill_st']} IGMMA {r['igmma']} IMMA {r['imma']} ({r['compile_s']:.1f} s)", flush=True)
+            except Exception as e:
+                print(f"attention {case[:2]} {case[2]}: static compile failed: {type(e).__name__}: {e}", flush=True)
+        text += ("\nStatic sm_90a compile of the attention kernels (mixq.kernels.attention, bf16 out, contiguous "
+                 "[B, tokens, D]):\n\n" + attention_markdown(att))
     print(text)
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n")
-    return 0 if results else 1
+    return 0 if (results or args.attention == "only") and (att or args.attention == "no") else 1
 
 
 if __name__ == "__main__":

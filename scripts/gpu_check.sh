@@ -15,7 +15,8 @@
 #   gemm.md      c + e: the GEMM table with the shipped configs, then with the tuned ones
 #   h200.json    d: the tuned config table (also written to mixq/kernels/configs/<gpu>.json)
 #   tune.log     d: what the tuner skipped, and why
-#   e2e.md       f: ViT-B/16 b1/b64, ViT-B Linear stack, SAM ViT-B encoder: bf16 vs W8/W6/W4 A8
+#   e2e.md       f: ViT-B/16 b1/b64, ViT-B Linear stack, SAM ViT-B encoder: bf16 vs W8/W6/W4 A8;
+#                g: attention kernels vs the reference, quantized attention vs SDPA (appended)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -38,16 +39,16 @@ ENVF="$OUT/env.txt"
 : >"$LOG"
 : >"$ENVF"
 
-# stage time limits in seconds; on the GPU they add up to 560 s, inside one `run` call's 600 s
-# (the usual run is shorter: each limit is a worst case)
+# stage time limits in seconds; on the GPU they add up to 545 s, inside one `run` call's 600 s with
+# the environment step and the wheel install (the usual run is shorter: each limit is a worst case)
 if [[ $DRY == 1 ]]; then
   export TRITON_INTERPRET=1
-  T_SMOKE=120 T_STATIC=120 T_TEST=120 T_TABLE=120 T_TABLE2=120 T_TUNE=120 T_E2E=180 TUNE_BUDGET=6
+  T_SMOKE=120 T_STATIC=120 T_TEST=120 T_TABLE=120 T_TABLE2=120 T_TUNE=120 T_E2E=180 T_ATTN=120 TUNE_BUDGET=6
   DRYFLAG=--dry-run
   TUNED="$OUT/h200.json"
 else
   unset TRITON_INTERPRET
-  T_SMOKE=60 T_STATIC=40 T_TEST=90 T_TABLE=90 T_TABLE2=60 T_TUNE=130 T_E2E=90 TUNE_BUDGET=105
+  T_SMOKE=55 T_STATIC=40 T_TEST=80 T_TABLE=70 T_TABLE2=45 T_TUNE=105 T_E2E=75 T_ATTN=75 TUNE_BUDGET=85
   DRYFLAG=
   TUNED="$OUT/h200.json"
 fi
@@ -114,8 +115,9 @@ echo "env rc=$?" >>"$ENVF"
 
 # ---------------------------------------------------------------- a. smoke + static
 stage smoke "$T_SMOKE" "$PY" bench/gpu_check.py smoke $DRYFLAG --out "$OUT/smoke.md"
-if [[ $DRY == 1 ]]; then QUICK=--quick; else QUICK=--shipped; fi
-stage static "$T_STATIC" env TRITON_INTERPRET=0 "$PY" bench/gpu_static.py $QUICK --out "$OUT/smoke.md"
+# the GPU run leaves the attention kernels' static compile out (stage g reads their JIT figures instead)
+if [[ $DRY == 1 ]]; then QUICK=(--quick --attention also); else QUICK=(--shipped --attention no); fi
+stage static "$T_STATIC" env TRITON_INTERPRET=0 "$PY" bench/gpu_static.py "${QUICK[@]}" --out "$OUT/smoke.md"
 
 # ---------------------------------------------------------------- b. kernel tests
 if [[ $DRY == 1 ]]; then
@@ -152,6 +154,9 @@ E2E_TABLE=()
 [[ -s "$TUNED" ]] && E2E_TABLE=(env MIXQ_GEMM_TABLE="$TUNED")
 stage e2e "$T_E2E" "${E2E_TABLE[@]}" "$PY" bench/gpu_check.py e2e $DRYFLAG --out "$OUT/e2e.md"
 
+# ---------------------------------------------------------------- g. attention (appended to e2e.md: 8 files at most)
+stage attention "$T_ATTN" "$PY" bench/gpu_check.py attention $DRYFLAG --out "$OUT/e2e.md"
+
 echo "gpu_check done: $FAILED failed stage(s), $SECONDS s; files: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG" "$ENVF"
-for f in smoke.md gemm.md e2e.md; do [[ -f "$OUT/$f" ]] && { echo "----- $f"; tail -n 40 "$OUT/$f"; }; done
+for f in smoke.md gemm.md e2e.md; do [[ -f "$OUT/$f" ]] && { echo "----- $f"; tail -n 60 "$OUT/$f"; }; done
 exit "$FAILED"

@@ -32,7 +32,7 @@ def test_gpu_check_dry_run_goes_through_every_stage(tmp_path):
     files = {p.name for p in tmp_path.iterdir()}
     assert files == FILES, files  # the device tool brings back at most 8 files
     status = (tmp_path / "env.txt").read_text()
-    for stage in ("smoke", "static", "pytest", "table-shipped", "tune", "table-tuned", "e2e"):
+    for stage in ("smoke", "static", "pytest", "table-shipped", "tune", "table-tuned", "e2e", "attention"):
         assert f"stage {stage}: ok" in status, status
     assert "mixq imports without highspy/_C: ok" in status
     smoke = (tmp_path / "smoke.md").read_text()
@@ -41,6 +41,7 @@ def test_gpu_check_dry_run_goes_through_every_stage(tmp_path):
     assert "0 failing combinations in all" in smoke
     assert sum(line.endswith("| exact |") for line in smoke.splitlines()) == 10  # fused + swap/asm variants (first shape in a dry run)
     assert "Static sm_90a compile" in smoke and "| 8 | 64x64 |" in smoke
+    assert "| qk | ViT-B 12x197x64 |" in smoke and "| pv | ViT-B 12x197x64 | P8 log2 |" in smoke
     gemm = (tmp_path / "gemm.md").read_text()
     assert "configs shipped" in gemm and "configs tuned" in gemm and "error" not in gemm
     for name in ("cuBLAS bf16", "_int_mm", "fp8 _scaled_mm", "mixq W8A8 GEMM", "mixq W6A8 quantize+GEMM",
@@ -53,4 +54,10 @@ def test_gpu_check_dry_run_goes_through_every_stage(tmp_path):
     e2e = (tmp_path / "e2e.md").read_text()
     assert "error" not in e2e and "ViT-B/16" in e2e and "Linear stack" in e2e
     assert "SAM ViT-B image encoder" in e2e
+    # stage g appends the attention checks and timings to e2e.md (no ninth file)
+    assert "### Attention matmuls" in e2e and "0 failing attention checks" in e2e
+    assert e2e.count("| exact |") == 11 and "MISMATCH" not in e2e  # 3 qk + 6 pv, then qk + pv on a second shape
+    for name in ("SDPA bf16", "SDPA fp16", "SDPA fp32", "mixq quantized attention", "QK^T kernel",
+                 "PV kernel P8 log2", "PV kernel P8 uniform"):
+        assert name in e2e
     assert "failures" not in (tmp_path / "junit.xml").read_text()[:400] or 'failures="0"' in (tmp_path / "junit.xml").read_text()

@@ -29,6 +29,7 @@ except ImportError as e:  # the registry skips this backend when triton is absen
     raise ImportError(f"the mixq triton backend needs the 'triton' package ({e}); pip install 'mixq[triton]'") from e
 
 from mixq import formats, kernels
+from mixq.kernels import attention as attention_kernels
 
 from . import register_backend
 
@@ -151,6 +152,27 @@ class TritonBackend:
         with self._device_scope(x, w, w_scale, *extra):
             return kernels.quantized_linear_dynamic(x, self._gpu_weights(w, w_bits, k), w_bits, a_bits, k, n,
                                                     w_scale, bias, out_dtype, a_scale_mul=a_scale_mul)
+
+    def quantized_qk(
+        self, q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Q K^T on int8 tensor cores (mixq.kernels.attention): bit-identical to the reference's attention_qk.
+
+        Optional in the Backend protocol (mixq.ops.quantized_qk probes for it). Checks dtypes, shapes
+        (equal leading dims, head dim <= attention.MAX_HEAD_DIM) and devices, raising ValueError.
+        """
+        with self._device_scope(q, q_scale, k, k_scale):
+            return attention_kernels.quantized_qk(q, q_scale, k, k_scale, out_dtype)
+
+    def quantized_pv(
+        self, p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """softmax(.) V from uint8 probability codes on int8 tensor cores (the codes split into int8 buckets,
+        combined exactly in int64): bit-identical to the reference's attention_pv. At most
+        attention.MAX_PV_TOKENS tokens and a head dim <= attention.MAX_HEAD_DIM; ValueError beyond.
+        """
+        with self._device_scope(p, v, v_scale):
+            return attention_kernels.quantized_pv(p, v, v_scale, p_bits, p_kind, out_dtype)
 
 
 register_backend(TritonBackend())
