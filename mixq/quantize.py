@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from . import formats
-from .attention import (QuantAttention, is_attention, is_supported_attention, quantized_attention,
-                        unsupported_attention)
+from .attention import (is_attention, is_supported_attention, quantized_attention, supported_attention_names,
+                        unsupported_attention, wrap_attention)
 from .data import batch_to, iter_batches, model_device, run_model, tensors_in
 from .modules import FilterFn, find_linears, quantized_layers, set_module
 from .nn import ACT_MODES, WEIGHT_METHODS, QuantLinear
@@ -227,25 +227,36 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
         check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
         _fold_layernorms(model, fed_by, check)
     attn_bits, softmax_bits = config.attention_bits()
-    for name in attention:  # after the Linears: QuantAttention keeps the (now quantized) qkv and proj
-        set_module(model, name, QuantAttention(model.get_submodule(name), attn_bits, softmax_bits,
+    for name in attention:  # after the Linears: the quantized attention keeps the (now quantized) projections
+        set_module(model, name, wrap_attention(model.get_submodule(name), attn_bits, softmax_bits,
                                                config.softmax_quant, config.simulate, config.backend))
     return model
 
 
 def _attention_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
-    """The attention modules quantize_attention replaces; refuses, naming them, the ones it cannot yet."""
-    def skipped(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in config.skip)
+    """The attention modules quantize_attention replaces; refuses, naming them, the ones it cannot.
 
-    bad = {n: t for n, t in unsupported_attention(model).items() if not skipped(n)}
+    An attention module is a target unless ``skip`` matches its name or ``filter_fn`` selects none of
+    its own Linears (so a filter that quantizes the SAM image encoder alone leaves the decoder's
+    attention float, and does not refuse a kind that the filter never reaches)."""
+    def selected(name: str, m: nn.Module) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in config.skip):
+            return False
+        if config.filter_fn is None:
+            return True
+        prefix = f"{name}." if name else ""
+        return any(isinstance(sub, nn.Linear) and config.filter_fn(prefix + sub_name, sub)
+                   for sub_name, sub in m.named_modules() if sub_name)
+
+    modules = dict(model.named_modules())
+    bad = {n: t for n, t in unsupported_attention(model).items() if selected(n, modules[n])}
     if bad:
         first = next(iter(bad))
         raise NotImplementedError(
-            f"quantize_attention=True: {len(bad)} attention module(s) of a kind mixq cannot quantize yet "
-            f"({first!r} is {bad[first]}; supported: timm vision_transformer.Attention, as in ViT, DeiT and "
-            "DINOv2); list them in skip to keep them float, or set quantize_attention=False")
-    found = {n: m for n, m in model.named_modules() if is_supported_attention(m) and not skipped(n)}
+            f"quantize_attention=True: {len(bad)} attention module(s) of a kind mixq cannot quantize "
+            f"({first!r} is {bad[first]}; supported: {', '.join(supported_attention_names())}); "
+            "list them in skip to keep them float, or set quantize_attention=False")
+    found = {n: m for n, m in modules.items() if is_supported_attention(m) and selected(n, m)}
     if not found and not quantized_attention(model) and not any(is_attention(m) for m in model.modules()):
         raise ValueError("quantize_attention=True but the model has no attention module: nothing for the "
                          "flag to quantize; set quantize_attention=False")
