@@ -96,7 +96,7 @@ class Plan:
     def to_config(self, **overrides: Any):
         """A :class:`mixq.quantize.QuantConfig` quantizing exactly the planned layers at their bits:
         the Linears through ``layer_bits`` and ``filter_fn``, the attention matmuls (if planned)
-        through ``quantize_attention=True`` and ``attention_bits`` at the plan's ``softmax_quant``."""
+        through ``quantize_attention=True`` and ``attention_layer_bits`` at the plan's ``softmax_quant``."""
         from ..quantize import QuantConfig
 
         linear = self.linear_layers
@@ -107,7 +107,7 @@ class Plan:
         }
         attention = self.attention_layers
         if attention:
-            kwargs.update(quantize_attention=True, attention_bits={n: tuple(b) for n, b in attention.items()},
+            kwargs.update(quantize_attention=True, attention_layer_bits={n: tuple(b) for n, b in attention.items()},
                           softmax_quant=self.softmax_quant or "log2")
         kwargs.update(overrides)
         return QuantConfig(**kwargs)

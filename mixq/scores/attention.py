@@ -12,7 +12,7 @@ measuring KL(P_fp || P) of the output distribution per calibration image, as the
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,27 +36,40 @@ def split_name(name: str) -> tuple[str, str]:
     return module, op
 
 
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's float attention modules whose matmuls mixq can quantize, by name.
+def selects_attention(name: str, module: nn.Module, filter_fn: Optional[Callable] = None) -> bool:
+    """The rule ``quantize_`` uses: an attention module is a target when ``filter_fn`` (a Linear filter)
+    accepts one of its own Linears, or when there is no filter."""
+    if filter_fn is None:
+        return True
+    prefix = f"{name}." if name else ""
+    return any(isinstance(sub, nn.Linear) and filter_fn(prefix + sub_name, sub)
+               for sub_name, sub in module.named_modules() if sub_name)
 
-    Raises NotImplementedError naming the attention modules of a kind it cannot (they would stay
-    float while the plan claims attention is covered), and ValueError when there is none at all."""
-    from ..attention import is_supported_attention, quantized_attention, unsupported_attention
+
+def attention_modules(model: nn.Module, filter_fn: Optional[Callable] = None) -> dict[str, nn.Module]:
+    """The model's float attention modules whose matmuls mixq can quantize, by name, selected by
+    :func:`selects_attention`.
+
+    Raises NotImplementedError naming a selected attention module of a kind it cannot quantize (it
+    would stay float while the plan claims attention is covered), and ValueError when none is left."""
+    from ..attention import is_supported_attention, quantized_attention, supported_attention_names, unsupported_attention
 
     done = quantized_attention(model)
     if done:
         raise ValueError(f"the model already has quantized attention ({next(iter(done))!r}); allocate bits on the "
                          "float model")
-    bad = unsupported_attention(model)
+    modules = dict(model.named_modules())
+    bad = {n: t for n, t in unsupported_attention(model).items() if selects_attention(n, modules[n], filter_fn)}
     if bad:
         first = next(iter(bad))
         raise NotImplementedError(
             f"attention=True: {len(bad)} attention module(s) of a kind mixq cannot quantize ({first!r} is "
-            f"{bad[first]}); allocate with attention=False")
-    found = {n: m for n, m in model.named_modules() if is_supported_attention(m)}
+            f"{bad[first]}; supported: {', '.join(supported_attention_names())}); allocate with attention=False")
+    found = {n: m for n, m in modules.items() if is_supported_attention(m) and selects_attention(n, m, filter_fn)}
     if not found:
         raise ValueError("attention=True but the model has no attention module whose matmuls mixq can quantize "
-                         "(timm ViT/DeiT/Swin attention, SAM's attention); allocate with attention=False")
+                         f"(supported: {', '.join(supported_attention_names())}) among those filter_fn selects; "
+                         "allocate with attention=False")
     return found
 
 

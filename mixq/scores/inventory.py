@@ -43,13 +43,13 @@ def build_inventory(model: nn.Module, calib_data: Any, filter_fn: Optional[Calla
                     batch_size: int = 8, attention: bool = False) -> list[LayerInfo]:
     """Run the calibration data once and list the Linears that ran, in execution order; with
     ``attention=True`` also the QK^T and softmax.V matmuls of the supported attention modules
-    (:func:`mixq.scores.attention.attention_modules`; ``filter_fn`` selects Linears only)."""
+    (:func:`mixq.scores.attention.attention_modules`: those with a Linear ``filter_fn`` accepts)."""
     from .attention import attention_modules, counting_attention
 
     linears = find_linears(model, filter_fn)
     if not linears:
         raise ValueError("the model has no nn.Linear layers to allocate bits to (after filter_fn)")
-    attn = attention_modules(model) if attention else {}
+    attn = attention_modules(model, filter_fn) if attention else {}
     rows = {name: 0 for name in linears}
     order: dict[str, int] = {}
     events: list[tuple[str, str]] = []  # first calls: ("linear" | "enter" | "exit", name)
