@@ -1,0 +1,188 @@
+"""Attention matmuls in the allocator: exact MACs/BOPs, plans that round-trip into quantize_, budgets."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mixq
+from mixq.alloc import AllocationProblem, InfeasibleBudgetError, Plan, solve_plan
+from mixq.attention import quantized_attention
+from mixq.quantize import QuantConfig
+from mixq.scores.inventory import build_inventory
+
+timm = pytest.importorskip("timm")
+
+HEADS, DIM, DEPTH, TOKENS = 2, 32, 2, 17  # 32x32 image, 8x8 patches: 16 patches + the class token
+
+
+def _vit():
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=DIM, depth=DEPTH, num_heads=HEADS, num_classes=5).eval()
+
+
+def _x(n=4):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _allocate(model, **kw):
+    kw = {"budget": 6.0, "progress": False, "cache_dir": False, **kw}
+    return mixq.allocate(model, _x(), **kw)
+
+
+def test_inventory_macs_exact_and_in_execution_order():
+    layers = build_inventory(_vit(), _x(), attention=True)
+    macs = HEADS * TOKENS * TOKENS * (DIM // HEADS)  # per image, for QK^T and for P.V alike
+    att = [l for l in layers if l.op != "linear"]
+    assert [(l.name, l.op, l.macs, l.weight_params) for l in att] == [
+        (f"blocks.{b}.attn.{op}", op, macs, 0) for b in range(DEPTH) for op in ("qk", "pv")]
+    names = [l.name for l in layers]
+    assert names[:5] == ["blocks.0.attn.qkv", "blocks.0.attn.qk", "blocks.0.attn.pv", "blocks.0.attn.proj",
+                         "blocks.0.mlp.fc1"]
+    assert [l.order for l in layers] == list(range(len(layers)))
+    assert [l.name for l in build_inventory(_vit(), _x())] == [n for n in names if not n.endswith((".qk", ".pv"))]
+
+
+def test_plan_with_attention_roundtrips_and_quantizes_as_planned(tmp_path):
+    model = _vit()
+    plan = _allocate(model, bops_budget="0.5x", attention=True)
+    att = plan.attention_layers
+    assert len(att) == 2 * DEPTH and all(b1 == b2 for b1, b2 in att.values())
+    macs = HEADS * TOKENS * TOKENS * (DIM // HEADS)
+    # BOPs: every planned layer, the attention matmuls at MACs x b1 x b2; "0.5x" counts them at 8x8
+    assert plan.bops == sum(plan.layer_info[n]["macs"] * w * a for n, (w, a) in plan.layers.items())
+    assert plan.attention_bops == sum(macs * b1 * b2 for b1, b2 in att.values())
+    assert plan.bops_budget == math.floor(0.5 * 64 * sum(i["macs"] for i in plan.layer_info.values()))
+    assert plan.quantized_ops == "Linears + attention matmuls (QK^T, softmax.V)"
+    assert "QK^T" in str(plan) and "softmax.V" in str(plan) and "BOPs share" in str(plan)
+    plan.save(tmp_path / "plan.json")
+    d = json.loads((tmp_path / "plan.json").read_text())
+    assert d["layers"]["blocks.0.attn.qk"]["op"] == "qk" and "q_bits" in d["layers"]["blocks.0.attn.qk"]
+    assert "p_bits" in d["layers"]["blocks.1.attn.pv"] and "w_bits" not in d["layers"]["blocks.1.attn.pv"]
+    again = Plan.load(tmp_path / "plan.json")
+    assert again == plan
+    config = again.to_config(act_quant="dynamic", weight_method="rtn")
+    assert config.quantize_attention and config.attention_layer_bits == att
+    q = mixq.quantize_(model, config, progress=False)
+    for name, m in quantized_attention(q).items():
+        c = m.layer_config()
+        assert c["ops"] == ["qk", "pv"] and c["softmax_quant"] == plan.softmax_quant == "log2"
+        assert (c["qk_bits"], c["qk_bits"]) == att[f"{name}.qk"]
+        assert (c["softmax_bits"], c["pv_bits"]) == att[f"{name}.pv"]
+    assert set(quantized_attention(q)) == {f"blocks.{b}.attn" for b in range(DEPTH)}
+    with torch.no_grad():
+        assert torch.isfinite(q(_x(2))).all()
+
+    from mixq.report import ReportData, write_report
+
+    data = ReportData.from_plan("t", d)
+    assert data.bops == plan.bops and data.attention_bops == plan.attention_bops
+    assert data.avg_a_bits == pytest.approx(plan.avg_act_bits)
+    text = write_report(data, tmp_path / "report").read_text()
+    assert "Linears + attention matmuls (QK^T, softmax.V)" in text and "softmax.V" in text
+    linear_only = ReportData.from_plan("t", json.loads(_allocate(_vit()).to_json()))
+    assert "quantized ops: Linears only" in write_report(linear_only, tmp_path / "r2").read_text()
+
+
+def test_config_quantizes_only_the_listed_matmuls():
+    model = _vit()
+    cfg = QuantConfig(act_quant="dynamic", weight_method="rtn", quantize_attention=True,
+                      attention_layer_bits={"blocks.0.attn.pv": (4, 6)})
+    q = mixq.quantize_(model, cfg, progress=False)
+    att = quantized_attention(q)
+    assert list(att) == ["blocks.0.attn"]
+    c = att["blocks.0.attn"].layer_config()
+    assert c["ops"] == ["pv"] and (c["softmax_bits"], c["pv_bits"]) == (4, 6)
+
+
+@pytest.mark.parametrize("bits, match", [
+    ({"blocks.0.attn.qkv": (8, 8)}, "does not name an attention matmul"),
+    ({"blocks.0.attn.qk": (4, 8)}, "Q and K share one bit-width"),
+    ({"blocks.0.attn.pv": (5, 8)}, "P bits"),
+    ({"blocks.0.attn.pv": 8}, "pair"),
+])
+def test_bad_attention_layer_bits_are_refused(bits, match):
+    with pytest.raises(ValueError, match=match):
+        QuantConfig(quantize_attention=True, attention_layer_bits=bits)
+
+
+def test_attention_layer_bits_need_the_flag_and_real_modules():
+    with pytest.raises(ValueError, match="quantize_attention=True"):
+        QuantConfig(attention_layer_bits={"blocks.0.attn.qk": (8, 8)})
+    cfg = dict(act_quant="dynamic", weight_method="rtn", quantize_attention=True)
+    with pytest.raises(KeyError, match="did you mean"):
+        mixq.quantize_(_vit(), QuantConfig(**cfg, attention_layer_bits={"blocks.0.atn.qk": (8, 8)}), progress=False)
+    with pytest.raises(KeyError, match="not an attention module"):
+        mixq.quantize_(_vit(), QuantConfig(**cfg, attention_layer_bits={"blocks.0.mlp.qk": (8, 8)}), progress=False)
+
+
+def test_size_budget_unchanged_by_attention():
+    model = _vit()
+    plain = _allocate(model, budget=5.0, synergy=False)
+    with_att = _allocate(model, budget=5.0, synergy=False, attention=True)
+    assert with_att.weight_params == plain.weight_params and with_att.size_budget_bits == plain.size_budget_bits
+    assert with_att.linear_layers.keys() == plain.layers.keys()
+    assert with_att.weight_bits <= with_att.size_budget_bits
+    assert all(with_att.layer_info[n]["params"] == 0 for n in with_att.attention_layers)
+
+
+def _problem_with_attention(att_macs=1000):
+    """Two Linears pinned at W8A8 and one attention matmul: lowering the matmul is the only way down."""
+    cands = [(8, 8), (4, 4), (6, 6), (4, 8)]
+    costs = np.array([[0.0, 1.0, 0.5, 0.7], [0.0, 1.0, 0.5, 0.7], [0.0, 1.0, 0.2, 0.0]])
+    return AllocationProblem(["a", "m.qk", "b"], cands, costs, [10, 0, 10], [1, 0, 1], [False] * 3,
+                             [100, att_macs, 100], pinned={0: 0, 2: 0}, allowed=[None, [0, 1, 2], None],
+                             ops=["linear", "qk", "linear"])
+
+
+def test_solver_lowers_attention_bits_to_meet_bops():
+    p = _problem_with_attention()
+    linear = 2 * 100 * 64
+    plan = solve_plan(p, None, linear + 1000 * 36)  # (6, 6) fits, (8, 8) does not
+    assert plan.layers["m.qk"] == (6, 6) and plan.layer_info["m.qk"]["op"] == "qk"
+    plan = solve_plan(p, None, linear + 1000 * 16)  # only (4, 4); (4, 8) is cheaper but not an attention choice
+    assert plan.layers["m.qk"] == (4, 4)
+    with pytest.raises(InfeasibleBudgetError, match=f"smallest feasible {linear + 16000:,}"):
+        solve_plan(p, None, linear + 1000 * 16 - 1)
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_problem_refuses_a_pin_outside_the_allowed_choices():
+    with pytest.raises(ValueError, match="may not take"):
+        AllocationProblem(["m.qk"], [(8, 8), (4, 8)], np.zeros((1, 2)), [0], [0], [False], [10],
+                          pinned={0: 1}, allowed=[[0]], ops=["qk"])
+
+
+def test_measured_and_sensitivity_scorers_cost_every_attention_choice():
+    model = _vit()
+    for scorer in ("measured", "sensitivity"):
+        plan = _allocate(model, budget=8.0, scorer=scorer, attention=True, bops_budget="0.7x",
+                         candidates=[(8, 8), (4, 4)])
+        assert set(plan.attention_layers.values()) <= {(8, 8), (4, 4)}
+        assert all(np.isfinite(plan.layer_info[n]["cost"]) for n in plan.layers)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="cannot score attention"):
+        _allocate(_vit(), scorer="lrp", attention=True)
+    mlp = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="no attention module"):
+        mixq.allocate(mlp, torch.randn(8, 16), attention=True, progress=False, cache_dir=False)
+    with pytest.raises(TypeError, match="attention must be True or False"):
+        _allocate(_vit(), attention="yes")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0]).mean(1)
+
+    with pytest.raises(NotImplementedError, match="MultiheadAttention"):
+        mixq.allocate(Block(), torch.randn(4, 5, 16), attention=True, progress=False, cache_dir=False)
