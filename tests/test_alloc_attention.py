@@ -17,6 +17,7 @@ from mixq.scores.inventory import build_inventory
 timm = pytest.importorskip("timm")
 
 HEADS, DIM, DEPTH, TOKENS = 2, 32, 2, 17  # 32x32 image, 8x8 patches: 16 patches + the class token
+_CACHE = None  # set by _shared_cache
 
 
 def _vit():
@@ -29,8 +30,17 @@ def _x(n=4):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _shared_cache(tmp_path_factory):
+    """One score cache for the module: the same tiny ViT is scored by several tests (its Linear
+    probes do not change with attention=True), so later allocations reuse the earlier scores."""
+    global _CACHE
+    _CACHE = tmp_path_factory.mktemp("scores")
+    yield
+
+
 def _allocate(model, **kw):
-    kw = {"budget": 6.0, "progress": False, "cache_dir": False, **kw}
+    kw = {"budget": 6.0, "progress": False, "cache_dir": _CACHE, **kw}
     return mixq.allocate(model, _x(), **kw)
 
 
@@ -49,8 +59,11 @@ def test_inventory_macs_exact_and_in_execution_order():
 
 def test_plan_with_attention_roundtrips_and_quantizes_as_planned(tmp_path):
     model = _vit()
-    plan = _allocate(model, bops_budget="0.5x", attention=True)
+    with pytest.raises(ValueError, match=r"not among its candidates \[\(4, 4\), \(6, 6\), \(8, 8\)\]"):
+        _allocate(model, attention=True, pinned={"blocks.0.attn.qk": (4, 8)})
+    plan = _allocate(model, bops_budget="0.5x", attention=True, pinned={"blocks.1.attn.pv": 8})
     att = plan.attention_layers
+    assert att["blocks.1.attn.pv"] == (8, 8)
     assert len(att) == 2 * DEPTH and all(b1 == b2 for b1, b2 in att.values())
     macs = HEADS * TOKENS * TOKENS * (DIM // HEADS)
     # BOPs: every planned layer, the attention matmuls at MACs x b1 x b2; "0.5x" counts them at 8x8
@@ -86,6 +99,10 @@ def test_plan_with_attention_roundtrips_and_quantizes_as_planned(tmp_path):
     assert "Linears + attention matmuls (QK^T, softmax.V)" in text and "softmax.V" in text
     linear_only = ReportData.from_plan("t", json.loads(_allocate(_vit()).to_json()))
     assert "quantized ops: Linears only" in write_report(linear_only, tmp_path / "r2").read_text()
+    from mixq.cli import main
+
+    assert main(["report", str(tmp_path / "plan.json"), "--out", str(tmp_path / "r3")]) == 0
+    assert "QK^T" in (tmp_path / "r3" / "report.md").read_text()
 
 
 def test_config_quantizes_only_the_listed_matmuls():
@@ -149,6 +166,55 @@ def test_solver_lowers_attention_bits_to_meet_bops():
     with pytest.raises(InfeasibleBudgetError, match=f"smallest feasible {linear + 16000:,}"):
         solve_plan(p, None, linear + 1000 * 16 - 1)
     assert Plan.from_json(plan.to_json()) == plan
+
+
+def _brute(problem, rhs):
+    import itertools
+
+    mask = problem.allowed_mask()
+    best = math.inf
+    for choice in itertools.product(*[np.flatnonzero(mask[i]) for i in range(len(problem.names))]):
+        if problem.bops()[np.arange(len(choice)), list(choice)].sum() <= rhs:
+            best = min(best, problem.objective(choice))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_solver_respects_per_layer_choices_against_brute_force(seed):
+    from mixq.alloc import DEFAULT_CANDIDATES, parse_bops_budget
+
+    rng = np.random.default_rng(seed)
+    ops = ["linear", "qk", "pv", "linear", "linear", "qk", "pv"]
+    cands = list(DEFAULT_CANDIDATES)
+    equal = [cands.index((b, b)) for b in (4, 6, 8)]
+    L = len(ops)
+    p = AllocationProblem([f"l{i}" for i in range(L)], cands, rng.uniform(0, 1, (L, len(cands))),
+                          [0 if op != "linear" else int(rng.integers(1, 50)) for op in ops], [1] * L, [False] * L,
+                          [int(v) for v in rng.integers(1, 200, L)], [(i, i + 1) for i in range(L - 1)],
+                          [float(v) for v in rng.uniform(0, 1, L - 1)], 0.02,
+                          allowed=[None if op == "linear" else equal for op in ops], ops=ops)
+    rhs = parse_bops_budget(f"{rng.uniform(0.3, 0.9):.3f}x", p)
+    best = _brute(p, rhs)
+    if math.isinf(best):
+        with pytest.raises(InfeasibleBudgetError):
+            solve_plan(p, None, rhs)
+        return
+    plan = solve_plan(p, None, rhs)
+    assert plan.bops <= rhs and plan.objective == pytest.approx(best, abs=1e-9)
+    assert all(plan.layers[f"l{i}"][0] == plan.layers[f"l{i}"][1] for i, op in enumerate(ops) if op != "linear")
+
+
+def test_cli_quantize_attention_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    from mixq import checkpoint
+    from mixq.cli import main
+
+    assert main(["quantize", "toy-vit", "--quantize-attention", "--out", str(tmp_path / "q")]) == 2
+    assert "checkpoints cannot record quantized attention" in capsys.readouterr().err
+    monkeypatch.setattr(checkpoint, "SAVES_ATTENTION", True, raising=False)
+    assert main(["quantize", "toy-vit", "--quantize-attention", "--scorer", "combined", "--out",
+                 str(tmp_path / "q")]) == 2
+    assert "cannot score attention" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_problem_refuses_a_pin_outside_the_allowed_choices():
