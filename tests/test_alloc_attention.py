@@ -57,6 +57,30 @@ def test_inventory_macs_exact_and_in_execution_order():
     assert [l.name for l in build_inventory(_vit(), _x())] == [n for n in names if not n.endswith((".qk", ".pv"))]
 
 
+def test_inventory_macs_of_windowed_and_cross_attention():
+    """Swin: per-window token counts; SAM's decoder attention: N queries, M keys (N != M)."""
+    torch.manual_seed(0)
+    swin = timm.models.swin_transformer.SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16,
+                                                        depths=(1, 1), num_heads=(2, 4), num_classes=3).eval()
+    macs = {l.name: l.macs for l in build_inventory(swin, _x(2), attention=True) if l.op != "linear"}
+    # stage 0: 8x8 tokens in 4 windows of 16, 2 heads of 8; stage 1: 4x4 tokens in 1 window, 4 heads of 8
+    assert macs == {"layers.0.blocks.0.attn.qk": 4 * 2 * 16 * 16 * 8, "layers.0.blocks.0.attn.pv": 4 * 2 * 16 * 16 * 8,
+                    "layers.1.blocks.0.attn.qk": 4 * 16 * 16 * 8, "layers.1.blocks.0.attn.pv": 4 * 16 * 16 * 8}
+    transformer = pytest.importorskip("segment_anything.modeling.transformer")
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = transformer.Attention(16, 2)
+
+        def forward(self, x):
+            return self.attn(x[:, :3], x, x).mean(1)
+
+    layers = build_inventory(Cross(), torch.randn(2, 10, 16), attention=True)
+    assert [(l.name, l.macs) for l in layers if l.op != "linear"] == [("attn.qk", 2 * 3 * 10 * 8), ("attn.pv", 2 * 3 * 10 * 8)]
+    assert [l.name for l in layers][-3:] == ["attn.qk", "attn.pv", "attn.out_proj"]
+
+
 def test_plan_with_attention_roundtrips_and_quantizes_as_planned(tmp_path):
     model = _vit()
     with pytest.raises(ValueError, match=r"not among its candidates \[\(4, 4\), \(6, 6\), \(8, 8\)\]"):
