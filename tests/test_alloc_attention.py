@@ -256,6 +256,17 @@ def test_measured_and_sensitivity_scorers_cost_every_attention_choice():
         assert all(np.isfinite(plan.layer_info[n]["cost"]) for n in plan.layers)
 
 
+def test_attention_pairs_are_added_when_the_linears_have_none():
+    from mixq.alloc.attention import problem_candidates
+
+    full, allowed = problem_candidates([(8, 4), (8, 8)], ["linear", "qk", "pv"])
+    assert full == [(8, 4), (8, 8), (4, 4)] and allowed == [[0, 1], [2, 1], [2, 1]]
+    # at 0.5x the Linears' least (W8A4) uses half of their W8A8 BOPs, so the attention matmuls must drop too
+    plan = _allocate(_vit(), budget=8.0, bops_budget="0.5x", candidates=[(8, 4), (8, 8)], attention=True)
+    assert set(plan.linear_layers.values()) <= {(8, 4), (8, 8)}
+    assert set(plan.attention_layers.values()) <= {(4, 4), (8, 8)} and (4, 4) in plan.attention_layers.values()
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="cannot score attention"):
         _allocate(_vit(), scorer="lrp", attention=True)
