@@ -195,7 +195,9 @@ def _deit(**kw):
     return timm.create_model("deit_tiny_patch16_224", pretrained=False, **kw).eval()
 
 
-def test_deit_tiny_end_to_end():
+def test_deit_tiny_end_to_end(tmp_path):
+    import mixq
+
     model = _deit()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -216,9 +218,14 @@ def test_deit_tiny_end_to_end():
         assert all(a.softmax_quant == "log2" and a.attn_bits == bits for a in quantized_attention(m).values())
         rel[bits] = float((out - fp).norm() / fp.norm())
         assert not torch.equal(out, out_lin)  # the attention matmuls really are quantized
+        path = mixq.save(m, tmp_path / f"deit{bits}.safetensors")  # the checkpoint records the attention
+        loaded = mixq.load(path, _deit())
+        assert {n: a.layer_config() for n, a in quantized_attention(loaded).items()} == {
+            n: a.layer_config() for n, a in quantized_attention(m).items()}
         sim = set_simulate(m, True)
         with torch.no_grad():
             assert torch.equal(sim(x), out)
+            assert torch.equal(loaded(x), out)
     rel_lin = float((out_lin - fp).norm() / fp.norm())
     # random weights give near-uniform attention (p ~ 1/197, between two log2 levels): the probability
     # grid costs ~8% here; trained models have peaked attention
@@ -286,16 +293,6 @@ def test_no_attention_to_quantize_is_an_error():  # the flag would silently do n
     with pytest.raises(ValueError, match="no attention module"):
         quantize_(nn.Sequential(nn.Linear(4, 4)), QuantConfig(act_quant="dynamic", quantize_attention=True),
                   progress=False)
-
-
-def test_save_refuses_quantized_attention(tmp_path):
-    import mixq
-
-    model = quantize_(_deit(depth=1), QuantConfig(act_quant="dynamic", weight_method="rtn", quantize_attention=True),
-                      progress=False)
-    with pytest.raises(NotImplementedError, match="quantized attention"):
-        mixq.save(model, tmp_path / "m.safetensors")
-    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_log2_grid_constants():
