@@ -168,18 +168,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import mixq
 
     from .alloc import InfeasibleBudgetError, allocate
-    from .checkpoint import layer_configs
+    from .checkpoint import attention_configs, layer_configs
     from .eval.quantized import bits_summary
-    from .report import ReportData, rows_from_layer_configs
+    from collections import Counter
+
+    from .report import ReportData, rows_from_attention_configs, rows_from_layer_configs
 
     # Every argument is checked before anything is built or any old output is touched.
     if args.quantize_attention:
-        from . import checkpoint
-
-        if not getattr(checkpoint, "SAVES_ATTENTION", False):
-            raise CliError("--quantize-attention: checkpoints cannot record quantized attention yet (mixq.save "
-                           "refuses such a model), so mixq quantize cannot write it; from Python, "
-                           "mixq.allocate(..., attention=True) and quantize_ work")
         if not args.uniform:
             from .alloc.api import _scorer_weights
             from .alloc.attention import check_scorers
@@ -219,9 +215,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                   extra={"calibration": adapter.describe().calibration, "n_calib": args.n_calib})
         if plan is not None:
             plan.save(out / "plan.json")
-    data = ReportData(f"mixq plan for {args.model}", rows_from_layer_configs(layer_configs(model)))
+    data = ReportData(f"mixq plan for {args.model}", rows_from_layer_configs(layer_configs(model))
+                      + rows_from_attention_configs(attention_configs(model)))
+    att = Counter(r.label for r in data.attention)  # "Q8K8" for QK^T, "P4V8" for softmax.V
     _table(f"mixq quantize {args.model}", ["item", "value"], [
+        ("quantized ops", data.quantized_ops),
         ("quantized Linears", bits_summary(model)),
+        *([("attention matmuls", f"{len(data.attention)}: " + ", ".join(f"{k} x{v}" for k, v in sorted(att.items())))]
+          if att else []),
         ("average weight bits", f"{data.avg_w_bits:.3f}"),
         ("checkpoint", str(final / "model.safetensors")),
         ("plan", str(final / "plan.json") if plan is not None else "uniform (no plan)"),
@@ -405,8 +406,10 @@ def _report_source(args: argparse.Namespace, ReportData, rows_from_layer_configs
             _, meta = read(src)
         except CheckpointError as e:
             raise CliError(str(e)) from e
+        from .report import rows_from_attention_configs
+
         data = ReportData(f"mixq report: {src.name} ({meta.get('model_spec') or 'model'})",
-                          rows_from_layer_configs(meta["layers"]))
+                          rows_from_layer_configs(meta["layers"]) + rows_from_attention_configs(meta.get("attention") or {}))
     return data
 
 

@@ -375,10 +375,11 @@ def write_report(data: ReportData, out_dir: str | Path) -> Path:
         md += [f"- average weight bits: {data.avg_w_bits:.3f}" if params else "- average weight bits: n/a",
                f"- quantized-layer size: {data.size_bits / 8 / 2**20:.2f} MiB of integer weights, scales and biases "
                f"(fp32 weights would be {params * 4 / 2**20:.2f} MiB)",
-               f"- BOPs: {data.bops:.4g}" + (f" (budget {data.bops_budget:.4g})" if data.bops_budget else "")
-               + (f", of which the attention matmuls {data.attention_bops:.4g} "
-                  f"({data.attention_bops / max(data.bops, 1):.1%}); Linears + attention matmuls" if attention else
-                  ", Linears only"),
+               (f"- BOPs: {data.bops:.4g}" + (f" (budget {data.bops_budget:.4g})" if data.bops_budget else "")
+                + (f", of which the attention matmuls {data.attention_bops:.4g} "
+                   f"({data.attention_bops / max(data.bops, 1):.1%}); Linears + attention matmuls" if attention else
+                   ", Linears only")) if any(r.macs for r in data.layers)
+               else "- BOPs: n/a (no MACs recorded here; a plan JSON records them)",
                "- choices: " + ", ".join(f"{k} x{v}" for k, v in counts.items())]
         if data.avg_a_bits == data.avg_a_bits:  # not nan: the rows record MACs
             md.append(f"- average activation bits: {data.avg_a_bits:.3f} (MAC-weighted over "
@@ -445,6 +446,20 @@ def rows_from_layer_configs(layers: dict[str, dict]) -> list[LayerRow]:
 
 # How a plan JSON names the two bit-widths of each kind of layer (as mixq.alloc.plan writes them).
 _BIT_KEYS = {"linear": ("w_bits", "a_bits"), "qk": ("q_bits", "k_bits"), "pv": ("p_bits", "v_bits")}
+
+
+def rows_from_attention_configs(attention: dict[str, dict]) -> list[LayerRow]:
+    """Rows for the quantized attention matmuls of a model or checkpoint (``checkpoint.attention_configs``
+    or a checkpoint's "attention" metadata: module -> {"kind", "config"}), one per quantized op, named
+    like a plan's ``<module>.qk`` / ``<module>.pv``. MACs are not recorded there (0: their BOPs are not
+    counted)."""
+    rows = []
+    for module, entry in attention.items():
+        c = entry.get("config", entry)
+        bits = {"qk": (c["qk_bits"], c["qk_bits"]), "pv": (c["softmax_bits"], c["pv_bits"])}
+        for op in c.get("ops", ("qk", "pv")):
+            rows.append(LayerRow(f"{module}.{op}", int(bits[op][0]), int(bits[op][1]), op=op))
+    return rows
 
 
 def rows_from_plan(plan: dict) -> list[LayerRow]:

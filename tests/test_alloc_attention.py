@@ -228,17 +228,18 @@ def test_solver_respects_per_layer_choices_against_brute_force(seed):
     assert all(plan.layers[f"l{i}"][0] == plan.layers[f"l{i}"][1] for i, op in enumerate(ops) if op != "linear")
 
 
-def test_cli_quantize_attention_is_refused_up_front(tmp_path, capsys, monkeypatch):
-    from mixq import checkpoint
+def test_cli_quantize_attention(tmp_path, capsys):
     from mixq.cli import main
 
-    assert main(["quantize", "toy-vit", "--quantize-attention", "--out", str(tmp_path / "q")]) == 2
-    assert "checkpoints cannot record quantized attention" in capsys.readouterr().err
-    monkeypatch.setattr(checkpoint, "SAVES_ATTENTION", True, raising=False)
     assert main(["quantize", "toy-vit", "--quantize-attention", "--scorer", "combined", "--out",
                  str(tmp_path / "q")]) == 2
-    assert "cannot score attention" in capsys.readouterr().err
-    assert not (tmp_path / "q").exists()
+    assert "cannot score attention" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    assert main(["quantize", "toy-vit", "--quantize-attention", "--uniform", "W8A8", "--n-calib", "4", "--out",
+                 str(tmp_path / "q")]) == 0
+    assert "Linears + attention matmuls" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "q" / "model.safetensors"), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "quantized ops: Linears + attention matmuls (QK^T, softmax.V)" in text and "Q8K8 x2" in text
 
 
 def test_problem_refuses_a_pin_outside_the_allowed_choices():
