@@ -65,7 +65,8 @@ def allocate(
     synergy, lam: add ``lam * S[l, m] * ((w_l - w_m)^2 + (a_l - a_m)^2)`` over execution-order
         neighbours, S from the per-image KL importances (normalized to max 1). ``synergy=None``
         (default): on, except for ``scorer="measured"`` alone, where the sweep found it off better.
-    pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed.
+    pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed; with ``attention=True`` an attention
+        matmul (``"blocks.0.attn.pv": 8``) too.
     output_fn: called as ``output_fn(model, batch)`` for each calibration batch; returns the output
         distribution per image, probabilities [B, D] with rows summing to 1, for the KL and
         sensitivity scores (default: softmax of the model output; see :mod:`mixq.scores.outputs`).
