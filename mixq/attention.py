@@ -1,38 +1,68 @@
-"""Quantized attention matmuls (issue 15, phase 1): QK^T and softmax(.)V on integer codes.
+"""Quantized attention matmuls (issue 15): QK^T and softmax(.)V on integer codes.
 
-:class:`QuantAttention` replaces timm's ``Attention`` (ViT, DeiT, and mixq's DINOv2, which is a timm
-``VisionTransformer``): qkv -> Q, K per-token dynamic at ``attn_bits`` -> ``mixq::quantized_qk`` ->
-softmax in float -> probabilities on a log2 (or uniform) grid, V per channel at ``attn_bits`` ->
-``mixq::quantized_pv`` -> proj. The qkv and proj Linears are kept as they are (QuantLinear after
-``quantize_``). ``simulate=True`` runs the same arithmetic in plain torch ops (bit-identical, with
-straight-through gradients); the number format is in docs/DESIGN_NOTES.md, "Attention matmuls".
+One base arithmetic, several module kinds, each mirroring its float module's forward:
+
+* :class:`QuantAttention` (kind ``"timm_vit"``): timm ``vision_transformer.Attention`` (ViT, DeiT, and
+  mixq's DINOv2, a timm ``VisionTransformer``).
+* :class:`QuantWindowAttention` (``"timm_swin"``): timm ``swin_transformer.WindowAttention``; the
+  relative-position bias and the shifted-window mask are added in float to the dequantized scores.
+* :class:`QuantSamAttention` (``"sam_encoder"``): segment_anything's image-encoder ``Attention``
+  (windowed and global blocks); the decomposed relative positions are computed from the float Q, as
+  SAM does, and added in float to the dequantized scores.
+* :class:`QuantSamDecoderAttention` (``"sam_decoder"``): the mask decoder's ``Attention`` (separate
+  q/k/v projections, cross attention with N != M tokens).
+
+Q, K per-token dynamic at ``attn_bits`` -> ``mixq::quantized_qk`` -> (bias, mask) -> softmax in float ->
+probabilities on a log2 (or uniform) grid at ``softmax_bits``, V per channel at ``pv_bits`` ->
+``mixq::quantized_pv``. ``float_ops`` keeps either matmul in float (an allocator perturbs one alone).
+The Linears are kept as they are (QuantLinear after ``quantize_``), under their original names, so the
+state dict keys do not change. ``simulate=True`` runs the same arithmetic in plain torch ops
+(bit-identical, with straight-through gradients); the number format is in docs/DESIGN_NOTES.md,
+"Attention matmuls". :func:`wrap_attention` picks the class for a module.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import formats, ops
+from .backends import get_backend, select_backend
 from .backends import reference as _reference
-from .backends import select_backend
+
+ATTENTION_OPS = ("qk", "pv")
+
+
+def _import_type(module: str, name: str) -> Optional[type]:
+    """``module.name`` when that library is installed, else None (then no module of it can be in a model)."""
+    try:
+        mod = __import__(module, fromlist=[name])
+    except ImportError:
+        return None
+    return getattr(mod, name, None)
 
 
 def _timm_attention_type() -> Optional[type]:
-    try:
-        from timm.models.vision_transformer import Attention
-    except ImportError:  # timm absent: nothing of this kind can be in the model
-        return None
-    return Attention
+    return _import_type("timm.models.vision_transformer", "Attention")
 
 
-def is_supported_attention(m: nn.Module) -> bool:
-    """True for the attention modules QuantAttention can replace: timm's ``Attention``, exactly."""
-    t = _timm_attention_type()
-    return t is not None and type(m) is t
+def _timm_window_attention_type() -> Optional[type]:
+    return _import_type("timm.models.swin_transformer", "WindowAttention")
+
+
+def _sam_encoder_attention_type() -> Optional[type]:
+    return _import_type("segment_anything.modeling.image_encoder", "Attention")
+
+
+def _sam_decoder_attention_type() -> Optional[type]:
+    return _import_type("segment_anything.modeling.transformer", "Attention")
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__name__}"
 
 
 def is_attention(m: nn.Module) -> bool:
@@ -46,28 +76,69 @@ def _ste(x: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return x64 + (exact.to(torch.float64) - x64).detach()
 
 
+def _check_float_ops(float_ops: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(float_ops, str) or not isinstance(float_ops, (tuple, list, set, frozenset)):
+        raise TypeError(f"float_ops must be a tuple of op names from {list(ATTENTION_OPS)} (e.g. ('qk',)), "
+                        f"got {float_ops!r}")
+    bad = [op for op in float_ops if op not in ATTENTION_OPS]
+    if bad:
+        raise ValueError(f"unknown op(s) {bad} in float_ops; allowed: {list(ATTENTION_OPS)}")
+    ops_ = tuple(op for op in ATTENTION_OPS if op in float_ops)
+    if len(ops_) == len(ATTENTION_OPS):
+        raise ValueError(f"float_ops={tuple(float_ops)!r} keeps both attention matmuls in float: nothing is left "
+                         "to quantize; keep the float module instead (list it in QuantConfig.skip)")
+    return ops_
+
+
 class QuantAttention(nn.Module):
-    """timm ``Attention`` with both matmuls on integer codes; the Linears are the wrapped ones."""
+    """timm ``Attention`` with its matmuls on integer codes; the Linears are the wrapped ones.
+
+    Also the base of the other kinds: ``attn_bits`` are the bits of Q's and K's codes, ``pv_bits``
+    of V's (default ``attn_bits``), ``softmax_bits`` of the probabilities (default ``pv_bits``);
+    ``float_ops`` names the matmuls ("qk", "pv") kept in float (for "pv" the probabilities stay float).
+    """
+
+    kind = "timm_vit"
+    _source_type: Callable[[], Optional[type]] = staticmethod(_timm_attention_type)
+    _source_name = "timm.models.vision_transformer.Attention"
 
     def __init__(self, attn: nn.Module, attn_bits: int = 8, softmax_bits: Optional[int] = None,
-                 softmax_quant: str = "log2", simulate: bool = False, backend: Optional[str] = None) -> None:
+                 softmax_quant: str = "log2", simulate: bool = False, backend: Optional[str] = None, *,
+                 pv_bits: Optional[int] = None, float_ops: Iterable[str] = ()) -> None:
         super().__init__()
-        if not is_supported_attention(attn):
+        t = self._source_type()
+        if t is None or type(attn) is not t:
             raise NotImplementedError(
-                f"QuantAttention wraps timm's vision_transformer.Attention, not {type(attn).__module__}."
-                f"{type(attn).__name__}")
-        self.attn_bits = formats.check_bits(attn_bits, "attn_bits")
-        self.softmax_bits = formats.check_bits(attn_bits if softmax_bits is None else softmax_bits, "softmax_bits")
+                f"{type(self).__name__} wraps {self._source_name}, not {_type_name(type(attn))}; "
+                "mixq.attention.wrap_attention picks the class for a module")
+        self.qk_bits = formats.check_bits(attn_bits, "attn_bits")
+        self.pv_bits = formats.check_bits(self.qk_bits if pv_bits is None else pv_bits, "pv_bits")
+        self.softmax_bits = formats.check_bits(self.pv_bits if softmax_bits is None else softmax_bits,
+                                               "softmax_bits")
         self.softmax_quant = formats.check_softmax_quant(softmax_quant)
+        self.float_ops = _check_float_ops(float_ops)
+        if not isinstance(simulate, bool):
+            raise TypeError(f"simulate must be True or False, got {simulate!r}")
         self.simulate = simulate
+        if backend is not None:
+            get_backend(backend)  # an unknown name raises here, naming the registered ones
+        self._forced_backend = backend
+        p = next(attn.parameters(), None)
+        self.backend = backend or select_backend(p.device if p is not None else "cpu")
+        self._take(attn)
+
+    def _take(self, attn: nn.Module) -> None:
+        """Adopt the float module's submodules and parameters under their own names."""
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
             setattr(self, name, getattr(attn, name))
         self.gate = getattr(attn, "gate", None)
-        self._forced_backend = backend
-        p = next(attn.parameters(), None)
-        self.backend = backend or select_backend(p.device if p is not None else "cpu")
+
+    @property
+    def attn_bits(self) -> int:
+        """The bits of Q's and K's codes (the name QuantConfig and phase 1 use)."""
+        return self.qk_bits
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -80,26 +151,36 @@ class QuantAttention(nn.Module):
         self.simulate = simulate
         return self
 
+    def quantized_ops(self) -> list[str]:
+        return [op for op in ATTENTION_OPS if op not in self.float_ops]
+
     def extra_repr(self) -> str:
         mode = "simulate" if self.simulate else f"backend={self.backend}"
-        return (f"heads={self.num_heads}, head_dim={self.head_dim}, attn_bits={self.attn_bits}, "
-                f"softmax={self.softmax_quant}{self.softmax_bits}, {mode}")
+        fl = f", float_ops={self.float_ops}" if self.float_ops else ""
+        return (f"heads={self.num_heads}, qk_bits={self.qk_bits}, pv_bits={self.pv_bits}, "
+                f"softmax={self.softmax_quant}{self.softmax_bits}{fl}, {mode}")
 
     def layer_config(self) -> dict:
-        """What this module quantizes, for reports: the two matmuls and their input formats."""
-        return {"ops": ["qk", "pv"], "attn_bits": self.attn_bits, "softmax_bits": self.softmax_bits,
-                "softmax_quant": self.softmax_quant}
+        """What this module quantizes (reports, checkpoints): the quantized matmuls and their formats."""
+        return {"ops": self.quantized_ops(), "qk_bits": self.qk_bits, "pv_bits": self.pv_bits,
+                "softmax_bits": self.softmax_bits, "softmax_quant": self.softmax_quant}
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        qc, qs = formats.quantize_act_dynamic(q.detach(), self.attn_bits)
-        kc, ks = formats.quantize_act_dynamic(k.detach(), self.attn_bits)
+        """Q K^T in fp32 (unscaled): on integer codes, or in float when "qk" is in float_ops."""
+        if "qk" in self.float_ops:
+            return q.to(torch.float32) @ k.to(torch.float32).transpose(-2, -1)
+        qc, qs = formats.quantize_act_dynamic(q.detach(), self.qk_bits)
+        kc, ks = formats.quantize_act_dynamic(k.detach(), self.qk_bits)
         if self.simulate:
             return _reference.attention_qk(_ste(q / qs[..., None], qc), qs, _ste(k / ks[..., None], kc), ks,
                                            torch.float32)
         return ops.quantized_qk(qc, qs, kc, ks, torch.float32, self.backend)
 
     def _mix(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        vc, vs = formats.quantize_act_dynamic(v.detach().transpose(-2, -1), self.attn_bits)
+        """softmax(.) V in fp32: probability codes times V's codes, or in float when "pv" is in float_ops."""
+        if "pv" in self.float_ops:
+            return attn.to(torch.float32) @ v.to(torch.float32)
+        vc, vs = formats.quantize_act_dynamic(v.detach().transpose(-2, -1), self.pv_bits)
         vc = vc.transpose(-2, -1)
         pc = formats.quantize_probs(attn.detach(), self.softmax_bits, self.softmax_quant)
         if self.simulate:
@@ -132,13 +213,146 @@ class QuantAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
+class QuantWindowAttention(QuantAttention):
+    """timm Swin ``WindowAttention``: both matmuls on codes; the relative-position bias and the
+    shifted-window mask (0 / -inf per window) are added in float to the dequantized, scaled scores,
+    in timm's order (scale, + bias, + mask, softmax)."""
+
+    kind = "timm_swin"
+    _source_type = staticmethod(_timm_window_attention_type)
+    _source_name = "timm.models.swin_transformer.WindowAttention"
+
+    def _take(self, attn: nn.Module) -> None:
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.window_size, self.window_area = tuple(attn.window_size), attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        for name in ("qkv", "attn_drop", "proj", "proj_drop"):
+            setattr(self, name, getattr(attn, name))
+
+    def _rel_pos_bias(self) -> torch.Tensor:
+        """[1, heads, N, N], as timm's ``_get_rel_pos_bias``."""
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b_, n, _ = x.shape
+        if n != self.window_area:
+            raise ValueError(f"WindowAttention of window {self.window_size} takes {self.window_area} tokens per "
+                             f"window, got x of shape {tuple(x.shape)}")
+        qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = self._scores(q, k) * self.scale + self._rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            if mask.shape != (num_win, n, n) or b_ % num_win:
+                raise ValueError(f"mask must be [num_windows, {n}, {n}] with num_windows dividing the batch of "
+                                 f"windows ({b_}), got {tuple(mask.shape)}")
+            attn = attn.view(-1, num_win, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, n, n)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        out = self._mix(attn, v).to(x.dtype)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b_, n, -1)))
+
+
+class QuantSamAttention(QuantAttention):
+    """segment_anything image-encoder ``Attention`` (x [B, H, W, C], windowed or global): both matmuls on
+    codes; with ``use_rel_pos`` the decomposed relative-position term is computed from the float Q (as
+    SAM does, with its own ``add_decomposed_rel_pos``) and added to the dequantized, scaled scores."""
+
+    kind = "sam_encoder"
+    _source_type = staticmethod(_sam_encoder_attention_type)
+    _source_name = "segment_anything.modeling.image_encoder.Attention"
+
+    def _take(self, attn: nn.Module) -> None:
+        self.num_heads, self.scale, self.use_rel_pos = attn.num_heads, attn.scale, attn.use_rel_pos
+        self.qkv, self.proj = attn.qkv, attn.proj
+        if self.use_rel_pos:
+            self.rel_pos_h, self.rel_pos_w = attn.rel_pos_h, attn.rel_pos_w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+        attn = self._scores(q, k) * self.scale
+        if self.use_rel_pos:
+            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        attn = attn.softmax(dim=-1)
+        out = self._mix(attn, v).to(x.dtype)
+        out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out)
+
+
+class QuantSamDecoderAttention(QuantAttention):
+    """segment_anything mask-decoder ``Attention`` (separate q/k/v projections; token-to-image cross
+    attention has N != M): both matmuls on codes, scores divided by sqrt(head dim) as SAM does."""
+
+    kind = "sam_decoder"
+    _source_type = staticmethod(_sam_decoder_attention_type)
+    _source_name = "segment_anything.modeling.transformer.Attention"
+
+    def _take(self, attn: nn.Module) -> None:
+        self.num_heads, self.internal_dim = attn.num_heads, attn.internal_dim
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self, name, getattr(attn, name))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dtype = q.dtype
+        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        attn = (self._scores(q, k) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+        out = self._mix(attn, v).to(dtype)
+        b, heads, n, c = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, heads * c))
+
+
+QUANT_ATTENTION_CLASSES: dict[str, type[QuantAttention]] = {
+    c.kind: c for c in (QuantAttention, QuantWindowAttention, QuantSamAttention, QuantSamDecoderAttention)}
+
+
+def supported_attention_names() -> list[str]:
+    """The float attention classes mixq can quantize (whether or not their library is installed)."""
+    return [c._source_name for c in QUANT_ATTENTION_CLASSES.values()]
+
+
+def _class_for(m: nn.Module) -> Optional[type[QuantAttention]]:
+    for cls in QUANT_ATTENTION_CLASSES.values():
+        t = cls._source_type()
+        if t is not None and type(m) is t:
+            return cls
+    return None
+
+
+def is_supported_attention(m: nn.Module) -> bool:
+    """True for the float attention modules :func:`wrap_attention` can replace (exact types, no subclasses)."""
+    return _class_for(m) is not None
+
+
+def wrap_attention(module: nn.Module, attn_bits: int, softmax_bits: Optional[int] = None,
+                   softmax_quant: str = "log2", simulate: bool = False, backend: Optional[str] = None, *,
+                   pv_bits: Optional[int] = None, float_ops: Iterable[str] = ()) -> QuantAttention:
+    """The quantized module for a float attention module of a supported type (see the module docstring)."""
+    cls = _class_for(module)
+    if cls is None:
+        raise NotImplementedError(
+            f"mixq cannot quantize the attention matmuls of {_type_name(type(module))}; supported: "
+            f"{', '.join(supported_attention_names())}")
+    return cls(module, attn_bits, softmax_bits, softmax_quant, simulate, backend, pv_bits=pv_bits,
+               float_ops=float_ops)
+
+
 def quantized_attention(model: nn.Module) -> dict[str, QuantAttention]:
-    """The model's QuantAttention modules by qualified name (which attention matmuls are quantized)."""
+    """The model's quantized attention modules (every kind) by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantAttention)}
 
 
 def unsupported_attention(model: nn.Module, names: Optional[set[str]] = None) -> dict[str, str]:
-    """Attention modules (name -> type) that QuantAttention cannot replace yet (Swin, SAM, MHA...),
+    """Attention modules (name -> type) that no quantized class can replace (nn.MultiheadAttention...),
     outside any supported or already quantized one; ``names`` limits the check to those names."""
     found: dict[str, str] = {}
     covered: list[str] = []
@@ -148,6 +362,6 @@ def unsupported_attention(model: nn.Module, names: Optional[set[str]] = None) ->
         if isinstance(m, QuantAttention) or is_supported_attention(m):
             covered.append(name)
         elif is_attention(m) and (names is None or name in names):
-            found[name] = f"{type(m).__module__}.{type(m).__name__}"
+            found[name] = _type_name(type(m))
             covered.append(name)
     return found

@@ -19,15 +19,20 @@ import torch
 from torch import nn
 
 from . import __version__
-from .attention import quantized_attention
+from .attention import ATTENTION_OPS, QUANT_ATTENTION_CLASSES, QuantAttention, quantized_attention
 from .data import model_device
 from .modules import quantized_layers, set_module
 from .nn import QuantLinear
 
 FORMAT_NAME = "mixq"
 # 2: the checksum covers the header metadata too (version 1 covered the tensors only; still read).
+# 3: version 2 plus an "attention" entry (quantized attention modules: kind and config). A model
+#    without quantized attention is still written as version 2, byte for byte as before, so older
+#    mixq reads it; a version-3 file stops an older mixq from loading the attention as float.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = ("1", "2")
+ATTENTION_FORMAT_VERSION = 3
+READABLE_VERSIONS = ("1", "2", "3")
+_ATTENTION_CONFIG_KEYS = ("ops", "qk_bits", "pv_bits", "softmax_bits", "softmax_quant")
 
 
 class CheckpointError(ValueError):
@@ -54,6 +59,11 @@ def layer_configs(model: nn.Module) -> dict[str, dict]:
     return {n: m.layer_config() for n, m in quantized_layers(model).items()}
 
 
+def attention_configs(model: nn.Module) -> dict[str, dict]:
+    """Per quantized attention module: its kind (which float class it wraps) and its layer_config()."""
+    return {n: {"kind": m.kind, "config": m.layer_config()} for n, m in quantized_attention(model).items()}
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike,
@@ -69,23 +79,21 @@ def save(
     path = Path(path)
     if path.exists() and not overwrite:  # early and friendly; the exclusive link below is the real check
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    attn = quantized_attention(model)
-    if attn:
-        raise NotImplementedError(
-            f"cannot save a model with quantized attention ({next(iter(attn))!r} and {len(attn) - 1} more): "
-            "checkpoints do not record it yet; save the model quantized with quantize_attention=False")
+    attention = attention_configs(model)
     layers = layer_configs(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layer: quantize it with mixq.quantize_ before saving")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(ATTENTION_FORMAT_VERSION if attention else FORMAT_VERSION),
         "mixq_version": __version__,
         "layers": json.dumps(layers, sort_keys=True),
         "model_spec": model_spec or "",
         "extra": json.dumps(extra or {}, sort_keys=True),
     }
+    if attention:
+        meta["attention"] = json.dumps(attention, sort_keys=True)
     meta["sha256"] = _digest(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     _publish(_serialize(tensors, meta), path, overwrite)
@@ -151,7 +159,7 @@ def _publish(data: bytes, path: Path, overwrite: bool) -> None:
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and verify a checkpoint: (tensors, metadata with 'layers' and 'extra' decoded)."""
+    """Read and verify a checkpoint: (tensors, metadata with 'layers', 'attention' and 'extra' decoded)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -182,8 +190,12 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
     try:
         meta["layers"] = json.loads(meta["layers"])
         meta["extra"] = json.loads(meta.get("extra") or "{}")
+        meta["attention"] = json.loads(meta.get("attention") or "{}")
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} has unreadable layer metadata: {e}") from e
+    if meta["attention"] and version != str(ATTENTION_FORMAT_VERSION):
+        raise CheckpointError(f"{path} is a version-{version} checkpoint with an 'attention' entry, which only "
+                              f"version {ATTENTION_FORMAT_VERSION} has")
     return tensors, meta
 
 
@@ -227,6 +239,7 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
         if shell.norm_module and not isinstance(modules.get(shell.norm_module), (nn.LayerNorm, nn.Identity)):
             raise CheckpointError(f"layer {name!r} folded LayerNorm {shell.norm_module!r}, which the model lacks")
         shells[name] = shell
+    attention = _check_attention(meta["attention"], model)
     folded_norms = {s.norm_module for s in shells.values() if s.norm_module}
     expected: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
@@ -252,5 +265,48 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
         set_module(model, name, nn.Identity())
     for name, shell in shells.items():
         set_module(model, name, shell)
+    for name, (cls, kwargs) in attention.items():  # after the shells: the wrapper adopts the quantized Linears
+        set_module(model, name, cls(model.get_submodule(name), **kwargs))
     model.load_state_dict(tensors, strict=True)
     return model.to(device)
+
+
+def _check_attention(records: Any, model: nn.Module) -> dict[str, tuple[type[QuantAttention], dict]]:
+    """Validate the checkpoint's quantized-attention records against the float ``model`` without
+    touching it: name -> (quantized class, its constructor arguments)."""
+    if not isinstance(records, dict):
+        raise CheckpointError(f"the checkpoint's attention entry must map module names to records, got {records!r}")
+    modules = dict(model.named_modules())
+    out: dict[str, tuple[type[QuantAttention], dict]] = {}
+    for name, rec in records.items():
+        if not isinstance(rec, dict) or set(rec) != {"kind", "config"}:
+            raise CheckpointError(f"attention {name!r}: record must be {{'kind', 'config'}}, got {rec!r}")
+        kind, cfg = rec["kind"], rec["config"]
+        cls = QUANT_ATTENTION_CLASSES.get(kind)
+        if cls is None:
+            raise CheckpointError(f"attention {name!r} has kind {kind!r}, which this mixq ({__version__}) does not "
+                                  f"know; known kinds: {sorted(QUANT_ATTENTION_CLASSES)}")
+        cur = modules.get(name)
+        if cur is None:
+            raise CheckpointError(f"checkpoint attention {name!r} ({kind}) is missing from the model")
+        if not isinstance(cfg, dict) or set(cfg) != set(_ATTENTION_CONFIG_KEYS):
+            raise CheckpointError(f"attention {name!r} has an invalid config {cfg!r}: keys must be "
+                                  f"{list(_ATTENTION_CONFIG_KEYS)}")
+        ops_ = cfg["ops"]
+        if not isinstance(ops_, list) or not ops_ or any(op not in ATTENTION_OPS for op in ops_):
+            raise CheckpointError(f"attention {name!r} has an invalid config {cfg!r}: ops must be a non-empty "
+                                  f"subset of {list(ATTENTION_OPS)}")
+        kwargs = dict(attn_bits=cfg["qk_bits"], pv_bits=cfg["pv_bits"], softmax_bits=cfg["softmax_bits"],
+                      softmax_quant=cfg["softmax_quant"], float_ops=tuple(op for op in ATTENTION_OPS if op not in ops_))
+        try:
+            probe = cls(cur, **kwargs)  # references cur's submodules, changes nothing
+        except NotImplementedError as e:
+            raise CheckpointError(f"checkpoint attention {name!r} is {kind} ({cls._source_name}) but the model "
+                                  f"has {type(cur).__module__}.{type(cur).__name__} there") from e
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"attention {name!r} has an invalid config {cfg!r}: {e}") from e
+        if probe.layer_config() != cfg:
+            raise CheckpointError(f"attention {name!r}: the recorded config {cfg!r} does not round-trip "
+                                  f"(rebuilt: {probe.layer_config()!r})")
+        out[name] = (cls, kwargs)
+    return out

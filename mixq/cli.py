@@ -168,11 +168,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import mixq
 
     from .alloc import InfeasibleBudgetError, allocate
-    from .checkpoint import layer_configs
+    from .checkpoint import attention_configs, layer_configs
     from .eval.quantized import bits_summary
-    from .report import ReportData, rows_from_layer_configs
+    from collections import Counter
+
+    from .report import ReportData, rows_from_attention_configs, rows_from_layer_configs
 
     # Every argument is checked before anything is built or any old output is touched.
+    if args.quantize_attention:
+        if not args.uniform:
+            from .alloc.api import _scorer_weights
+            from .alloc.attention import check_scorers
+
+            try:
+                check_scorers(_scorer_weights(SCORER_CHOICES[args.scorer]))
+            except ValueError as e:
+                raise CliError(f"--quantize-attention with --scorer {args.scorer}: {e}") from e
     if args.uniform:
         w, a = _parse_uniform(args.uniform)
     else:
@@ -185,13 +196,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model = adapter.build()
         calib = adapter.calibration_batches(args.n_calib)
         if args.uniform:
-            config = mixq.QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter)
+            config = mixq.QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter,
+                                      quantize_attention=args.quantize_attention)
             plan = None
         else:
             try:
                 plan = allocate(model, calib, budget=args.budget, bops_budget=args.bops,
                                 scorer=SCORER_CHOICES[args.scorer], synergy=False if args.no_synergy else None,
-                                filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
+                                filter_fn=adapter.quant_filter, output_fn=adapter.output_fn,
+                                attention=args.quantize_attention)
             except InfeasibleBudgetError as e:
                 raise CliError(str(e)) from e
             config = plan.to_config(filter_fn=adapter.quant_filter)
@@ -202,9 +215,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                   extra={"calibration": adapter.describe().calibration, "n_calib": args.n_calib})
         if plan is not None:
             plan.save(out / "plan.json")
-    data = ReportData(f"mixq plan for {args.model}", rows_from_layer_configs(layer_configs(model)))
+    data = ReportData(f"mixq plan for {args.model}", rows_from_layer_configs(layer_configs(model))
+                      + rows_from_attention_configs(attention_configs(model)))
+    att = Counter(r.label for r in data.attention)  # "Q8K8" for QK^T, "P4V8" for softmax.V
     _table(f"mixq quantize {args.model}", ["item", "value"], [
+        ("quantized ops", data.quantized_ops),
         ("quantized Linears", bits_summary(model)),
+        *([("attention matmuls", f"{len(data.attention)}: " + ", ".join(f"{k} x{v}" for k, v in sorted(att.items())))]
+          if att else []),
         ("average weight bits", f"{data.avg_w_bits:.3f}"),
         ("checkpoint", str(final / "model.safetensors")),
         ("plan", str(final / "plan.json") if plan is not None else "uniform (no plan)"),
@@ -388,8 +406,10 @@ def _report_source(args: argparse.Namespace, ReportData, rows_from_layer_configs
             _, meta = read(src)
         except CheckpointError as e:
             raise CliError(str(e)) from e
+        from .report import rows_from_attention_configs
+
         data = ReportData(f"mixq report: {src.name} ({meta.get('model_spec') or 'model'})",
-                          rows_from_layer_configs(meta["layers"]))
+                          rows_from_layer_configs(meta["layers"]) + rows_from_attention_configs(meta.get("attention") or {}))
     return data
 
 
@@ -448,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-synergy", action="store_true",
                    help="drop the cross-layer synergy term (always off with --scorer measured)")
     s.add_argument("--uniform", metavar="WxAy", help="skip allocation: every layer at these bits, e.g. W8A8 or 4/8")
+    s.add_argument("--quantize-attention", action="store_true",
+                   help="also quantize the attention matmuls (QK^T, softmax.V): allocated as layers of their own "
+                   "(bits of Q, K and of P, V; no weights, so --budget is unaffected; their BOPs count in --bops, "
+                   "and '0.5x' is then relative to W8A8 including them at 8x8), or at the --uniform A bits "
+                   "(scorers kl, measured, sensitivity)")
     s.add_argument("--fold-layernorm", action="store_true",
                    help="fold a LayerNorm into the one Linear it feeds (smooth: its gamma/beta take the channel "
                    "factors; channel: the quantize runs inside the LayerNorm kernel)")

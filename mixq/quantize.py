@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from . import formats
-from .attention import (QuantAttention, is_attention, is_supported_attention, quantized_attention,
-                        unsupported_attention)
+from .attention import (is_attention, is_supported_attention, quantized_attention, supported_attention_names,
+                        unsupported_attention, wrap_attention)
 from .data import batch_to, iter_batches, model_device, run_model, tensors_in
 from .modules import FilterFn, find_linears, quantized_layers, set_module
 from .nn import ACT_MODES, WEIGHT_METHODS, QuantLinear
@@ -34,6 +34,14 @@ class QuantConfig:
     LayerNorm that feeds only one such Linear into it: the channel factors go into its gamma and beta
     (smooth), or the norm runs inside the quantize kernel (channel). ``weight_method="auto"`` is GPTQ
     when calibration data is given, else round-to-nearest.
+
+    ``quantize_attention=True`` also puts the attention matmuls (QK^T, softmax.V) of every supported
+    attention module on integer codes: Q, K, V at ``attn_bits`` (default ``a_bits``), probabilities at
+    ``softmax_bits`` on the ``softmax_quant`` grid. ``attention_layer_bits`` gives per-matmul bits instead
+    (what an allocation plan's :meth:`~mixq.alloc.Plan.to_config` sets), keyed like the plan's layers:
+    ``"<attention module>.qk": (Q bits, K bits)`` (equal: Q and K share one bit-width) and
+    ``"<attention module>.pv": (P bits, V bits)``. When it is given it is the complete list: a matmul
+    it does not name stays float, and an attention module with neither entry is left as it is.
     """
 
     w_bits: int = 8
@@ -54,6 +62,7 @@ class QuantConfig:
     attn_bits: Optional[int] = None
     softmax_bits: Optional[int] = None
     softmax_quant: str = "log2"
+    attention_layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         formats.check_bits(self.w_bits, "w_bits")
@@ -78,7 +87,29 @@ class QuantConfig:
         if self.softmax_bits is not None:
             formats.check_bits(self.softmax_bits, "softmax_bits")
         formats.check_softmax_quant(self.softmax_quant)
+        self._check_attention_layer_bits()
         self.skip = tuple(self.skip)
+
+    def _check_attention_layer_bits(self) -> None:
+        if not isinstance(self.attention_layer_bits, dict):
+            raise TypeError(f"attention_layer_bits must be a dict '<attention module>.qk'/'.pv' -> (bits, bits), "
+                            f"got {type(self.attention_layer_bits).__name__}")
+        if self.attention_layer_bits and not self.quantize_attention:
+            raise ValueError("attention_layer_bits is given but quantize_attention=False: set quantize_attention=True "
+                             "to quantize the attention matmuls it lists")
+        for name, bits in self.attention_layer_bits.items():
+            module, _, op = str(name).rpartition(".")
+            if not module or op not in ("qk", "pv"):
+                raise ValueError(f"attention_layer_bits key {name!r} does not name an attention matmul: use "
+                                 "'<attention module>.qk' (Q, K bits) or '<attention module>.pv' (P, V bits)")
+            first, second = ("Q", "K") if op == "qk" else ("P", "V")
+            if not (isinstance(bits, (tuple, list)) and len(bits) == 2):
+                raise ValueError(f"attention_layer_bits[{name!r}] must be a ({first} bits, {second} bits) pair, got {bits!r}")
+            formats.check_bits(bits[0], f"{first} bits of {name!r}")
+            formats.check_bits(bits[1], f"{second} bits of {name!r}")
+            if op == "qk" and int(bits[0]) != int(bits[1]):
+                raise ValueError(f"attention_layer_bits[{name!r}] = {tuple(bits)}: Q and K share one bit-width (one "
+                                 "dynamic step rule for both), so the pair must be equal, e.g. (6, 6)")
 
     def attention_bits(self) -> tuple[int, int]:
         """(bits of Q, K, V; bits of the softmax probabilities) when quantize_attention is on."""
@@ -202,7 +233,10 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
         raise TypeError(f"config must be a QuantConfig or a plan with to_config(), got {type(config).__name__}")
     targets = _targets(model, config)
     _check_weights(targets)
-    attention = _attention_targets(model, config) if config.quantize_attention else {}
+    attention: dict[str, dict] = {}
+    if config.quantize_attention:
+        attention = _planned_attention(model, config) if config.attention_layer_bits else {
+            n: {} for n in _attention_targets(model, config)}
     samples: dict[str, torch.Tensor] = {}
     fed_by: dict[str, str] = {}
     weight_method = config.weight_method
@@ -227,25 +261,68 @@ def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, prog
         check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
         _fold_layernorms(model, fed_by, check)
     attn_bits, softmax_bits = config.attention_bits()
-    for name in attention:  # after the Linears: QuantAttention keeps the (now quantized) qkv and proj
-        set_module(model, name, QuantAttention(model.get_submodule(name), attn_bits, softmax_bits,
-                                               config.softmax_quant, config.simulate, config.backend))
+    for name, bits in attention.items():  # after the Linears: the quantized attention keeps the (now quantized) projections
+        kw = {"attn_bits": attn_bits, "softmax_bits": softmax_bits, **bits}  # per-matmul bits of attention_layer_bits
+        set_module(model, name, wrap_attention(model.get_submodule(name), softmax_quant=config.softmax_quant,
+                                               simulate=config.simulate, backend=config.backend, **kw))
     return model
 
 
-def _attention_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
-    """The attention modules quantize_attention replaces; refuses, naming them, the ones it cannot yet."""
-    def skipped(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in config.skip)
+def _planned_attention(model: nn.Module, config: QuantConfig) -> dict[str, dict]:
+    """Attention module name -> wrap_attention's bit arguments, from ``config.attention_layer_bits``; every
+    name must be a supported attention module of the model that ``skip`` does not list."""
+    per_module: dict[str, dict[str, tuple[int, int]]] = {}
+    for key, bits in config.attention_layer_bits.items():
+        module, _, op = key.rpartition(".")
+        per_module.setdefault(module, {})[op] = (int(bits[0]), int(bits[1]))
+    modules = dict(model.named_modules())
+    out: dict[str, dict] = {}
+    for name, ops_bits in per_module.items():
+        m = modules.get(name)
+        if m is None:
+            known = [n for n, mod in modules.items() if is_supported_attention(mod)]
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; did you mean {[c + '.' + next(iter(ops_bits)) for c in close]}?" if close else ""
+            raise KeyError(f"attention_layer_bits names {name + '.' + next(iter(ops_bits))!r}, but the model has no module "
+                           f"{name!r}{hint}")
+        if not is_supported_attention(m):
+            raise KeyError(f"attention_layer_bits names {name!r} ({type(m).__module__}.{type(m).__name__}), which is not "
+                           f"an attention module mixq can quantize (supported: {', '.join(supported_attention_names())})")
+        if any(fnmatch.fnmatchcase(name, p) for p in config.skip):
+            raise ValueError(f"attention_layer_bits names {name!r}, which skip keeps float; remove one or the other")
+        kw: dict = {"float_ops": tuple(op for op in ("qk", "pv") if op not in ops_bits)}
+        if "qk" in ops_bits:
+            kw["attn_bits"] = ops_bits["qk"][0]
+        if "pv" in ops_bits:
+            kw["softmax_bits"], kw["pv_bits"] = ops_bits["pv"]
+        out[name] = kw
+    return out
 
-    bad = {n: t for n, t in unsupported_attention(model).items() if not skipped(n)}
+
+def _attention_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """The attention modules quantize_attention replaces; refuses, naming them, the ones it cannot.
+
+    An attention module is a target unless ``skip`` matches its name or ``filter_fn`` selects none of
+    its own Linears (so a filter that quantizes the SAM image encoder alone leaves the decoder's
+    attention float, and does not refuse a kind that the filter never reaches)."""
+    def selected(name: str, m: nn.Module) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in config.skip):
+            return False
+        if config.filter_fn is None:
+            return True
+        prefix = f"{name}." if name else ""
+        return any(isinstance(sub, nn.Linear) and config.filter_fn(prefix + sub_name, sub)
+                   for sub_name, sub in m.named_modules() if sub_name)
+
+    modules = dict(model.named_modules())
+    bad = {n: t for n, t in unsupported_attention(model).items() if selected(n, modules[n])}
     if bad:
         first = next(iter(bad))
         raise NotImplementedError(
-            f"quantize_attention=True: {len(bad)} attention module(s) of a kind mixq cannot quantize yet "
-            f"({first!r} is {bad[first]}; supported: timm vision_transformer.Attention, as in ViT, DeiT and "
-            "DINOv2); list them in skip to keep them float, or set quantize_attention=False")
-    found = {n: m for n, m in model.named_modules() if is_supported_attention(m) and not skipped(n)}
+            f"quantize_attention=True: {len(bad)} attention module(s) of a kind mixq cannot quantize "
+            f"({first!r} is {bad[first]}; supported: {', '.join(supported_attention_names())}); "
+            "list them in skip to keep them float, or set quantize_attention=False")
+    found = {n: m for n, m in modules.items() if is_supported_attention(m) and selected(n, m)}
     if not found and not quantized_attention(model) and not any(is_attention(m) for m in model.modules()):
         raise ValueError("quantize_attention=True but the model has no attention module: nothing for the "
                          "flag to quantize; set quantize_attention=False")

@@ -2,6 +2,9 @@
 
 A report is built from rows of per-layer facts (bits, params, MACs, score), the budgets, and
 optionally accuracy points over several runs (the Pareto curve of accuracy vs average bits).
+A row is a Linear (w_bits, a_bits) or an attention matmul of a plan made with ``attention=True``
+(``op`` "qk": Q, K bits; "pv": P, V bits; no weights); the header says which ops are quantized, and
+the BOPs total and the average activation bits count both kinds.
 """
 
 from __future__ import annotations
@@ -26,11 +29,32 @@ class LayerRow:
     cost: Optional[float] = None  # the allocation's per-choice cost of the chosen bits
     out_features: int = 0  # one fp32 scale per output channel counts toward the size
     bias: bool = False  # an fp32 bias counts too
+    op: str = "linear"  # or "qk" / "pv": an attention matmul, w_bits/a_bits = its two operands' bits
+
+    @property
+    def is_linear(self) -> bool:
+        return self.op == "linear"
+
+    @property
+    def bops(self) -> int:
+        return self.macs * self.w_bits * self.a_bits
+
+    @property
+    def label(self) -> str:
+        """"W4A8" for a Linear, "Q8K8" / "P4V8" for an attention matmul."""
+        first, second = _OPERANDS[self.op]
+        return f"{first}{self.w_bits}{second}{self.a_bits}"
 
     @property
     def size_bits(self) -> int:
         """Stored bits, counted as the allocation's byte budget counts them."""
         return stored_bits(self.params, self.out_features, self.bias, self.w_bits)
+
+
+_OPERANDS = {"linear": ("W", "A"), "qk": ("Q", "K"), "pv": ("P", "V")}
+_OP_NAMES = {"linear": "linear", "qk": "QK^T", "pv": "softmax.V"}
+LINEARS_ONLY = "Linears only"
+WITH_ATTENTION = "Linears + attention matmuls (QK^T, softmax.V)"
 
 
 def choice_counts(pairs: Iterable[tuple[int, int]]) -> dict[str, int]:
@@ -64,12 +88,38 @@ class ReportData:
         return sum(r.size_bits for r in self.layers)
 
     @property
+    def linears(self) -> list[LayerRow]:
+        return [r for r in self.layers if r.is_linear]
+
+    @property
+    def attention(self) -> list[LayerRow]:
+        """The attention matmul rows (empty unless the plan quantizes attention)."""
+        return [r for r in self.layers if not r.is_linear]
+
+    @property
+    def quantized_ops(self) -> str:
+        return WITH_ATTENTION if self.attention else LINEARS_ONLY
+
+    @property
+    def attention_bops(self) -> int:
+        return sum(r.bops for r in self.attention)
+
+    @property
+    def avg_a_bits(self) -> float:
+        """Average activation bits, MAC-weighted over every activation operand: a Linear's input once
+        per MAC, both operands of an attention matmul; nan when no row records MACs."""
+        bits = sum(r.macs * r.a_bits for r in self.linears) + sum(r.macs * (r.w_bits + r.a_bits) for r in self.attention)
+        weight = sum(r.macs for r in self.linears) + 2 * sum(r.macs for r in self.attention)
+        return bits / weight if weight else float("nan")
+
+    @property
     def weight_bits(self) -> int:
         return sum(r.params * r.w_bits for r in self.layers)
 
     @property
     def bops(self) -> int:
-        return sum(r.macs * r.w_bits * r.a_bits for r in self.layers)
+        """Every row's BOPs: the Linears' and, if planned, the attention matmuls'."""
+        return sum(r.bops for r in self.layers)
 
     @property
     def avg_w_bits(self) -> float:
@@ -88,12 +138,19 @@ def _fig_bits(data: ReportData, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     x = range(len(data.layers))
+    nan = float("nan")
     fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(data.layers)), 3.2))
-    ax.step(x, [r.w_bits for r in data.layers], where="mid", label="weight bits", lw=2)
-    ax.step(x, [r.a_bits + 0.08 for r in data.layers], where="mid", label="activation bits", lw=2, ls="--")
+    ax.step(x, [r.w_bits if r.is_linear else nan for r in data.layers], where="mid", label="weight bits", lw=2)
+    ax.step(x, [r.a_bits + 0.08 if r.is_linear else nan for r in data.layers], where="mid", label="activation bits",
+            lw=2, ls="--")
+    if data.attention:  # both operands of an attention matmul are activations
+        ax.scatter([i for i, r in enumerate(data.layers) if not r.is_linear],
+                   [r.w_bits - 0.08 for r in data.layers if not r.is_linear], marker="x", color="tab:red",
+                   label="attention matmul bits (Q,K / P,V)", zorder=3)
     ax.set_yticks(list(SUPPORTED_BITS))
     ax.set_ylim(3.5, 8.5)
-    ax.set_xlabel("Linear layer (execution order)")
+    ax.set_xlabel("Linear layer and attention matmul (execution order)" if data.attention
+                  else "Linear layer (execution order)")
     ax.set_ylabel("bits")
     ax.set_title("Bit-width per layer across depth")
     ax.legend(loc="lower right", fontsize=8)
@@ -111,8 +168,10 @@ def _fig_scores(data: ReportData, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(max(6, 0.16 * len(data.layers)), 3.2))
     colors = {4: "#d62728", 6: "#ff7f0e", 8: "#2ca02c"}
-    ax.bar(range(len(scores)), [s or 0.0 for s in scores], color=[colors.get(r.w_bits, "grey") for r in data.layers])
-    ax.set_xlabel("Linear layer (execution order); colour = weight bits (red 4, orange 6, green 8)")
+    ax.bar(range(len(scores)), [s or 0.0 for s in scores],
+           color=[colors.get(r.w_bits, "grey") if r.is_linear else "tab:purple" for r in data.layers])
+    ax.set_xlabel("Linear layer (execution order); colour = weight bits (red 4, orange 6, green 8)"
+                  + ("; purple: attention matmul" if data.attention else ""))
     ax.set_ylabel("cost of the chosen bits")
     ax.set_title("Per-layer allocation cost")
     ax.grid(alpha=0.3, axis="y")
@@ -236,6 +295,14 @@ def plot_frontier(points: Sequence[dict], metric: str, path: str | Path, x: str 
 
 
 def _layer_table(data: ReportData) -> str:
+    if data.attention:  # the two bit columns are the operands' bits: W, A; Q, K; or P, V
+        total = data.bops or 1
+        lines = ["| # | layer | op | bits | params | MACs | BOPs share | cost |", "|---|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(data.layers):
+            cost = "" if r.cost is None else f"{r.cost:.4g}"
+            lines.append(f"| {i} | `{r.name}` | {_OP_NAMES[r.op]} | {r.label} | {r.params:,} | {r.macs:,} | "
+                         f"{r.bops / total:.2%} | {cost} |")
+        return "\n".join(lines)
     lines = ["| # | layer | W | A | params | MACs | cost |", "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(data.layers):
         cost = "" if r.cost is None else f"{r.cost:.4g}"
@@ -294,13 +361,30 @@ def write_report(data: ReportData, out_dir: str | Path) -> Path:
     md = [f"# {data.title}", ""]
     if data.layers:
         params = sum(r.params for r in data.layers)
-        counts = choice_counts((r.w_bits, r.a_bits) for r in data.layers)
-        md += [f"- quantized Linear layers: {len(data.layers)} ({params:,} weights)",
-               f"- average weight bits: {data.avg_w_bits:.3f}" if params else "- average weight bits: n/a",
+        counts = choice_counts((r.w_bits, r.a_bits) for r in data.linears)
+        attention = data.attention
+        md += [f"- quantized ops: {data.quantized_ops}",
+               f"- quantized Linear layers: {len(data.linears)} ({params:,} weights)"]
+        if attention:
+            att_counts: dict[str, int] = {}
+            for r in attention:
+                att_counts[r.label] = att_counts.get(r.label, 0) + 1
+            md += [f"- quantized attention matmuls: {sum(r.op == 'qk' for r in attention)} QK^T and "
+                   f"{sum(r.op == 'pv' for r in attention)} softmax.V (no weights; bits of Q, K and of P, V): "
+                   + ", ".join(f"{k} x{v}" for k, v in sorted(att_counts.items()))]
+        md += [f"- average weight bits: {data.avg_w_bits:.3f}" if params else "- average weight bits: n/a",
                f"- quantized-layer size: {data.size_bits / 8 / 2**20:.2f} MiB of integer weights, scales and biases "
                f"(fp32 weights would be {params * 4 / 2**20:.2f} MiB)",
-               f"- BOPs: {data.bops:.4g}" + (f" (budget {data.bops_budget:.4g})" if data.bops_budget else ""),
+               (f"- BOPs: {data.bops:.4g}" + (f" (budget {data.bops_budget:.4g})" if data.bops_budget else "")
+                + (f", of which the attention matmuls {data.attention_bops:.4g} "
+                   f"({data.attention_bops / max(data.bops, 1):.1%}); Linears + attention matmuls" if attention else
+                   ", Linears only")) if any(r.macs for r in data.layers)
+               else "- BOPs: n/a (no MACs recorded here; a plan JSON records them)",
                "- choices: " + ", ".join(f"{k} x{v}" for k, v in counts.items())]
+        if data.avg_a_bits == data.avg_a_bits:  # not nan: the rows record MACs
+            md.append(f"- average activation bits: {data.avg_a_bits:.3f} (MAC-weighted over "
+                      + ("the Linears' inputs and both operands of each attention matmul)" if attention
+                         else "the Linears' inputs)"))
     md += [f"- {n}" for n in data.notes]
     md.append("")
     for t in data.tables:
@@ -360,15 +444,37 @@ def rows_from_layer_configs(layers: dict[str, dict]) -> list[LayerRow]:
                      c["out_features"], bool(c.get("bias", False))) for n, c in layers.items()]
 
 
+# How a plan JSON names the two bit-widths of each kind of layer (as mixq.alloc.plan writes them).
+_BIT_KEYS = {"linear": ("w_bits", "a_bits"), "qk": ("q_bits", "k_bits"), "pv": ("p_bits", "v_bits")}
+
+
+def rows_from_attention_configs(attention: dict[str, dict]) -> list[LayerRow]:
+    """Rows for the quantized attention matmuls of a model or checkpoint (``checkpoint.attention_configs``
+    or a checkpoint's "attention" metadata: module -> {"kind", "config"}), one per quantized op, named
+    like a plan's ``<module>.qk`` / ``<module>.pv``. MACs are not recorded there (0: their BOPs are not
+    counted)."""
+    rows = []
+    for module, entry in attention.items():
+        c = entry.get("config", entry)
+        bits = {"qk": (c["qk_bits"], c["qk_bits"]), "pv": (c["softmax_bits"], c["pv_bits"])}
+        for op in c.get("ops", ("qk", "pv")):
+            rows.append(LayerRow(f"{module}.{op}", int(bits[op][0]), int(bits[op][1]), op=op))
+    return rows
+
+
 def rows_from_plan(plan: dict) -> list[LayerRow]:
     """Rows from a plan's JSON (per-layer bits with params, MACs and scores where recorded)."""
     rows = []
     for name, info in plan["layers"].items():
         if isinstance(info, dict):
             # "score" is what plans written before the cost/score rename call the cost
-            rows.append(LayerRow(name, int(info["w_bits"]), int(info["a_bits"]), int(info.get("params", 0)),
+            op = info.get("op", "linear")
+            if op not in _BIT_KEYS:
+                raise ValueError(f"layer {name!r} has op {op!r}; known: {sorted(_BIT_KEYS)}")
+            k1, k2 = _BIT_KEYS[op]
+            rows.append(LayerRow(name, int(info[k1]), int(info[k2]), int(info.get("params", 0)),
                                  int(info.get("macs", 0)), info.get("cost", info.get("score")),
-                                 int(info.get("out_features", 0)), bool(info.get("bias", False))))
+                                 int(info.get("out_features", 0)), bool(info.get("bias", False)), op))
         else:
             rows.append(LayerRow(name, int(info[0]), int(info[1])))
     return rows

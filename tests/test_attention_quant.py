@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mixq import formats, ops
-from mixq.attention import QuantAttention, quantized_attention
+from mixq.attention import QuantAttention, quantized_attention, wrap_attention
 from mixq.backends import available_backends
 from mixq.quantize import QuantConfig, quantize_, set_simulate
 
@@ -195,7 +195,9 @@ def _deit(**kw):
     return timm.create_model("deit_tiny_patch16_224", pretrained=False, **kw).eval()
 
 
-def test_deit_tiny_end_to_end():
+def test_deit_tiny_end_to_end(tmp_path):
+    import mixq
+
     model = _deit()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -216,9 +218,14 @@ def test_deit_tiny_end_to_end():
         assert all(a.softmax_quant == "log2" and a.attn_bits == bits for a in quantized_attention(m).values())
         rel[bits] = float((out - fp).norm() / fp.norm())
         assert not torch.equal(out, out_lin)  # the attention matmuls really are quantized
+        path = mixq.save(m, tmp_path / f"deit{bits}.safetensors")  # the checkpoint records the attention
+        loaded = mixq.load(path, _deit())
+        assert {n: a.layer_config() for n, a in quantized_attention(loaded).items()} == {
+            n: a.layer_config() for n, a in quantized_attention(m).items()}
         sim = set_simulate(m, True)
         with torch.no_grad():
             assert torch.equal(sim(x), out)
+            assert torch.equal(loaded(x), out)
     rel_lin = float((out_lin - fp).norm() / fp.norm())
     # random weights give near-uniform attention (p ~ 1/197, between two log2 levels): the probability
     # grid costs ~8% here; trained models have peaked attention
@@ -254,18 +261,6 @@ def test_skip_keeps_attention_float():
 # ----------------------------------------------------------------------------- refusals
 
 
-class _Swinish(nn.Module):
-    def __init__(self):
-        super().__init__()
-        from timm.models.swin_transformer import WindowAttention
-
-        self.attn = WindowAttention(dim=16, num_heads=2, window_size=2)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.head(self.attn(x))
-
-
 class _MHA(nn.Module):
     def __init__(self):
         super().__init__()
@@ -276,13 +271,18 @@ class _MHA(nn.Module):
         return self.head(self.mha(x, x, x)[0])
 
 
-@pytest.mark.parametrize("cls, name, kind", [(_Swinish, "attn", "WindowAttention"),
-                                             (_MHA, "mha", "MultiheadAttention")])
+@pytest.mark.parametrize("cls, name, kind", [(_MHA, "mha", "MultiheadAttention")])
 def test_unsupported_attention_is_refused_by_name(cls, name, kind):
     model = cls()
     with pytest.raises(NotImplementedError, match=rf"'{name}' is .*{kind}.*supported: timm"):
         quantize_(model, QuantConfig(act_quant="dynamic", quantize_attention=True), progress=False)
     assert isinstance(model.head, nn.Linear)  # refused before anything was replaced
+    with pytest.raises(NotImplementedError, match=rf"{kind}; supported: .*WindowAttention"):
+        wrap_attention(model.get_submodule(name), 8)
+    # a filter_fn that selects none of the module's Linears leaves it float, unrefused
+    kept = quantize_(cls(), QuantConfig(act_quant="dynamic", quantize_attention=True,
+                                        filter_fn=lambda n, m: n == "head"), progress=False)
+    assert type(kept.get_submodule(name)).__name__ == kind
     # skip keeps it float on purpose; without the flag nothing is checked
     kept = quantize_(cls(), QuantConfig(act_quant="dynamic", quantize_attention=True, skip=(name,)), progress=False)
     assert type(kept.get_submodule(name)).__name__ == kind
@@ -293,16 +293,6 @@ def test_no_attention_to_quantize_is_an_error():  # the flag would silently do n
     with pytest.raises(ValueError, match="no attention module"):
         quantize_(nn.Sequential(nn.Linear(4, 4)), QuantConfig(act_quant="dynamic", quantize_attention=True),
                   progress=False)
-
-
-def test_save_refuses_quantized_attention(tmp_path):
-    import mixq
-
-    model = quantize_(_deit(depth=1), QuantConfig(act_quant="dynamic", weight_method="rtn", quantize_attention=True),
-                      progress=False)
-    with pytest.raises(NotImplementedError, match="quantized attention"):
-        mixq.save(model, tmp_path / "m.safetensors")
-    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_log2_grid_constants():
@@ -341,3 +331,76 @@ def test_masks_mean_what_timm_means():
         assert torch.equal(qa(x, attn_mask=torch.zeros(7, 7).masked_fill(~keep, float("-inf"))), causal)
         assert torch.equal(qa(x, attn_mask=torch.ones(7, 7, dtype=torch.bool)), qa(x))
         assert not torch.equal(causal, qa(x))
+
+
+# ----------------------------------------------------------------------------- the phase-2 interface
+
+
+def test_interface_keeps_phase1_calls_and_reports_per_matmul_bits():
+    from timm.models.vision_transformer import Attention
+
+    attn = Attention(dim=32, num_heads=2)
+    qa = QuantAttention(attn, 6, None, "uniform", False, "reference")  # phase 1's positional form
+    assert (qa.attn_bits, qa.qk_bits, qa.pv_bits, qa.softmax_bits) == (6, 6, 6, 6)
+    assert qa.layer_config() == {"ops": ["qk", "pv"], "qk_bits": 6, "pv_bits": 6, "softmax_bits": 6,
+                                 "softmax_quant": "uniform"}
+    qa = QuantAttention(attn, 8, pv_bits=4)  # softmax_bits follows pv_bits
+    assert (qa.qk_bits, qa.pv_bits, qa.softmax_bits) == (8, 4, 4)
+    qa = wrap_attention(attn, 4, 8, pv_bits=6, float_ops=["qk"])
+    assert type(qa) is QuantAttention
+    assert qa.layer_config() == {"ops": ["pv"], "qk_bits": 4, "pv_bits": 6, "softmax_bits": 8,
+                                 "softmax_quant": "log2"}
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(pv_bits=5), ValueError, "pv_bits=5"),
+    (dict(float_ops="qk"), TypeError, "float_ops must be a tuple"),
+    (dict(float_ops=("qk", "softmax")), ValueError, r"unknown op\(s\) \['softmax'\]"),
+    (dict(float_ops=("pv", "qk")), ValueError, "nothing is left to quantize"),
+    (dict(simulate=1), TypeError, "simulate must be True or False"),
+    (dict(backend="cuda_magic"), ValueError, "unknown mixq backend 'cuda_magic'"),
+])
+def test_interface_validates_its_arguments(kwargs, err, match):
+    from timm.models.vision_transformer import Attention
+
+    with pytest.raises(err, match=match):
+        QuantAttention(Attention(dim=16, num_heads=2), 8, **kwargs)
+    with pytest.raises(ValueError, match="attn_bits=7"):
+        wrap_attention(Attention(dim=16, num_heads=2), 7)
+    with pytest.raises(NotImplementedError, match="wrap_attention picks"):
+        QuantAttention(nn.MultiheadAttention(16, 2))
+
+
+@pytest.mark.parametrize("float_op", ["qk", "pv"])
+def test_float_ops_keep_one_matmul_float(float_op):
+    """float_ops=(op,) is exactly the quantized module with that one matmul in plain fp32 (checked
+    against a float64 re-implementation), in simulate mode too."""
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(5)
+    attn = Attention(dim=32, num_heads=2, qkv_bias=True).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        qa = QuantAttention(attn, 6, pv_bits=4, float_ops=(float_op,))
+        out = qa(x)
+        assert torch.equal(qa.set_simulate(True)(x), out)
+        full = QuantAttention(attn, 6, pv_bits=4)(x)
+        b, n, _ = x.shape
+        q, k, v = attn.qkv(x).reshape(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        if float_op == "qk":
+            s = q @ k.transpose(-2, -1)
+        else:
+            qc, qs = formats.quantize_act_dynamic(q, 6)
+            kc, ks = formats.quantize_act_dynamic(k, 6)
+            s = ((qc.double() * qs.double()[..., None]) @ (kc.double() * ks.double()[..., None]).transpose(-2, -1))
+        p = (s.float() * attn.scale).softmax(-1)
+        if float_op == "pv":
+            o = p.double() @ v.double()
+        else:
+            vc, vs = formats.quantize_act_dynamic(v.transpose(-2, -1), 4)
+            pf = formats.prob_values(formats.quantize_probs(p, 4, "log2"), 4, "log2", torch.float64)
+            o = pf @ (vc.double() * vs.double()[..., None]).transpose(-2, -1)
+        ref = attn.proj(o.transpose(1, 2).reshape(b, n, -1).float())
+    err = (out - ref).abs()
+    assert (err > 1e-4 * ref.abs().max()).float().mean() < 0.02
+    assert not torch.equal(out, full)

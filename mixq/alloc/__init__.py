@@ -37,9 +37,14 @@ Exploiting the chain (what makes 200 layers x 9 candidates solve in well under a
 An infeasible budget raises :class:`InfeasibleBudgetError`, whose message names the smallest
 feasible budget (found by a minimum-size or minimum-BOPs solve under the remaining constraints).
 
+Attention matmuls (``allocate(..., attention=True)``, :mod:`.attention`): QK^T and softmax.V of each
+supported attention module are layers ``<module>.qk`` / ``<module>.pv`` with no weights, BOPs =
+MACs x b1 x b2, and only the equal pairs (b, b) allowed (``AllocationProblem.allowed``; the solver
+removes the other choices exactly as it removes choices fixed by pinning).
+
 Layout: :mod:`.problem` (the numbers in), :mod:`.budgets` (user budgets to integer rows),
 :mod:`.chain` (steps 1-4), :mod:`.milp` (step 5), :mod:`.plan` (the answer), :mod:`.api`
-(``allocate``: scores to problem). The cost functions live next to the scores
+(``allocate``: scores to problem), :mod:`.attention` (attention matmuls' candidates and costs). The cost functions live next to the scores
 (:mod:`mixq.scores.costs`).
 """
 

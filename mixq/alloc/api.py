@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..scores.costs import noise_factor, split_kl_costs
+from .attention import (attention_tables, check_scorers, kl_attention_costs, merge_rows, pad_linear,
+                        problem_candidates)
 from .budgets import check_bops_budget, parse_size_budget
 from .plan import Plan, solve_plan
 from .problem import DEFAULT_CANDIDATES, AllocationProblem, Budget
@@ -46,6 +48,8 @@ def allocate(
     cache_dir: Any = None,
     progress: bool = True,
     batch_size: int = 8,
+    attention: bool = False,
+    softmax_quant: str = "log2",
 ) -> Plan:
     """Choose (w_bits, a_bits) for every Linear of ``model`` that runs on ``calib_data``.
 
@@ -61,12 +65,23 @@ def allocate(
     synergy, lam: add ``lam * S[l, m] * ((w_l - w_m)^2 + (a_l - a_m)^2)`` over execution-order
         neighbours, S from the per-image KL importances (normalized to max 1). ``synergy=None``
         (default): on, except for ``scorer="measured"`` alone, where the sweep found it off better.
-    pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed.
+    pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed; with ``attention=True`` an attention
+        matmul (``"blocks.0.attn.pv": 8``) too.
     output_fn: called as ``output_fn(model, batch)`` for each calibration batch; returns the output
         distribution per image, probabilities [B, D] with rows summing to 1, for the KL and
         sensitivity scores (default: softmax of the model output; see :mod:`mixq.scores.outputs`).
     cache_dir: score cache directory (default ``$MIXQ_CACHE_DIR`` or ~/.cache/mixq/scores; False: off).
+    attention: also allocate the attention matmuls of every supported attention module, as layers
+        ``<module>.qk`` (bits of Q, K) and ``<module>.pv`` (bits of P, V) taking the equal pairs of the
+        activation bits (:mod:`mixq.alloc.attention`): no weights, so size budgets do not change;
+        their BOPs (MACs x b1 x b2) count in the BOPs total, and a fraction budget ("0.5x") is then
+        relative to W8A8 over the Linears and the attention matmuls. Scorers "kl", "measured" and
+        "sensitivity" only. Default False: Linears only, as before.
+    softmax_quant: the probability grid the attention matmuls are scored (and the plan quantizes)
+        with, "log2" or "uniform"; used only with ``attention=True``.
     """
+    from ..formats import check_softmax_quant
+    from ..scores.attention import attention_scores
     from ..scores.inventory import adjacent_pairs, build_inventory
     from ..scores.kl import kl_importance
     from ..scores.lrp import lrp_importance
@@ -83,31 +98,59 @@ def allocate(
         parse_size_budget(budget)  # bad budgets fail here, not after minutes of scoring
     check_bops_budget(bops_budget)
     check_output_fn(output_fn)
-    layers = build_inventory(model, calib_data, filter_fn, batch_size)
+    if not isinstance(attention, bool):
+        raise TypeError(f"attention must be True or False, got {attention!r}")
+    if attention:
+        check_scorers(weights)
+        check_softmax_quant(softmax_quant)
+    layers = build_inventory(model, calib_data, filter_fn, batch_size, attention=attention)
     names = [l.name for l in layers]
+    ops = [l.op for l in layers]
+    full, allowed = problem_candidates(cands, ops)
     pin_idx: dict[int, int] = {}
     for name, bits in (pinned or {}).items():
         if name not in names:
-            raise ValueError(f"pinned layer {name!r} is not a Linear that ran on the calibration data; known: {names[:8]}...")
+            what = "a Linear or attention matmul" if attention else "a Linear"
+            raise ValueError(f"pinned layer {name!r} is not {what} that ran on the calibration data; known: {names[:8]}...")
         pair_bits = (int(bits), int(bits)) if isinstance(bits, int) else tuple(map(int, bits))
-        if pair_bits not in cands:
-            raise ValueError(f"pinned bits {pair_bits} for {name!r} are not among the candidates {cands}")
-        pin_idx[names.index(name)] = cands.index(pair_bits)
+        i = names.index(name)
+        layer_cands = [full[k] for k in allowed[i]] if allowed and allowed[i] is not None else cands
+        if pair_bits not in layer_cands:
+            raise ValueError(f"pinned bits {pair_bits} for {name!r} are not among its candidates {layer_cands}")
+        pin_idx[i] = full.index(pair_bits)
+    lin_names = [n for n, op in zip(names, ops) if op == "linear"]
+    att_names = [n for n, op in zip(names, ops) if op != "linear"]
+    is_lin = np.array([op == "linear" for op in ops])
     lowest = (min(w for w, _ in cands), min(a for _, a in cands))
     noise = np.array([noise_factor(w, a) for w, a in cands]) / noise_factor(*lowest)
     common = dict(batch_size=batch_size, progress=progress, cache_dir=cache_dir)
-    kl_costs = per_image = measured = None
+    kl_costs = per_image = measured = att = None
+    if att_names:
+        att = attention_tables(lambda pairs: attention_scores(model, calib_data, att_names, pairs, output_fn,
+                                                              softmax_quant, **common),
+                               weights, ops, cands, full, lowest[1])
     if "measured" in weights and weights["measured"] > 0:
-        measured = measured_cost_table(measured_scores(model, calib_data, names, cands, output_fn, **common))
+        result = measured_scores(model, calib_data, lin_names, cands, output_fn, **common)
+        if att is not None:  # one table, so the per-image shares are normalized over every layer
+            result = {"per_image": merge_rows(ops, pad_linear(np.asarray(result["per_image"]), len(full)),
+                                              att["per_image"])}
+        measured = measured_cost_table(result)
         per_image = measured[1]
     if "kl" in weights or (synergy and lam > 0 and per_image is None):
         # Two probes per layer, weights alone and activations alone at the lowest bits (the other
         # side at the highest candidate), so the costs tell weight noise from activation noise.
         highest = (max(w for w, _ in cands), max(a for _, a in cands))
-        raw_w = kl_importance(model, calib_data, names, output_fn, lowest[0], highest[1], **common)["raw"]
-        raw_a = kl_importance(model, calib_data, names, output_fn, highest[0], lowest[1], **common)["raw"]
-        kl_costs, per_image = split_kl_costs(np.asarray(raw_w), np.asarray(raw_a), cands)
-    costs = np.zeros((len(names), len(cands)))
+        raw_w = np.asarray(kl_importance(model, calib_data, lin_names, output_fn, lowest[0], highest[1], **common)["raw"])
+        raw_a = np.asarray(kl_importance(model, calib_data, lin_names, output_fn, highest[0], lowest[1], **common)["raw"])
+        if att is not None:  # an attention matmul's probe counts as activation noise
+            raw_w = merge_rows(ops, raw_w, np.zeros_like(att["raw_lowest"]))
+            raw_a = merge_rows(ops, raw_a, att["raw_lowest"])
+        kl_costs, kl_per_image = split_kl_costs(raw_w, raw_a, cands)
+        if att is not None:
+            kl_costs = merge_rows(ops, pad_linear(kl_costs[is_lin], len(full)),
+                                  kl_attention_costs(kl_per_image[~is_lin], full, lowest[1]))
+        per_image = kl_per_image if per_image is None else per_image
+    costs = np.zeros((len(names), len(full)))
     for name, wgt in weights.items():
         if wgt == 0:
             continue
@@ -116,9 +159,11 @@ def allocate(
         elif name == "measured":
             table = measured[0]
         elif name == "lrp":
-            table = np.asarray(lrp_importance(model, calib_data, names, **common)["importance"])[:, None] * noise[None, :]
+            table = np.asarray(lrp_importance(model, calib_data, lin_names, **common)["importance"])[:, None] * noise[None, :]
         else:
-            table = np.asarray(sensitivity_scores(model, calib_data, names, cands, output_fn, **common)["kl"])
+            table = np.asarray(sensitivity_scores(model, calib_data, lin_names, cands, output_fn, **common)["kl"])
+            if att is not None:
+                table = merge_rows(ops, pad_linear(table, len(full)), att["kl"])
         worst = table.max(axis=1).mean()
         costs += wgt * (table / worst if worst > 0 else table)
     pairs = adjacent_pairs(layers)
@@ -128,10 +173,12 @@ def allocate(
         top = max(syn) if syn else 0.0
         syn = [s / top if top > 0 else 0.0 for s in syn]
     problem = AllocationProblem(
-        names=names, candidates=cands, costs=costs,
+        names=names, candidates=full, costs=costs,
         weight_params=[l.weight_params for l in layers], out_features=[l.out_features for l in layers],
         has_bias=[l.bias for l in layers], macs=[l.macs for l in layers],
-        pairs=pairs, synergy=syn, lam=lam if synergy else 0.0, pinned=pin_idx,
+        pairs=pairs, synergy=syn, lam=lam if synergy else 0.0, pinned=pin_idx, allowed=allowed, ops=ops,
     )
     label = "+".join(k if v == 1 else f"{v:g}*{k}" for k, v in weights.items())
-    return solve_plan(problem, budget, bops_budget, synergy=synergy, time_limit=time_limit, scorer=label)
+    plan = solve_plan(problem, budget, bops_budget, synergy=synergy, time_limit=time_limit, scorer=label)
+    plan.softmax_quant = softmax_quant if att_names else None
+    return plan

@@ -87,7 +87,9 @@ def check_bops_budget(bops_budget: Union[float, int, str, None]) -> None:
 
 def parse_bops_budget(bops_budget: Union[float, int, str, None], problem: AllocationProblem) -> Optional[int]:
     """Absolute BOPs per input (``3.2e12``, ``"3.2T"``, ``"800G"``), or a fraction of uniform W8A8 as
-    ``"0.5x"``. Returns the integer right-hand side, or None."""
+    ``"0.5x"``: of every layer of the problem at 8 x 8 bits, so with attention matmuls among the layers
+    (``allocate(attention=True)``) the reference is the Linears at W8A8 plus the matmuls at Q8K8 and
+    P8V8. Returns the integer right-hand side, or None."""
     if bops_budget is None:
         return None
     value, relative = _bops_spec(bops_budget)

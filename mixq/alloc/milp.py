@@ -73,7 +73,7 @@ def solve_milp(
     t0 = time.perf_counter()
     L, C = len(problem.names), len(problem.candidates)
     unary = problem.costs if objective is None else np.asarray(objective, dtype=np.float64)
-    allowed = np.ones((L, C), dtype=bool)
+    allowed = problem.allowed_mask()
     for i, c in problem.pinned.items():
         allowed[i] = False
         allowed[i, c] = True

@@ -22,6 +22,12 @@ from .problem import AllocationProblem, Budget, InfeasibleBudgetError, KnapsackR
 class Plan:
     """The allocation: per-layer bits plus what it costs and how it was found.
 
+    ``layers`` maps each Linear to (w_bits, a_bits) and, in a plan made with ``attention=True``, each
+    attention matmul ``<module>.qk`` to (Q bits, K bits) and ``<module>.pv`` to (P bits, V bits);
+    ``layer_info[name]["op"]`` says which ("qk" / "pv"; absent for a Linear). ``bops`` counts every
+    planned layer, attention matmuls included; ``softmax_quant`` is the probability grid the attention
+    matmuls were scored with (None: no attention planned).
+
     ``quantize_(model, plan, calib_data)`` accepts it directly (through :meth:`to_config`). It is
     JSON-serializable (:meth:`to_json`, :meth:`save`) and prints as a table.
     """
@@ -40,7 +46,8 @@ class Plan:
     scorer: str = ""
     lam: float = 0.0
     synergy: bool = False
-    layer_info: dict[str, dict] = field(default_factory=dict)  # name -> params, macs, out_features, bias, cost
+    layer_info: dict[str, dict] = field(default_factory=dict)  # name -> params, macs, out_features, bias, cost[, op]
+    softmax_quant: Optional[str] = None  # the attention matmuls' probability grid; None: Linears only
 
     @property
     def size_bytes(self) -> float:
@@ -50,15 +57,58 @@ class Plan:
     def avg_bits_per_weight(self) -> float:
         return self.weight_bits / max(self.weight_params, 1)
 
+    def op(self, name: str) -> str:
+        """What layer ``name`` is: "linear", or "qk" / "pv" for an attention matmul."""
+        return self.layer_info.get(name, {}).get("op", "linear")
+
+    @property
+    def attention_layers(self) -> dict[str, tuple[int, int]]:
+        """The planned attention matmuls and their bit pairs."""
+        return {n: b for n, b in self.layers.items() if self.op(n) != "linear"}
+
+    @property
+    def linear_layers(self) -> dict[str, tuple[int, int]]:
+        return {n: b for n, b in self.layers.items() if self.op(n) == "linear"}
+
+    @property
+    def quantized_ops(self) -> str:
+        """Which ops the plan quantizes, in words (reports print it)."""
+        return "Linears + attention matmuls (QK^T, softmax.V)" if self.attention_layers else "Linears only"
+
+    @property
+    def attention_bops(self) -> int:
+        """BOPs of the attention matmuls alone (included in ``bops``)."""
+        return sum(int(self.layer_info.get(n, {}).get("macs", 0)) * b1 * b2 for n, (b1, b2) in self.attention_layers.items())
+
+    @property
+    def avg_act_bits(self) -> float:
+        """Average bits of the activation operands, weighted by MACs: a Linear's input counts once
+        per MAC, both operands of an attention matmul count (Q and K, P and V)."""
+        bits = weight = 0
+        for n, (b1, b2) in self.layers.items():
+            macs = int(self.layer_info.get(n, {}).get("macs", 0))
+            if self.op(n) == "linear":
+                bits, weight = bits + macs * b2, weight + macs
+            else:
+                bits, weight = bits + macs * (b1 + b2), weight + 2 * macs
+        return bits / weight if weight else float("nan")
+
     def to_config(self, **overrides: Any):
-        """A :class:`mixq.quantize.QuantConfig` quantizing exactly the planned layers at their bits."""
+        """A :class:`mixq.quantize.QuantConfig` quantizing exactly the planned layers at their bits:
+        the Linears through ``layer_bits`` and ``filter_fn``, the attention matmuls (if planned)
+        through ``quantize_attention=True`` and ``attention_layer_bits`` at the plan's ``softmax_quant``."""
         from ..quantize import QuantConfig
 
-        names = set(self.layers)
+        linear = self.linear_layers
+        names = set(linear)
         kwargs: dict[str, Any] = {
-            "layer_bits": {n: tuple(b) for n, b in self.layers.items()},
+            "layer_bits": {n: tuple(b) for n, b in linear.items()},
             "filter_fn": lambda name, module: name in names,
         }
+        attention = self.attention_layers
+        if attention:
+            kwargs.update(quantize_attention=True, attention_layer_bits={n: tuple(b) for n, b in attention.items()},
+                          softmax_quant=self.softmax_quant or "log2")
         kwargs.update(overrides)
         return QuantConfig(**kwargs)
 
@@ -76,9 +126,12 @@ class Plan:
         ``mixq report`` reads); derived totals are included for readers and ignored on load."""
         d = asdict(self)
         info = d.pop("layer_info")
-        d["layers"] = {n: {"w_bits": w, "a_bits": a, **info.get(n, {})} for n, (w, a) in self.layers.items()}
+        d["layers"] = {n: {**_bits_keys(info.get(n, {}).get("op", "linear"), w, a), **info.get(n, {})}
+                       for n, (w, a) in self.layers.items()}
         d.update(size_bytes=self.size_bytes, avg_bits_per_weight=self.avg_bits_per_weight,
-                 size_budget_bits=self.size_budget_bits)
+                 size_budget_bits=self.size_budget_bits, quantized_ops=self.quantized_ops)
+        if self.attention_layers:
+            d.update(attention_bops=self.attention_bops, avg_act_bits=self.avg_act_bits)
         return d
 
     def to_json(self, indent: Optional[int] = 2) -> str:
@@ -86,13 +139,16 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
-        d = {k: v for k, v in d.items() if k not in ("size_bytes", "avg_bits_per_weight", "size_budget_bits")}
+        d = {k: v for k, v in d.items() if k not in _DERIVED}
         layers, info = {}, dict(d.pop("layer_info", {}) or {})
         for name, entry in d.pop("layers").items():
             if isinstance(entry, dict):
-                layers[name] = (int(entry["w_bits"]), int(entry["a_bits"]))
+                keys = _BIT_KEYS.get(entry.get("op", "linear"))
+                if keys is None:
+                    raise ValueError(f"layer {name!r} has op {entry['op']!r}; known: {sorted(_BIT_KEYS)}")
+                layers[name] = (int(entry[keys[0]]), int(entry[keys[1]]))
                 # plans written before the rename call the per-choice cost "score"
-                info[name] = {("cost" if k == "score" else k): v for k, v in entry.items() if k not in ("w_bits", "a_bits")}
+                info[name] = {("cost" if k == "score" else k): v for k, v in entry.items() if k not in keys}
             else:
                 layers[name] = (int(entry[0]), int(entry[1]))
         return cls(layers=layers, layer_info=info, **d)
@@ -112,22 +168,48 @@ class Plan:
         from rich.console import Console
         from rich.table import Table
 
-        summary = (f"mixq plan ({self.scorer or 'custom'} scores, synergy {'on' if self.synergy else 'off'}): "
+        attention = self.attention_layers
+        summary = (f"mixq plan ({self.scorer or 'custom'} scores, synergy {'on' if self.synergy else 'off'}; "
+                   f"quantizes {self.quantized_ops}): "
                    f"{self.avg_bits_per_weight:.3f} bits/weight, {self.size_bytes / 1e6:.3f} MB, "
-                   f"{self.bops / 1e9:.3f} GBOPs/input, {self.status}"
-                   + (f" (gap {self.gap:.2%})" if self.status != "optimal" else ""))
+                   f"{self.bops / 1e9:.3f} GBOPs/input"
+                   + (f" (attention matmuls {self.attention_bops / max(self.bops, 1):.1%} of it; average activation "
+                      f"bits {self.avg_act_bits:.3f}, MAC-weighted over Linear inputs and both operands of each "
+                      f"attention matmul; softmax {self.softmax_quant})" if attention else "")
+                   + f", {self.status}" + (f" (gap {self.gap:.2%})" if self.status != "optimal" else ""))
         table = Table()
-        for col in ("layer", "W", "A", "params", "MACs/input", "cost"):
-            table.add_column(col, justify="left" if col == "layer" else "right")
+        cols = ("layer", "op", "W", "A", "params", "MACs/input", "BOPs share", "cost") if attention else \
+            ("layer", "W", "A", "params", "MACs/input", "cost")
+        for col in cols:
+            table.add_column(col, justify="left" if col in ("layer", "op") else "right")
         for name, (w, a) in self.layers.items():
             info = self.layer_info.get(name, {})
             cost = info.get("cost")
+            op = self.op(name)
+            if attention:  # W/A hold the two operands' bits of an attention matmul: Q, K or P, V
+                first, second = _OPERANDS[op]
+                share = int(info.get("macs", 0)) * w * a / max(self.bops, 1)
+                table.add_row(name, {"linear": "linear", "qk": "QK^T", "pv": "softmax.V"}[op], f"{first}{w}",
+                              f"{second}{a}", f"{info.get('params', 0):,}", f"{info.get('macs', 0):,}", f"{share:.2%}",
+                              "" if cost is None else f"{cost:.4g}")
+                continue
             table.add_row(name, str(w), str(a), f"{info.get('params', 0):,}", f"{info.get('macs', 0):,}",
                           "" if cost is None else f"{cost:.4g}")
         console = Console(file=io.StringIO(), width=200, record=True)
         console.print(summary)
         console.print(table)
         return console.export_text()
+
+
+# How each kind of layer names its two bit-widths in the plan JSON, and in the printed table.
+_BIT_KEYS = {"linear": ("w_bits", "a_bits"), "qk": ("q_bits", "k_bits"), "pv": ("p_bits", "v_bits")}
+_OPERANDS = {"linear": ("W", "A"), "qk": ("Q", "K"), "pv": ("P", "V")}
+_DERIVED = ("size_bytes", "avg_bits_per_weight", "size_budget_bits", "quantized_ops", "attention_bops", "avg_act_bits")
+
+
+def _bits_keys(op: str, b1: int, b2: int) -> dict:
+    k1, k2 = _BIT_KEYS[op]
+    return {k1: b1, k2: b2}
 
 
 def _smallest_feasible(problem: AllocationProblem, rows: list[KnapsackRow], which: int) -> Optional[int]:
@@ -194,7 +276,8 @@ def solve_plan(
     info = {
         n: {"params": int(problem.weight_params[i]), "macs": int(problem.macs[i]),
             "out_features": int(problem.out_features[i]), "bias": bool(problem.has_bias[i]),
-            "cost": float(problem.costs[i, sol.choice[i]])}
+            "cost": float(problem.costs[i, sol.choice[i]]),
+            **({"op": problem.ops[i]} if problem.ops[i] != "linear" else {})}
         for i, n in enumerate(problem.names)
     }
     return Plan(

@@ -16,6 +16,9 @@ BIAS_BITS = 32  # biases stay fp32
 BITS_PER_WEIGHT_MAX = 32.0  # a number budget above this is read as bytes
 
 Budget = Union[float, int, str]
+# What a layer of the problem is: a Linear, or one of an attention module's two matmuls
+# (QK^T: bits of Q, K; softmax.V: bits of P, V). Attention matmuls have no weights: params 0.
+OPS = ("linear", "qk", "pv")
 
 
 def stored_bits(params: int, out_features: int, bias: bool, w_bits: int) -> int:
@@ -51,6 +54,11 @@ class AllocationProblem:
     synergy: list[float] = field(default_factory=list)  # S[l, m] >= 0, one per pair
     lam: float = 0.0
     pinned: dict[int, int] = field(default_factory=dict)  # layer index -> candidate index
+    # Per layer, the candidate indices it may take (None: all). Attention matmuls take only the equal
+    # pairs (b, b): one bit-width rule per operand pair, no weights.
+    allowed: Optional[list[Optional[list[int]]]] = None
+    # Per layer, what it is: "linear", or "qk" / "pv" for an attention matmul (None: all "linear").
+    ops: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         L, C = len(self.names), len(self.candidates)
@@ -83,6 +91,30 @@ class AllocationProblem:
         for i, c in self.pinned.items():
             if not (0 <= i < L and 0 <= c < C):
                 raise ValueError(f"pinned entry {i}: {c} is out of range ({L} layers, {C} candidates)")
+        if self.ops is None:
+            self.ops = ["linear"] * L
+        if len(self.ops) != L or any(o not in OPS for o in self.ops):
+            raise ValueError(f"ops must name one of {OPS} per layer ({L}), got {self.ops}")
+        if self.allowed is not None:
+            if len(self.allowed) != L:
+                raise ValueError(f"allowed has {len(self.allowed)} entries, expected one per layer ({L})")
+            for i, cs in enumerate(self.allowed):
+                if cs is not None and (not cs or any(not 0 <= c < C for c in cs)):
+                    raise ValueError(f"allowed[{i}] must list candidate indices in 0..{C - 1}, got {cs}")
+        mask = self.allowed_mask()
+        for i, c in self.pinned.items():
+            if not mask[i, c]:
+                raise ValueError(f"layer {self.names[i]!r} is pinned to {self.candidates[c]}, which it may not take; "
+                                 f"allowed: {[self.candidates[k] for k in np.flatnonzero(mask[i])]}")
+
+    def allowed_mask(self) -> np.ndarray:
+        """[L, C] bool: which candidates each layer may take (pinning aside)."""
+        mask = np.ones((len(self.names), len(self.candidates)), dtype=bool)
+        for i, cs in enumerate(self.allowed or []):
+            if cs is not None:
+                mask[i] = False
+                mask[i, list(cs)] = True
+        return mask
 
     # Integer cost tables [L, C] (Python ints inside object arrays would be slow; int64 is ample).
     def weight_bits(self) -> np.ndarray:
