@@ -54,6 +54,9 @@ int64_t round_up_i(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // a: kMR rows of int16 with row stride lda (elements); panel: [kpairs][16][2] int16.
 using TileFn = void (*)(const int16_t* a, int64_t lda, const int16_t* panel, int64_t kpairs, int32_t* c);
 
+// No loop vectorization here: GCC 12 at -O3 vectorizes the row loop with loads past the 4th row
+// (seen as a segfault when the A block ended at a page boundary; a guard-page test reproduces it).
+__attribute__((optimize("no-tree-loop-vectorize")))
 void tile_scalar(const int16_t* a, int64_t lda, const int16_t* panel, int64_t kpairs, int32_t* c) {
   int32_t acc[kMR][kNR] = {};
   for (int64_t p = 0; p < kpairs; ++p) {
