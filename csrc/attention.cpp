@@ -14,7 +14,8 @@
 //                  plane 1: s in [15, 29]  weight 2^(s-15)   (dense, int16 <= 2^14)
 //                  s in {30, 31} (p >= 2^-1.5: at most two per softmax row): sparse, added
 //                  to the int64 sum directly as v << s.
-//                acc = sum_chunks (C0 + (C1 << 15)) + sparse, in int64.
+//                acc = sum_chunks (C0 + (C1 << 15)) + sparse, in int64. A plane that no row of a
+//                block uses is skipped (4 bits never use plane 1; flat rows rarely use plane 0).
 //
 // Overflow bounds (|v| <= 128 since V is int8, codes <= 255, one pair sum <= 2 * 2^14 * 128):
 //   - QK: |acc| <= 128*128*D = 2^14 D <= 2^30 for D <= kMaxHeadDim = 65536: int32.
@@ -255,6 +256,51 @@ at::Tensor attention_qk(const at::Tensor& q_in, const at::Tensor& q_scale_in, co
 
 namespace {
 
+// One row of log2 codes -> the two plane weights (as the tables in attention_pv_log2 define them),
+// OR-ing each plane's weights and the sparse flag (a shift >= 30) into flags[0..2]. One body,
+// compiled plain and inlined into an AVX2 function, where GCC vectorizes it (vpsllvd).
+inline void log2_weights_body(const uint8_t* row, int64_t m, int cmax, int zero_code, int16_t* d0, int16_t* d1,
+                              int* flags) {
+  int o0 = 0, o1 = 0, os = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const int c = row[j];
+    const int s = cmax - std::min(c, cmax);
+    const int live = c != zero_code;
+    const int w0 = (live & (s < 15)) ? 1 << (s & 15) : 0;
+    const int w1 = (live & (s >= 15) & (s < 30)) ? 1 << ((s - 15) & 15) : 0;
+    d0[j] = static_cast<int16_t>(w0);
+    d1[j] = static_cast<int16_t>(w1);
+    o0 |= w0;
+    o1 |= w1;
+    os |= live & (s >= 30);
+  }
+  flags[0] |= o0;
+  flags[1] |= o1;
+  flags[2] |= os;
+}
+
+using Log2WeightsFn = void (*)(const uint8_t*, int64_t, int, int, int16_t*, int16_t*, int*);
+
+void log2_weights_plain(const uint8_t* row, int64_t m, int cmax, int zero_code, int16_t* d0, int16_t* d1,
+                        int* flags) {
+  log2_weights_body(row, m, cmax, zero_code, d0, d1, flags);
+}
+
+#if defined(__x86_64__)
+MIXQ_ATTN_AVX2 void log2_weights_avx2(const uint8_t* row, int64_t m, int cmax, int zero_code, int16_t* d0,
+                                      int16_t* d1, int* flags) {
+  log2_weights_body(row, m, cmax, zero_code, d0, d1, flags);
+}
+#endif
+
+Log2WeightsFn choose_log2_weights(Isa isa) {
+#if defined(__x86_64__)
+  if (isa >= Isa::kAvx2) return log2_weights_avx2;
+#endif
+  (void)isa;
+  return log2_weights_plain;
+}
+
 void check_pv(const at::Tensor& p, const at::Tensor& v, const at::Tensor& vs) {
   TORCH_CHECK(p.dim() == 3 && v.dim() == 3 && vs.dim() == 2,
               "mixq attention_pv: p [BH, N, M], v [BH, M, D], v_scale [BH, D]");
@@ -309,16 +355,11 @@ at::Tensor attention_pv_log2(const at::Tensor& p_in, const at::Tensor& v_in, con
   float* op = out.data_ptr<float>();
   const float step = static_cast<float>(1.0 / static_cast<double>(int64_t{1} << cmax));  // 2^-cmax, exact
 
-  // Per code: its shift s = cmax - min(c, cmax) (formats.prob_integer_weights), -1 for the zero code;
-  // plane weights (2^s in plane 0 for s < 15, 2^(s-15) in plane 1 for s < 30), else sparse.
+  // Per code: its shift s = cmax - min(c, cmax) (formats.prob_integer_weights), -1 for the zero code
+  // (log2_weights_body computes the plane weights from the same rule).
   int shift_of[256];
-  int16_t w0[256], w1[256];
-  for (int c = 0; c < 256; ++c) {
-    const int s = c == zero_code ? -1 : static_cast<int>(cmax - std::min<int64_t>(c, cmax));
-    shift_of[c] = s;
-    w0[c] = (s >= 0 && s < 15) ? static_cast<int16_t>(1 << s) : 0;
-    w1[c] = (s >= 15 && s < 30) ? static_cast<int16_t>(1 << (s - 15)) : 0;
-  }
+  for (int c = 0; c < 256; ++c) shift_of[c] = c == zero_code ? -1 : static_cast<int>(cmax - std::min<int64_t>(c, cmax));
+  const Log2WeightsFn log2_weights = choose_log2_weights(active_isa());
 
   const int64_t kpairs = round_up_i(m, 2) / 2, kpad = 2 * kpairs;
   const int64_t nblocks = round_up_i(d, kNR) / kNR;
@@ -349,26 +390,29 @@ at::Tensor attention_pv_log2(const at::Tensor& p_in, const at::Tensor& v_in, con
       const int64_t rows_pad = round_up_i(rows, kMR);
       sparse_j.clear();
       sparse_s.clear();
+      int flags[3] = {0, 0, 0};  // the block uses plane 0 / plane 1 / sparse shifts (4 bits: never plane 1)
       for (int64_t r = 0; r < rows_pad; ++r) {
         int16_t* d0 = a0.data() + r * kpad;
         int16_t* d1 = a1.data() + r * kpad;
-        sparse_start[r] = static_cast<int64_t>(sparse_j.size());
         if (r >= rows) {
           std::fill(d0, d0 + kpad, int16_t{0});
           std::fill(d1, d1 + kpad, int16_t{0});
           continue;
         }
+        log2_weights(pp + (b * n + i0 + r) * m, m, static_cast<int>(cmax), static_cast<int>(zero_code), d0, d1,
+                     flags);
+        if (m % 2) d0[m] = d1[m] = 0;
+      }
+      for (int64_t r = 0; r < rows_pad; ++r) {  // shifts 30 and 31, by row (none on most rows)
+        sparse_start[r] = static_cast<int64_t>(sparse_j.size());
+        if (!flags[2] || r >= rows) continue;
         const uint8_t* row = pp + (b * n + i0 + r) * m;
         for (int64_t j = 0; j < m; ++j) {
-          const uint8_t c = row[j];
-          d0[j] = w0[c];
-          d1[j] = w1[c];
-          if (shift_of[c] >= 30) {
+          if (shift_of[row[j]] >= 30) {
             sparse_j.push_back(j);
-            sparse_s.push_back(shift_of[c]);
+            sparse_s.push_back(shift_of[row[j]]);
           }
         }
-        if (m % 2) d0[m] = d1[m] = 0;
       }
       sparse_start[rows_pad] = static_cast<int64_t>(sparse_j.size());
       const int16_t* bp = bpack.data() + b * b_elems;
@@ -381,8 +425,10 @@ at::Tensor attention_pv_log2(const at::Tensor& p_in, const at::Tensor& v_in, con
           std::memset(acc, 0, sizeof(acc));
           for (int64_t p0 = 0; p0 < kpairs; p0 += kLog2ChunkPairs) {  // int32 chunks, summed in int64
             const int64_t np = std::min(kLog2ChunkPairs, kpairs - p0);
-            tile(a0.data() + r0 * kpad + 2 * p0, kpad, panel + p0 * 2 * kNR, np, c0t);
-            tile(a1.data() + r0 * kpad + 2 * p0, kpad, panel + p0 * 2 * kNR, np, c1t);
+            if (flags[0]) tile(a0.data() + r0 * kpad + 2 * p0, kpad, panel + p0 * 2 * kNR, np, c0t);
+            else std::memset(c0t, 0, sizeof(c0t));
+            if (flags[1]) tile(a1.data() + r0 * kpad + 2 * p0, kpad, panel + p0 * 2 * kNR, np, c1t);
+            else std::memset(c1t, 0, sizeof(c1t));
             for (int r = 0; r < kMR; ++r)
               for (int c = 0; c < kNR; ++c)
                 acc[r][c] += static_cast<int64_t>(c0t[r * kNR + c]) + static_cast<int64_t>(c1t[r * kNR + c]) * 32768;
