@@ -90,7 +90,7 @@ def forward_shares(model: torch.nn.Module, x: torch.Tensor, fused: bool, iters: 
 
 
 def shares_table(quick: bool) -> list[str]:
-    iters = 2 if quick else 10
+    iters = 2 if quick else 5
     lines = [
         "| model | attention core | forward ms | Linears ms | Linears share | attention ms | attention share |",
         "|---|---|---:|---:|---:|---:|---:|",
