@@ -12,6 +12,8 @@ from mixq import formats, ops
 from mixq.attention import QuantAttention
 
 _C = pytest.importorskip("mixq._C", reason="mixq._C (the C++ CPU kernels) is not built; run setup.py build_ext")
+if not hasattr(_C, "attention_qk"):
+    pytest.skip("mixq._C was built before csrc/attention.cpp: rebuild it (setup.py build_ext)", allow_module_level=True)
 
 from mixq.backends import reference  # noqa: E402
 from mixq.backends.cpu import CpuBackend  # noqa: E402
@@ -280,6 +282,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=f"{MAX_KEYS + 1} keys above {MAX_KEYS}"):
         CPU.quantized_pv(torch.zeros(1, 1, MAX_KEYS + 1, dtype=torch.uint8),
                          torch.zeros(1, MAX_KEYS + 1, 1, dtype=torch.int8), torch.ones(1, 1), 8, "log2", f32)
+
+
+def test_stale_extension_says_rebuild(monkeypatch):
+    """A mixq._C built before the attention kernels: a clear error, not an AttributeError."""
+    monkeypatch.delattr(_C, "attention_qk")
+    q, s = torch.zeros(1, 2, 4, dtype=torch.int8), torch.ones(1, 2)
+    with pytest.raises(RuntimeError, match="no attention kernels .* rebuild"):
+        CPU.quantized_qk(q, s, q, s, torch.float32)
 
 
 # ----------------------------------------------------------------------------- the module

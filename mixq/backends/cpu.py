@@ -186,7 +186,7 @@ class CpuBackend:
     ) -> torch.Tensor:
         """Q K^T on int8 codes (csrc/attention.cpp), bit-exact with ``reference.attention_qk``:
         q [..., N, D], k [..., M, D], per-token steps [..., N] / [..., M] -> [..., N, M] in out_dtype."""
-        _require_ext()
+        _require_attention_ext()
         _check_out_dtype(out_dtype)
         _check_codes(q, torch.int8, "q", "[..., N, D]")
         _check_codes(k, torch.int8, "k", "[..., M, D]")
@@ -212,7 +212,7 @@ class CpuBackend:
         """softmax(.) V on codes (csrc/attention.cpp), bit-exact with ``reference.attention_pv``: uint8
         probability codes p [..., N, M] on grid ``p_kind`` x int8 V [..., M, D], per-channel steps
         v_scale [..., D] -> [..., N, D] in out_dtype."""
-        _require_ext()
+        _require_attention_ext()
         formats.check_bits(p_bits, "p_bits")
         formats.check_softmax_quant(p_kind)
         _check_out_dtype(out_dtype)
@@ -235,6 +235,13 @@ class CpuBackend:
         else:
             out = _C.attention_pv_log2(p3, v3, vs2, formats.log2_max_code(p_bits), formats.prob_zero_code(p_bits))
         return out.reshape(*lead, n, d).to(out_dtype)
+
+
+def _require_attention_ext() -> None:
+    _require_ext()
+    if not hasattr(_C, "attention_qk"):  # a mixq._C built before csrc/attention.cpp existed
+        raise RuntimeError("mixq cpu backend: mixq._C has no attention kernels (built from older sources); "
+                           "rebuild it: `python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
 
 
 def _check_out_dtype(out_dtype: torch.dtype) -> None:
