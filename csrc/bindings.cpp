@@ -37,4 +37,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps"), py::arg("inv_scale"), py::arg("bits"));
   m.def("measure_int8_peak", &mixq::measure_int8_peak, py::arg("sequence"), py::arg("iters"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>());
+  // --- attention matmuls (issue 15, phase 2; csrc/attention.cpp)
+  m.def("attention_qk", &mixq::attention_qk, py::arg("q"), py::arg("q_scale"), py::arg("k"), py::arg("k_scale"),
+        "int8 Q [BH, N, D] x int8 K [BH, M, D] with per-token fp32 steps -> fp32 [BH, N, M]",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("attention_pv_uniform", &mixq::attention_pv_uniform, py::arg("p"), py::arg("v"), py::arg("v_scale"),
+        py::arg("bits"), "uint8 uniform-grid P [BH, N, M] x int8 V [BH, M, D] -> fp32 [BH, N, D]",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("attention_pv_log2", &mixq::attention_pv_log2, py::arg("p"), py::arg("v"), py::arg("v_scale"),
+        py::arg("cmax"), py::arg("zero_code"), "uint8 log2-grid P [BH, N, M] x int8 V [BH, M, D] -> fp32 [BH, N, D]",
+        py::call_guard<py::gil_scoped_release>());
+  m.attr("attention_max_head_dim") = mixq::kMaxHeadDim;
+  m.attr("attention_max_keys") = mixq::kMaxKeys;
 }

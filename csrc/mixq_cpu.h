@@ -56,3 +56,19 @@ at::Tensor layernorm_quantize(const at::Tensor& x, const at::Tensor& weight, con
 double measure_int8_peak(const std::string& sequence, int64_t iters, int64_t threads);
 
 }  // namespace mixq
+
+// ----------------------------------------------------------------------------- attention (issue 15)
+// Integer attention matmuls on [BH, rows, cols] contiguous-or-not tensors (see attention.cpp for
+// the scheme and the overflow bounds); outputs fp32, bit-exact with reference.attention_qk / _pv.
+namespace mixq {
+constexpr int64_t kMaxHeadDim = 65536;  // QK: |acc| <= 2^14 * D stays in int32
+constexpr int64_t kMaxKeys = 65536;     // PV: uniform sums in int32; log2 sums < 2^54 in int64
+// q [BH, N, D] int8, q_scale [BH, N] fp32, k [BH, M, D] int8, k_scale [BH, M] fp32 -> fp32 [BH, N, M].
+at::Tensor attention_qk(const at::Tensor& q, const at::Tensor& q_scale, const at::Tensor& k,
+                        const at::Tensor& k_scale);
+// p [BH, N, M] uint8 codes c (value c / (2^bits - 1)), v [BH, M, D] int8, v_scale [BH, D] fp32 -> [BH, N, D].
+at::Tensor attention_pv_uniform(const at::Tensor& p, const at::Tensor& v, const at::Tensor& v_scale, int64_t bits);
+// Same on the log2 grid: value 2^-min(c, cmax), 0 for zero_code.
+at::Tensor attention_pv_log2(const at::Tensor& p, const at::Tensor& v, const at::Tensor& v_scale, int64_t cmax,
+                             int64_t zero_code);
+}  // namespace mixq

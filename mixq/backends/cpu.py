@@ -9,6 +9,7 @@ back to the reference backend.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -177,5 +178,89 @@ class CpuBackend:
         """The triton backend's fused entry point, same signature: dynamic quantize + packed_linear
         in one call -> (out [M, n], a_scale [M])."""
         return self.linear_dynamic(x, None, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul)
+
+    # ------------------------------------------------------------------ attention matmuls (issue 15)
+
+    def quantized_qk(
+        self, q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Q K^T on int8 codes (csrc/attention.cpp), bit-exact with ``reference.attention_qk``:
+        q [..., N, D], k [..., M, D], per-token steps [..., N] / [..., M] -> [..., N, M] in out_dtype."""
+        _require_attention_ext()
+        _check_out_dtype(out_dtype)
+        _check_codes(q, torch.int8, "q", "[..., N, D]")
+        _check_codes(k, torch.int8, "k", "[..., M, D]")
+        lead = tuple(q.shape[:-2])
+        n, d = q.shape[-2:]
+        m = k.shape[-2]
+        if tuple(k.shape[:-2]) != lead or k.shape[-1] != d:
+            raise ValueError(f"mixq cpu quantized_qk: k must be [..., M, D] with q's leading dims {lead} and head "
+                             f"dim {d}, got {tuple(k.shape)}")
+        _check_steps(q_scale, (*lead, n), "q_scale")
+        _check_steps(k_scale, (*lead, m), "k_scale")
+        if d > _C.attention_max_head_dim:
+            raise ValueError(f"mixq cpu quantized_qk: head dim {d} above {_C.attention_max_head_dim} (the exact "
+                             "int32 sum's bound); use the reference backend")
+        bh = math.prod(lead)  # not -1: a zero-size dim would leave it undetermined
+        out = _C.attention_qk(q.reshape(bh, n, d), q_scale.to(torch.float32).reshape(bh, n), k.reshape(bh, m, d),
+                              k_scale.to(torch.float32).reshape(bh, m))
+        return out.reshape(*lead, n, m).to(out_dtype)
+
+    def quantized_pv(
+        self, p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """softmax(.) V on codes (csrc/attention.cpp), bit-exact with ``reference.attention_pv``: uint8
+        probability codes p [..., N, M] on grid ``p_kind`` x int8 V [..., M, D], per-channel steps
+        v_scale [..., D] -> [..., N, D] in out_dtype."""
+        _require_attention_ext()
+        formats.check_bits(p_bits, "p_bits")
+        formats.check_softmax_quant(p_kind)
+        _check_out_dtype(out_dtype)
+        _check_codes(p, torch.uint8, "p (probability codes)", "[..., N, M]")
+        _check_codes(v, torch.int8, "v", "[..., M, D]")
+        lead = tuple(p.shape[:-2])
+        n, m = p.shape[-2:]
+        d = v.shape[-1]
+        if tuple(v.shape[:-2]) != lead or v.shape[-2] != m:
+            raise ValueError(f"mixq cpu quantized_pv: v must be [..., M, D] with p's leading dims {lead} and M = {m} "
+                             f"keys, got {tuple(v.shape)}")
+        _check_steps(v_scale, (*lead, d), "v_scale")
+        if m > _C.attention_max_keys:
+            raise ValueError(f"mixq cpu quantized_pv: {m} keys above {_C.attention_max_keys} (the exact integer "
+                             "sum's bound); use the reference backend")
+        bh = math.prod(lead)
+        p3, v3, vs2 = p.reshape(bh, n, m), v.reshape(bh, m, d), v_scale.to(torch.float32).reshape(bh, d)
+        if p_kind == "uniform":
+            out = _C.attention_pv_uniform(p3, v3, vs2, p_bits)
+        else:
+            out = _C.attention_pv_log2(p3, v3, vs2, formats.log2_max_code(p_bits), formats.prob_zero_code(p_bits))
+        return out.reshape(*lead, n, d).to(out_dtype)
+
+
+def _require_attention_ext() -> None:
+    _require_ext()
+    if not hasattr(_C, "attention_qk"):  # a mixq._C built before csrc/attention.cpp existed
+        raise RuntimeError("mixq cpu backend: mixq._C has no attention kernels (built from older sources); "
+                           "rebuild it: `python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+
+
+def _check_codes(t: torch.Tensor, dtype: torch.dtype, what: str, shape: str) -> None:
+    _check_cpu(t, what)
+    if t.dtype != dtype or t.dim() < 2:
+        raise ValueError(f"mixq cpu backend: {what} must be a {dtype} tensor {shape} (at least 2-D), "
+                         f"got {t.dtype} {tuple(t.shape)}")
+
+
+def _check_steps(t: torch.Tensor, shape: tuple, what: str) -> None:
+    _check_cpu(t, what)
+    if not t.dtype.is_floating_point or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"mixq cpu backend: {what} must be a float tensor of shape {tuple(shape)}, "
+                         f"got {t.dtype} {tuple(t.shape)}")
+
 
 register_backend(CpuBackend())
