@@ -121,7 +121,7 @@ def _(x, w, w_scale, bias, a_scale_mul, w_bits, a_bits, k, n, out_dtype, backend
 
 def _attention_impl(backend: str, method: str):
     """The backend's attention method, or the reference one when it has none: cpu runs its C++ kernels
-    (csrc/attention.cpp); triton has no native kernel yet (issue 15, phase 2) and runs the reference's."""
+    (csrc/attention.cpp), triton its int8 tensor-core kernels (mixq/kernels/attention.py)."""
     return getattr(get_backend(backend), method, None) or getattr(get_backend("reference"), method)
 
 
@@ -132,7 +132,7 @@ def quantized_qk(
 ) -> torch.Tensor:
     """Q K^T of int8 codes q [..., N, D], k [..., M, D] with per-token steps [..., N], [..., M] -> [..., N, M]:
     (fp32(exact acc) * q_scale[i]) * k_scale[j], batched over the leading dims (batch, heads).
-    The cpu backend runs csrc/attention.cpp (bit-exact); triton falls back to the reference for now."""
+    cpu and triton run their own kernels, bit-identical to the reference."""
     return _attention_impl(backend, "quantized_qk")(q, q_scale, k, k_scale, out_dtype)
 
 
@@ -148,8 +148,8 @@ def quantized_pv(
 ) -> torch.Tensor:
     """softmax(.) V: uint8 probability codes p [..., N, M] (``formats.quantize_probs``, grid ``p_kind``)
     times int8 V codes [..., M, D] with per-channel steps v_scale [..., D] -> [..., N, D], exact integer
-    sums (log2: shifts of V's integers). The cpu backend runs csrc/attention.cpp (bit-exact); triton falls
-    back to the reference for now."""
+    sums (log2: shifts of V's integers). cpu and triton run their own kernels,
+    bit-identical to the reference."""
     return _attention_impl(backend, "quantized_pv")(p, v, v_scale, p_bits, p_kind, out_dtype)
 
 

@@ -59,7 +59,7 @@ class Backend(Protocol):
         """(xq @ W^T) * a_scale[m] * w_scale[n] + bias[n], a_scale [M] or [1]; ``w`` is prepacked."""
 
     # Optional, probed with getattr by mixq.ops.quantized_qk / quantized_pv (the reference backend's
-    # methods run when absent; cpu and triton have none yet):
+    # methods run when absent; cpu and triton have both):
     # quantized_qk(q, q_scale, k, k_scale, out_dtype) -> [..., N, M]: int8 Q [..., N, D] times int8
     #     K [..., M, D]^T, exact integer sums, (fp32(acc) * q_scale[i]) * k_scale[j].
     # quantized_pv(p, v, v_scale, p_bits, p_kind, out_dtype) -> [..., N, D]: uint8 probability codes
