@@ -31,7 +31,8 @@ WEIGHT_METHODS = ("rtn", "gptq")
 # On the triton backend, dynamic/smooth layers with at most this many tokens run
 # mixq::quantized_linear_dynamic (one fused quantize+GEMM launch); larger M quantizes first, then runs
 # the GEMM. (The cpu backend fuses at every M: its fused call is one parallel region that quantizes
-# each row chunk once, never slower than the two calls.) Why a bound on triton: the fused Triton kernel has every (row tile, N tile, K split) program re-read its rows
+# each row chunk where the GEMM reads it; bench/bench_cpu.py measured it no slower than the two calls
+# at every shape, SAM's M = 4096 included.) Why a bound on triton: the fused Triton kernel has every (row tile, N tile, K split) program re-read its rows
 # in float over all of K for the amax before its main loop, i.e. cdiv(N, BLOCK_N) * split_k extra
 # float passes over the activations, not overlapped with the MMAs. At small M (one or a few row
 # tiles, launch- and weight-bound: SAM's decoder, batch-1 heads) that is cheaper than a second
@@ -321,7 +322,7 @@ class QuantLinear(nn.Module):
         if x2.requires_grad:
             x2 = x2.detach()
         dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
-        xk = x2.to(dtype).contiguous()
+        xk = (x2 if dtype == x.dtype else x2.to(dtype)).contiguous()
         if self.act_quant == "dynamic" or self.act_quant == "smooth":
             if self.fused_dynamic_any_m or (self.fused_dynamic and xk.shape[0] <= FUSED_DYNAMIC_MAX_M
                                             and self.in_features > 0):
@@ -337,8 +338,8 @@ class QuantLinear(nn.Module):
                 out = ops.packed_linear(xq, a_scale * f, self.w_runtime, self.w_scale, bias, self.w_bits,
                                         self.in_features, n, dtype, self.backend).div_(f)
         else:
-            out = ops.packed_linear(self._quantize_static_input(xk), self.act_scale, self.w_runtime, self.w_scale, self.bias, self.w_bits,
-                                    self.in_features, n, dtype, self.backend)
+            out = ops.packed_linear(self._quantize_static_input(xk), self.act_scale, self.w_runtime, self.w_scale,
+                                    self.bias, self.w_bits, self.in_features, n, dtype, self.backend)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
