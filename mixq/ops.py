@@ -116,20 +116,20 @@ def quantized_linear_dynamic(
     """
     b = get_backend(backend)
     fused = getattr(b, "quantized_linear_dynamic", None)
-    if a_scale_mul is None and getattr(b, "fused_headroom", False):
+    headroom = a_scale_mul is None
+    if headroom and getattr(b, "fused_headroom", False):  # cpu: smooth multiply and headroom in its one call
         return fused(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, smooth_inv=smooth_inv, headroom=True)[0]
     if smooth_inv is not None:
         x = (x.to(torch.float32) * smooth_inv).contiguous()
-    if fused is not None:
-        f = a_scale_mul
-        if f is None:  # the steps quantize_dynamic will compute (formats.quantize_act_dynamic's rule)
-            amax = x.abs().amax(dim=-1).to(torch.float32)  # abs and max are exact in any float dtype
-            f = formats.epilogue_headroom(amax.clamp_min(formats.SCALE_EPS) / formats.qmax(a_bits))
-            bias = bias * f if bias is not None else None
-        out = fused(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=f)[0]
-        return out.div_(f) if a_scale_mul is None else out
+    if fused is not None and not headroom:
+        return fused(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=a_scale_mul)[0]
+    if fused is not None:  # one launch: f from the steps it will compute (abs and max are exact in any dtype)
+        steps = x.abs().amax(dim=-1).to(torch.float32).clamp_min(formats.SCALE_EPS) / formats.qmax(a_bits)
+        f = formats.epilogue_headroom(steps)
+        bias = bias * f if bias is not None else None
+        return fused(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=f)[0].div_(f)
     xq, a_scale = b.quantize_dynamic(x, a_bits)
-    if a_scale_mul is not None:
+    if not headroom:
         return b.packed_linear(xq, a_scale * a_scale_mul.reshape(()).to(torch.float32), w, w_scale, bias, w_bits, k,
                                n, out_dtype)
     f = formats.epilogue_headroom(a_scale)
