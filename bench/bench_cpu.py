@@ -1,9 +1,11 @@
 """CPU speed of mixq's QuantLinear against fp32 nn.Linear and fbgemm's int8 dynamic Linear.
 
 Every mixq timing is end to end, as a real Linear runs: ``QuantLinear(act_quant="dynamic")``
-forward (per-token activation quantization, packed GEMM, fused epilogue), fp32 in and out,
-against ``torch.ao.quantization.quantize_dynamic`` (fbgemm) on the same weights. Shapes: issue
-14's ViT-S/ViT-B batch-1, BERT-small and SAM-B Linears, plus ViT-B/16 batch 8.
+forward (per-token activation quantization, packed GEMM, fused epilogue: one C++ call behind one
+custom op), fp32 in and out, against ``torch.ao.quantization.quantize_dynamic`` (fbgemm) on the same
+weights; the "raw" columns time that C++ call alone, so the table also gives QuantLinear's per-call
+Python overhead. Shapes: issue 14's ViT-S/ViT-B batch-1, BERT-small and SAM-B Linears, plus
+ViT-B/16 batch 8.
 
     pytest bench/bench_cpu.py --benchmark-only                  # pytest-benchmark, few rounds
     python bench/bench_cpu.py --table [--quick] [--threads T]   # Markdown table, interleaved medians
