@@ -153,6 +153,9 @@ def main() -> None:
         print(f"| {b} | {ms} | {vs8} | {vsf} |")
     print("\nRatios: time of the reference / time of the model (above 1: the model is faster).\n")
     print("\n".join(target_lines(rows)))
+    if max(os.getloadavg()[0], float(load0.split()[0])) > args.threads + 0.5:
+        print(f"\nWARNING: load average above {args.threads} thread(s): other jobs shared the cores, so these "
+              "timings (and the verdicts above) are not quotable; rerun on a quiet machine.")
 
 
 if __name__ == "__main__":
