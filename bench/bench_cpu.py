@@ -1,9 +1,11 @@
 """CPU speed of mixq's QuantLinear against fp32 nn.Linear and fbgemm's int8 dynamic Linear.
 
 Every mixq timing is end to end, as a real Linear runs: ``QuantLinear(act_quant="dynamic")``
-forward (per-token activation quantization, packed GEMM, fused epilogue), fp32 in and out,
-against ``torch.ao.quantization.quantize_dynamic`` (fbgemm) on the same weights. Shapes: issue
-14's ViT-S/ViT-B batch-1, BERT-small and SAM-B Linears, plus ViT-B/16 batch 8.
+forward (per-token activation quantization, packed GEMM, fused epilogue: one C++ call behind one
+custom op), fp32 in and out, against ``torch.ao.quantization.quantize_dynamic`` (fbgemm) on the same
+weights; the "raw" columns time that C++ call alone, so the table also gives QuantLinear's per-call
+Python overhead. Shapes: issue 14's ViT-S/ViT-B batch-1, BERT-small and SAM-B Linears, plus
+ViT-B/16 batch 8.
 
     pytest bench/bench_cpu.py --benchmark-only                  # pytest-benchmark, few rounds
     python bench/bench_cpu.py --table [--quick] [--threads T]   # Markdown table, interleaved medians
@@ -39,9 +41,10 @@ TABLE_SHAPES = [
 SHAPES = [(m, k, n) for _, m, k, n in TABLE_SHAPES]
 QUANT = ["W8A8", "W6A8", "W4A8", "W4A4"]
 IMPLS = ["fp32", "fbgemm"] + QUANT
-# "fused": the same Linear through CpuBackend.linear_dynamic (quantize + GEMM in one call), what
-# QuantLinear runs once ops.py routes dynamic/smooth layers to it (see bench/results/cpu.md).
-FUSED = ["W4A8 fused", "W8A8 fused"]
+# "raw": the C++ call QuantLinear makes (CpuBackend.linear_dynamic with the overflow headroom:
+# quantize, GEMM, epilogue in one parallel region) without QuantLinear's Python around it (module
+# call, custom-op dispatch, reshapes). QuantLinear minus raw is the per-call Python overhead.
+RAW = ["W4A8 raw", "W8A8 raw"]
 
 
 def _cpu_backend_ready() -> bool:
@@ -70,12 +73,12 @@ def make_runner(impl: str, m: int, k: int, n: int, seed: int = 0) -> Callable[[]
 
     qlin = QuantLinear.from_float(linear, w_bits, a_bits, act_quant="dynamic", backend="cpu", clip_search=False)
     assert qlin.backend == "cpu"
-    if impl.endswith("fused"):
+    if impl.endswith("raw"):
         from mixq.backends import get_backend
 
         cpu = get_backend("cpu")
         args = (qlin.w_runtime, qlin.w_scale, qlin.bias, w_bits, a_bits, k, n, torch.float32)
-        return lambda: cpu.linear_dynamic(x, None, *args)
+        return lambda: cpu.linear_dynamic(x, None, *args, headroom=True)
     return lambda: qlin(x)
 
 
@@ -149,7 +152,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def table(quick: bool = False, rounds: int = 7, fused: bool = True) -> str:
+def table(quick: bool = False, rounds: int = 7, raw: bool = True) -> str:
     """Markdown table: ms per Linear, speed-up vs fbgemm (and fp32), GOP/s, share of the measured peak."""
     import sys
 
@@ -165,14 +168,14 @@ def table(quick: bool = False, rounds: int = 7, fused: bool = True) -> str:
     shapes = TABLE_SHAPES[:3] if quick else TABLE_SHAPES
     rows = []
     for name, m, k, n in shapes:
-        impls = IMPLS + (FUSED if fused else [])
+        impls = IMPLS + (RAW if raw else [])
         fastest: dict[str, float] = {}
         t = median_times({impl: make_runner(impl, m, k, n) for impl in impls}, rounds, fastest)
         rows.append((name, m, k, n, t, fastest))
         print(f"{name} M={m} K={k} N={n}: " + ", ".join(f"{i} {v * 1e3:.3f} ms" for i, v in t.items()), flush=True)
     # The peak is measured before and after the run; the higher reading is the less disturbed one.
     peaks = {key: max(v, w) for (key, v), w in zip(peaks.items(), measure_peaks(iters=iters).values())}
-    quant = QUANT + (FUSED if fused else [])
+    quant = QUANT + (RAW if raw else [])
     fb_isa = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "best available")
     lines = [
         f"CPU: {cpu_model()}, {threads} thread(s), torch {torch.__version__}, fbgemm ISA: {fb_isa}, mixq kernel path "
@@ -204,6 +207,17 @@ def table(quick: bool = False, rounds: int = 7, fused: bool = True) -> str:
     lines.append("Ratios: fbgemm time / mixq time (above 1: mixq faster). GOP/s = 2*M*K*N / mixq time.")
     lines += ["", "Fastest single call of each (the least disturbed when other jobs share the cores):", ""]
     lines += header + body(fastest=True)
+    if raw:
+        lines += ["", "QuantLinear's per-call Python overhead: QuantLinear minus the raw C++ call it makes, same "
+                  "run, us (median / fastest call), and what it costs against fbgemm:", "",
+                  "| shape (M, K, N) | " + " | ".join(f"{q} overhead us" for q in ("W4A8", "W8A8")) + " | "
+                  + " | ".join(f"fbgemm / {q}" for q in ("W4A8", "W4A8 raw", "W8A8", "W8A8 raw")) + " |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, m, k, n, median, best in rows:
+            over = " | ".join(f"{(median[q] - median[q + ' raw']) * 1e6:.0f} / {(best[q] - best[q + ' raw']) * 1e6:.0f}"
+                              for q in ("W4A8", "W8A8"))
+            vs = " | ".join(f"{median['fbgemm'] / median[q]:.2f}x" for q in ("W4A8", "W4A8 raw", "W8A8", "W8A8 raw"))
+            lines.append(f"| {name} ({m}, {k}, {n}) | {over} | {vs} |")
     return "\n".join(lines)
 
 
@@ -215,7 +229,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
     parser.add_argument("--isa", choices=["auto", "avx2"], default="auto",
                         help="avx2: mixq's AVX2 kernels against fbgemm's AVX2 kernels (a machine without VNNI)")
-    parser.add_argument("--no-fused", action="store_true", help="leave out the fused linear_dynamic columns")
+    parser.add_argument("--no-raw", "--no-fused", dest="no_raw", action="store_true",
+                        help="leave out the raw C++ call columns (QuantLinear without its Python)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,7 +244,7 @@ def main() -> None:
         # fbgemm reads this once, at its first GEMM (none has run yet); mixq caps its dispatch.
         os.environ["FBGEMM_ENABLE_INSTRUCTIONS"] = "AVX2"
         _C.set_kernel_path("avx2")
-    print(table(quick=args.quick, rounds=args.rounds, fused=not args.no_fused))
+    print(table(quick=args.quick, rounds=args.rounds, raw=not args.no_raw))
 
 
 if __name__ == "__main__":

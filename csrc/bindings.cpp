@@ -29,8 +29,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("bits"), py::arg("k"), py::arg("n"), py::arg("out_dtype"));
   m.def("linear_dynamic", &mixq::linear_dynamic, py::arg("x"), py::arg("smooth_inv"), py::arg("w"),
         py::arg("w_scale"), py::arg("bias"), py::arg("w_bits"), py::arg("a_bits"), py::arg("k"), py::arg("n"),
-        py::arg("out_dtype"), py::arg("a_scale_mul") = py::none(),
-        "Fused dynamic-activation Linear: quantize (+ smooth multiply), GEMM, epilogue -> (out, a_scale)");
+        py::arg("out_dtype"), py::arg("a_scale_mul") = py::none(), py::arg("headroom") = false,
+        "Fused dynamic-activation Linear: quantize (+ smooth multiply), GEMM, epilogue (+ QuantLinear's "
+        "overflow headroom) -> (out, a_scale)");
   m.def("quantize_dynamic", &mixq::quantize_dynamic, py::arg("x"), py::arg("bits"));
   m.def("quantize_static", &mixq::quantize_static, py::arg("x"), py::arg("inv_scale"), py::arg("bits"));
   m.def("layernorm_quantize", &mixq::layernorm_quantize, py::arg("x"), py::arg("weight"), py::arg("bias"),

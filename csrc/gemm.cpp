@@ -32,10 +32,12 @@
 #include "mixq_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -44,6 +46,7 @@ namespace mixq {
 namespace {
 
 constexpr int kMR = 4;  // activation rows per micro-kernel call
+constexpr int kMaxEpilogueStepLog2 = 64;  // formats._MAX_EPILOGUE_STEP = 2**64
 constexpr int kGroup = 4;
 
 enum class Mode { kW4, kW6, kW8Offset, kW8Sign };
@@ -740,11 +743,25 @@ at::Tensor packed_linear(const at::Tensor& xq_in, const at::Tensor& a_scale_in, 
   return out;
 }
 
+// formats.epilogue_headroom of the steps: f = 2^-e with e = max(0, floor(log2(max(top, 1))) - 64),
+// top = the largest finite step (NaN and inf rows are their own business). floor(log2) is read off
+// the exponent (frexp), exactly, as formats.py does with torch.frexp.
+static float epilogue_headroom(const float* step, int64_t m) {
+  float top = 1.f;
+  for (int64_t i = 0; i < m; ++i) {
+    if (std::isfinite(step[i]) && step[i] > top) top = step[i];
+  }
+  int exp2 = 0;
+  std::frexp(top, &exp2);  // top = mantissa * 2^exp2, mantissa in [0.5, 1)
+  const int e = std::max(0, exp2 - 1 - kMaxEpilogueStepLog2);
+  return std::ldexp(1.f, -e);
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_dynamic(const at::Tensor& x_in, const std::optional<at::Tensor>& smooth_inv_in,
                                                   const at::Tensor& w, const at::Tensor& w_scale_in,
                                                   const std::optional<at::Tensor>& bias_in, int64_t w_bits,
                                                   int64_t a_bits, int64_t k, int64_t n, at::ScalarType out_dtype,
-                                                  const std::optional<at::Tensor>& a_scale_mul) {
+                                                  const std::optional<at::Tensor>& a_scale_mul, bool headroom) {
   check_prepacked(w, w_bits, k, n);
   TORCH_CHECK(a_bits == 4 || a_bits == 6 || a_bits == 8, "mixq cpu: unsupported a_bits=", a_bits,
               "; supported: 4, 6, 8");
@@ -753,8 +770,10 @@ std::tuple<at::Tensor, at::Tensor> linear_dynamic(const at::Tensor& x_in, const 
               "mixq cpu: linear_dynamic expects a 2-D float32/bfloat16/float16 CPU tensor [M, K], got ", t, " ",
               x_in.sizes(), " on ", x_in.device());
   TORCH_CHECK(x_in.size(1) == k, "mixq cpu: x has K=", x_in.size(1), " but the weights have k=", k);
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16,
-              "mixq cpu: out_dtype must be float32 or bfloat16, got ", out_dtype);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "mixq cpu: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  const bool has_mul = a_scale_mul.has_value() && a_scale_mul->defined();
+  TORCH_CHECK(!(headroom && has_mul), "mixq cpu: linear_dynamic takes a_scale_mul or headroom=True, not both");
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0);
   at::Tensor smooth_inv;
@@ -770,15 +789,17 @@ std::tuple<at::Tensor, at::Tensor> linear_dynamic(const at::Tensor& x_in, const 
     TORCH_CHECK(bias.numel() == n, "mixq cpu: bias must have N=", n, " elements, got ", bias.numel());
   }
   float mul = 1.f;
-  if (a_scale_mul.has_value() && a_scale_mul->defined()) {
+  if (has_mul) {
     TORCH_CHECK(a_scale_mul->numel() == 1, "mixq cpu: a_scale_mul must hold one value, got ", a_scale_mul->numel());
     mul = a_scale_mul->to(at::kFloat).item<float>();
   }
-  at::Tensor out = at::empty({m, n}, out_dtype);
+  // The kernels write fp32 or bf16; fp16 is rounded from fp32 afterwards, as the reference rounds it.
+  const at::ScalarType kernel_dtype = out_dtype == at::kHalf ? at::kFloat : out_dtype;
+  at::Tensor out = at::empty({m, n}, kernel_dtype);
   at::Tensor a_scale = at::empty({m}, at::kFloat);
-  if (m == 0) return {out, a_scale};
+  if (m == 0) return {out.to(out_dtype), a_scale};
   Epilogue ep;
-  if (out_dtype == at::kFloat) ep.out_f32 = out.data_ptr<float>();
+  if (kernel_dtype == at::kFloat) ep.out_f32 = out.data_ptr<float>();
   else ep.out_bf16 = out.data_ptr<at::BFloat16>();
   ep.w_scale = w_scale.data_ptr<float>();
   ep.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
@@ -792,6 +813,23 @@ std::tuple<at::Tensor, at::Tensor> linear_dynamic(const at::Tensor& x_in, const 
   src.scale_out = a_scale.data_ptr<float>();
   src.scale_mul = mul;
   run_gemm(nullptr, m, k, w.data_ptr<uint8_t>(), w_bits, n, ep, &src);
+  // Headroom (QuantLinear's dynamic forward): the factor depends on every row's step, known only
+  // once the call has quantized them all, so the call runs with f = 1 (every input below ~1e21)
+  // and, in the rare case that needs f < 1, once more with steps * f and bias * f, then divides
+  // the output (in its own dtype) by f: the operations, in the order, of formats.py's rule.
+  const float f = headroom ? epilogue_headroom(a_scale.data_ptr<float>(), m) : 1.f;
+  at::Tensor bias_f;
+  if (f != 1.f) {
+    if (bias.defined()) {
+      bias_f = at::empty({n}, at::kFloat);
+      for (int64_t j = 0; j < n; ++j) bias_f.data_ptr<float>()[j] = bias.data_ptr<float>()[j] * f;
+      ep.bias = bias_f.data_ptr<float>();
+    }
+    src.scale_mul = f;
+    run_gemm(nullptr, m, k, w.data_ptr<uint8_t>(), w_bits, n, ep, &src);
+  }
+  if (out_dtype != kernel_dtype) out = out.to(out_dtype);
+  if (f != 1.f) out.div_(at::scalar_tensor(f, at::kFloat));
   return {out, a_scale};
 }
 

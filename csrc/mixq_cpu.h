@@ -34,12 +34,14 @@ at::Tensor packed_linear(const at::Tensor& xq, const at::Tensor& a_scale, const 
 
 // Quantize + GEMM + epilogue in one parallel region, the activation codes kept in a per-thread
 // workspace: the dynamic per-token rule, optionally after the smooth-mode multiply x * smooth_inv.
-// Returns (out, the plain per-token steps); the epilogue uses step * a_scale_mul when given.
+// Returns (out, the plain per-token steps); the epilogue uses step * a_scale_mul when given. With
+// headroom, QuantLinear's power-of-two overflow headroom f (formats.epilogue_headroom of the steps)
+// is applied instead: steps and bias times f in the epilogue, the output divided by f.
 std::tuple<at::Tensor, at::Tensor> linear_dynamic(const at::Tensor& x, const std::optional<at::Tensor>& smooth_inv,
                                                   const at::Tensor& w, const at::Tensor& w_scale,
                                                   const std::optional<at::Tensor>& bias, int64_t w_bits,
                                                   int64_t a_bits, int64_t k, int64_t n, at::ScalarType out_dtype,
-                                                  const std::optional<at::Tensor>& a_scale_mul);
+                                                  const std::optional<at::Tensor>& a_scale_mul, bool headroom);
 
 // ----------------------------------------------------------------------------- activations
 // One row by the dynamic rule (after x * smooth_inv in fp32 when smooth_inv is given): writes

@@ -232,9 +232,11 @@ def epilogue_headroom(a_scale: torch.Tensor) -> torch.Tensor:
     then ``/ f``: exactly the usual numbers when f = 1 (any input below ~1e21), and finite instead of
     inf for inputs up to fp32's range, where ``acc * a_scale`` alone overflows. Non-finite steps are
     ignored (a NaN row stays that row's business)."""
-    top = a_scale.to(torch.float32).nan_to_num(0.0, posinf=0.0, neginf=0.0).amax()
-    e = (torch.floor(torch.log2(top.clamp_min(1.0))) - math.log2(_MAX_EPILOGUE_STEP)).clamp_min(0.0)
-    return torch.pow(2.0, -e)
+    top = a_scale.to(torch.float32).nan_to_num(0.0, posinf=0.0, neginf=0.0).amax().clamp_min(1.0)
+    # floor(log2(top)) read off the exponent, exact on every device (fp32 log2 rounds values just
+    # below 2**j up to j); the cpu kernels compute the same with frexp.
+    e = (torch.frexp(top).exponent - (1 + int(math.log2(_MAX_EPILOGUE_STEP)))).clamp_min(0)
+    return torch.pow(2.0, -e.to(torch.float32))
 
 
 def search_clip_range(samples: torch.Tensor, bits: int, grid: int = 50, min_ratio: float = 0.3) -> torch.Tensor:

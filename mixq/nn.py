@@ -2,8 +2,9 @@
 
 The integer path quantizes the input (per the contract in :mod:`mixq.formats`), then calls
 ``mixq::packed_linear`` on the backend chosen for the tensor's device; dynamic and smooth layers
-at small M call ``mixq::quantized_linear_dynamic`` instead (quantize and GEMM in one launch where
-the backend fuses them, the same numbers either way). The simulation path
+call ``mixq::quantized_linear_dynamic`` instead where the backend fuses it (cpu: quantize, GEMM and
+the overflow headroom in one C++ call at every M; triton: one launch at small M), the same numbers
+either way. The simulation path
 computes the same numbers with fake-quantized float tensors (useful for scoring and on
 devices without kernels); both agree to float rounding.
 """
@@ -27,9 +28,11 @@ ACT_MODES = ("dynamic", "static", "channel", "smooth")
 # Input dtypes the kernels take; any other float input (float64) runs in fp32 and is cast back.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_METHODS = ("rtn", "gptq")
-# Dynamic/smooth layers with at most this many tokens run mixq::quantized_linear_dynamic (one fused
-# quantize+GEMM launch on backends that have it); larger M quantizes first, then runs the GEMM.
-# Why a bound: the fused Triton kernel has every (row tile, N tile, K split) program re-read its rows
+# On the triton backend, dynamic/smooth layers with at most this many tokens run
+# mixq::quantized_linear_dynamic (one fused quantize+GEMM launch); larger M quantizes first, then runs
+# the GEMM. (The cpu backend fuses at every M: its fused call is one parallel region that quantizes
+# each row chunk where the GEMM reads it; bench/bench_cpu.py measured it no slower than the two calls
+# at every shape, SAM's M = 4096 included.) Why a bound on triton: the fused Triton kernel has every (row tile, N tile, K split) program re-read its rows
 # in float over all of K for the amax before its main loop, i.e. cdiv(N, BLOCK_N) * split_k extra
 # float passes over the activations, not overlapped with the MMAs. At small M (one or a few row
 # tiles, launch- and weight-bound: SAM's decoder, batch-1 heads) that is cheaper than a second
@@ -113,6 +116,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_sim", None, persistent=False)
         self.backend = "reference"
         self.fused_dynamic = False
+        self.fused_dynamic_any_m = False
         self.refresh()
 
     # ------------------------------------------------------------------ construction
@@ -184,6 +188,9 @@ class QuantLinear(nn.Module):
         backend = get_backend(name)
         self.backend = name
         self.fused_dynamic = callable(getattr(backend, "quantized_linear_dynamic", None))
+        # A backend whose fused op is its fastest dynamic path at every M (cpu) skips FUSED_DYNAMIC_MAX_M.
+        self.fused_dynamic_any_m = (self.fused_dynamic and self.in_features > 0
+                                    and bool(getattr(backend, "fused_dynamic_any_m", False)))
         self.w_runtime = backend.prepack(self.qweight, self.w_bits, self.in_features)
         if self.simulate:
             # Integer-valued floats: the product below is exact in fp32 while no partial sum can reach
@@ -290,22 +297,12 @@ class QuantLinear(nn.Module):
         """Smooth mode's input in the folded basis, x / s_k (one fp32 multiply, the same on every path)."""
         return x2 if self.input_prescaled else x2.to(torch.float32) * self.act_inv_scale
 
-    def _dynamic_steps(self, x2: torch.Tensor) -> torch.Tensor:
-        """The per-token steps quantize_dynamic will compute (formats.quantize_act_dynamic's rule),
-        without quantizing: the fused path needs the headroom before its single launch."""
-        amax = x2.abs().amax(dim=-1).to(torch.float32)  # abs and max are exact in any float dtype
-        return amax.clamp_min(formats.SCALE_EPS) / formats.qmax(self.a_bits)
-
-    def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.act_quant == "dynamic":
-            return ops.quantize_act_dynamic(x2, self.a_bits, self.backend)
-        if self.act_quant == "smooth":
-            return ops.quantize_act_dynamic(self._smoothed(x2).contiguous(), self.a_bits, self.backend)
+    def _quantize_static_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """Static and channel modes: codes with the calibrated step (a folded LayerNorm in the same pass)."""
         if self.folded_norm:
-            xq = ops.layernorm_quantize(x2, self.norm_weight, self.norm_bias, self.norm_eps, self.act_inv_scale,
-                                        self.a_bits, self.backend)
-            return xq, self.act_scale
-        return ops.quantize_act_static(x2, self.act_inv_scale, self.a_bits, self.backend), self.act_scale
+            return ops.layernorm_quantize(x2, self.norm_weight, self.norm_bias, self.norm_eps, self.act_inv_scale,
+                                          self.a_bits, self.backend)
+        return ops.quantize_act_static(x2, self.act_inv_scale, self.a_bits, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -314,37 +311,38 @@ class QuantLinear(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"QuantLinear expects a floating-point input, got {x.dtype}")
-        lead = x.shape[:-1]
+        n = self.out_features
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
-            return x.new_zeros(*lead, self.out_features)
+            return x.new_zeros(*x.shape[:-1], n)
         if self.simulate:
-            out = self._forward_simulated(x2)
-        else:
-            # The integer path is inference: no gradient flows through the kernels (set_simulate(True)
-            # gives a straight-through one). Detaching also lets torch.compile trace it with grad enabled.
-            dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
-            xk = x2.detach().to(dtype).contiguous()
-            dynamic = self.act_quant in ("dynamic", "smooth")
-            if dynamic and self.fused_dynamic and xk.shape[0] <= FUSED_DYNAMIC_MAX_M and self.in_features > 0:
+            return self._forward_simulated(x2).to(x.dtype).reshape(*x.shape[:-1], n)
+        # The integer path is inference: no gradient flows through the kernels (set_simulate(True)
+        # gives a straight-through one). Detaching also lets torch.compile trace it with grad enabled.
+        if x2.requires_grad:
+            x2 = x2.detach()
+        dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
+        xk = (x2 if dtype == x.dtype else x2.to(dtype)).contiguous()
+        if self.act_quant == "dynamic" or self.act_quant == "smooth":
+            if self.fused_dynamic_any_m or (self.fused_dynamic and xk.shape[0] <= FUSED_DYNAMIC_MAX_M
+                                            and self.in_features > 0):
+                # One op: quantize (after x * 1/s_k in smooth mode), GEMM and the overflow headroom.
+                smooth_inv = self.act_inv_scale if self.act_quant == "smooth" and not self.input_prescaled else None
+                out = ops.quantized_linear_dynamic(xk, self.w_runtime, self.w_scale, self.bias, None, self.w_bits,
+                                                   self.a_bits, self.in_features, n, dtype, self.backend, smooth_inv)
+            else:
                 xs = self._smoothed(xk).contiguous() if self.act_quant == "smooth" else xk
-                # the same headroom f as below, from the steps the kernel is about to compute
-                f = formats.epilogue_headroom(self._dynamic_steps(xs))
-                bias = self.bias * f if self.bias is not None else None
-                out = ops.quantized_linear_dynamic(xs, self.w_runtime, self.w_scale, bias, f, self.w_bits,
-                                                   self.a_bits, self.in_features, self.out_features, dtype,
-                                                   self.backend).div_(f)  # in place: no second output
-                return out.to(x.dtype).reshape(*lead, self.out_features)
-            xq, a_scale = self._quantize_input(xk)
-            if dynamic:  # a data-derived step can be huge: keep headroom
-                f = formats.epilogue_headroom(a_scale)
+                xq, a_scale = ops.quantize_act_dynamic(xs, self.a_bits, self.backend)
+                f = formats.epilogue_headroom(a_scale)  # a data-derived step can be huge: keep headroom
                 bias = self.bias * f if self.bias is not None else None
                 out = ops.packed_linear(xq, a_scale * f, self.w_runtime, self.w_scale, bias, self.w_bits,
-                                        self.in_features, self.out_features, dtype, self.backend).div_(f)
-            else:
-                out = ops.packed_linear(xq, a_scale, self.w_runtime, self.w_scale, self.bias, self.w_bits,
-                                        self.in_features, self.out_features, dtype, self.backend)
-        return out.to(x.dtype).reshape(*lead, self.out_features)
+                                        self.in_features, n, dtype, self.backend).div_(f)
+        else:
+            out = ops.packed_linear(self._quantize_static_input(xk), self.act_scale, self.w_runtime, self.w_scale,
+                                    self.bias, self.w_bits, self.in_features, n, dtype, self.backend)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out.reshape(*x.shape[:-1], n)
 
     def _forward_simulated(self, x2: torch.Tensor) -> torch.Tensor:
         """Fake quantization computed in float, equal bit for bit to the integer path.

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from . import formats
 from .backends import get_backend
 
 
@@ -90,32 +91,54 @@ def quantized_linear_dynamic(
     w: torch.Tensor,
     w_scale: torch.Tensor,
     bias: Optional[torch.Tensor],
-    a_scale_mul: torch.Tensor,
+    a_scale_mul: Optional[torch.Tensor],
     w_bits: int,
     a_bits: int,
     k: int,
     n: int,
     out_dtype: torch.dtype,
     backend: str,
+    smooth_inv: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Per-token dynamic quantize of float x [M, k], then packed_linear with steps a_scale * a_scale_mul.
+    """Per-token dynamic quantize of float x [M, k] (smooth mode: of ``x * smooth_inv`` in fp32 first),
+    then packed_linear, as one call where the backend fuses them.
 
-    Equal bit for bit to ``quantize_act_dynamic`` then ``packed_linear(xq, a_scale * a_scale_mul,
-    ...)`` (``a_scale_mul``: one fp32 value, QuantLinear's power-of-two headroom). A backend with a
-    fused ``quantized_linear_dynamic`` (triton: one launch, no int8 round trip) runs it; the others
-    run their own two calls, so they need nothing new.
+    ``a_scale_mul`` None: QuantLinear's dynamic forward. The power-of-two overflow headroom
+    ``f = formats.epilogue_headroom(steps)`` comes from this call's own steps; the epilogue uses
+    steps * f and bias * f, and the output is divided by f (exactly 1 below ~1e21 inputs).
+    ``a_scale_mul`` a tensor (one fp32 value): the raw epilogue, steps * a_scale_mul, bias and output
+    as given, i.e. ``packed_linear(xq, a_scale * a_scale_mul, ...)``.
+
+    Equal bit for bit, on every backend, to the composition: ``x * smooth_inv`` (fp32), then
+    ``quantize_act_dynamic``, then ``packed_linear`` with the steps above. The cpu backend does all
+    of it, headroom included, in one C++ call; triton fuses quantize and GEMM in one launch (the
+    headroom read off the steps computed beforehand); the others run their own two calls.
     """
     b = get_backend(backend)
     fused = getattr(b, "quantized_linear_dynamic", None)
-    if fused is not None:
+    headroom = a_scale_mul is None
+    if headroom and getattr(b, "fused_headroom", False):  # cpu: smooth multiply and headroom in its one call
+        return fused(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, smooth_inv=smooth_inv, headroom=True)[0]
+    if smooth_inv is not None:
+        x = (x.to(torch.float32) * smooth_inv).contiguous()
+    if fused is not None and not headroom:
         return fused(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=a_scale_mul)[0]
+    if fused is not None:  # one launch: f from the steps it will compute (abs and max are exact in any dtype)
+        steps = x.abs().amax(dim=-1).to(torch.float32).clamp_min(formats.SCALE_EPS) / formats.qmax(a_bits)
+        f = formats.epilogue_headroom(steps)
+        bias = bias * f if bias is not None else None
+        return fused(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=f)[0].div_(f)
     xq, a_scale = b.quantize_dynamic(x, a_bits)
-    return b.packed_linear(xq, a_scale * a_scale_mul.reshape(()).to(torch.float32), w, w_scale, bias, w_bits, k, n,
-                           out_dtype)
+    if not headroom:
+        return b.packed_linear(xq, a_scale * a_scale_mul.reshape(()).to(torch.float32), w, w_scale, bias, w_bits, k,
+                               n, out_dtype)
+    f = formats.epilogue_headroom(a_scale)
+    bias = bias * f if bias is not None else None
+    return b.packed_linear(xq, a_scale * f, w, w_scale, bias, w_bits, k, n, out_dtype).div_(f)
 
 
 @quantized_linear_dynamic.register_fake
-def _(x, w, w_scale, bias, a_scale_mul, w_bits, a_bits, k, n, out_dtype, backend):
+def _(x, w, w_scale, bias, a_scale_mul, w_bits, a_bits, k, n, out_dtype, backend, smooth_inv=None):
     return x.new_empty((x.shape[0], n), dtype=out_dtype)
 
 

@@ -5,6 +5,7 @@ the AVX2 and the portable scalar path. Skipped only when the extension is not bu
 from __future__ import annotations
 
 import importlib
+import secrets
 import sys
 import warnings
 
@@ -207,6 +208,103 @@ def test_gemm_many_chunks_and_threads(kernel_path, w_bits):
     got, got_scale = CPU.linear_dynamic(x, None, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, 8, k, n,
                                         torch.float32)
     assert torch.equal(got, ref) and torch.equal(got_scale, a_scale)
+
+
+def _fresh_gen() -> tuple[torch.Generator, int]:
+    seed = secrets.randbits(31)
+    return torch.Generator().manual_seed(seed), seed
+
+
+def _headroom_rows(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows from ordinary to fp32's top (steps far beyond 2**64, so the headroom factor is < 1), rows
+    whose outputs are tiny (they land near the subnormals once scaled by f), a NaN and an inf row."""
+    x = torch.randn(m, k, generator=gen)
+    mags = torch.tensor([1.0, 1e-30, 1e10, 1e25, 1e36, 3e37, 1e-3])
+    x = x * mags[torch.randint(0, len(mags), (m,), generator=gen)][:, None]
+    x[0, k // 2] = 1.0e38  # the largest step of the call (times 1/s < 1.5 in smooth mode: still finite)
+    if m > 3:
+        x[1, 0] = float("nan")
+        x[2, k - 1] = float("inf")
+    return x
+
+
+def _reference_layer(x, inv, canonical, w_scale, bias, w_bits, a_bits, k, n, out_dtype):
+    """QuantLinear's dynamic forward on the reference backend: 1/s multiply, quantize, headroom."""
+    xs = x.to(torch.float32) * inv if inv is not None else x
+    xq, a_scale = ops.quantize_act_dynamic(xs.contiguous(), a_bits, "reference")
+    f = formats.epilogue_headroom(a_scale)
+    bias_f = bias * f if bias is not None else None
+    out = ops.packed_linear(xq, a_scale * f, canonical, w_scale, bias_f, w_bits, k, n, out_dtype, "reference")
+    return out.div_(f), a_scale, f
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0), b.nan_to_num(0))
+
+
+@pytest.mark.parametrize("w_bits,a_bits", PAIRS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("m,k,n", [(5, 40, 13), (70, 83, 21)])
+def test_linear_dynamic_headroom_equals_the_python_rule(kernel_path, w_bits, a_bits, out_dtype, smooth, m, k, n):
+    """headroom=True: the call picks formats.epilogue_headroom of its own steps (f < 1 here), scales
+    steps and bias by it and divides the output by it in the output dtype, bit for bit as QuantLinear's
+    Python rule on the reference backend; the op with a_scale_mul=None does the same on both backends."""
+    gen, seed = _fresh_gen()
+    in_dtype = torch.float32 if out_dtype == torch.float32 else out_dtype
+    x = _headroom_rows(m, k, gen).to(in_dtype)
+    inv = torch.rand(k, generator=gen) + 0.5 if smooth else None
+    canonical = formats.pack_weight(_weights(n, k, w_bits, gen), w_bits)
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    bias = torch.randn(n, generator=gen)
+    want, want_scale, f = _reference_layer(x, inv, canonical, w_scale, bias, w_bits, a_bits, k, n, out_dtype)
+    assert in_dtype == torch.float16 or float(f) < 1.0  # the rerun path is what this test checks
+    w = CPU.prepack(canonical, w_bits, k)
+    got, got_scale = CPU.linear_dynamic(x, inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, headroom=True)
+    assert _same_bits(got, want), f"seed={seed}"
+    assert _same_bits(got_scale, want_scale), f"seed={seed}"
+    for backend, wb in (("cpu", w), ("reference", canonical)):
+        out = ops.quantized_linear_dynamic(x, wb, w_scale, bias, None, w_bits, a_bits, k, n, out_dtype, backend, inv)
+        assert _same_bits(out, want), f"{backend} seed={seed}"
+
+
+def test_linear_dynamic_headroom_at_the_power_of_two_boundary(kernel_path):
+    """Steps at and just below 2**65, where fp32 log2 rounds up: the C++ exponent (frexp) and
+    formats.epilogue_headroom agree, and the factor follows the exact floor(log2(step))."""
+    k, n = 24, 16
+    gen, seed = _fresh_gen()
+    canonical = formats.pack_weight(_weights(n, k, 8, gen), 8)
+    w, w_scale, bias = CPU.prepack(canonical, 8, k), torch.rand(n, generator=gen) * 0.01, torch.randn(n, generator=gen)
+    amax = torch.tensor(127 * 2.0**65)
+    tried_window = False
+    for _ in range(64):  # the amax values just below 127 * 2**65
+        x = torch.randn(3, k, generator=gen)
+        x[0, 5] = amax
+        want, a_scale, f = _reference_layer(x, None, canonical, w_scale, bias, 8, 8, k, n, torch.float32)
+        step = a_scale[0]
+        assert float(f) == (0.5 if float(step) >= 2.0**65 else 1.0)
+        tried_window |= float(step) < 2.0**65 and float(torch.floor(torch.log2(step))) == 65.0
+        got, _ = CPU.linear_dynamic(x, None, w, w_scale, bias, 8, 8, k, n, torch.float32, headroom=True)
+        assert torch.equal(got, want), f"amax={float(amax)!r} seed={seed}"
+        amax = torch.nextafter(amax, torch.tensor(0.0))
+    assert tried_window  # some step below 2**65 whose fp32 log2 reads 65.0
+
+
+def test_linear_dynamic_headroom_over_many_chunks_and_threads(kernel_path):
+    """The rerun with f < 1 over several row and tile chunks (each thread quantizes the chunks it
+    meets), padding in K and tails in M and N; with ordinary inputs f = 1 and nothing reruns."""
+    m, k, n = 301, 1000, 203 if kernel_path != "scalar" else 45
+    gen, seed = _fresh_gen()
+    canonical = formats.pack_weight(_weights(n, k, 4, gen), 4)
+    w, w_scale, bias = CPU.prepack(canonical, 4, k), torch.rand(n, generator=gen) * 0.01, torch.randn(n, generator=gen)
+    for x in (_headroom_rows(m, k, gen), torch.randn(m, k, generator=gen)):
+        want, want_scale, _ = _reference_layer(x, None, canonical, w_scale, bias, 4, 8, k, n, torch.float32)
+        got, got_scale = CPU.linear_dynamic(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32, headroom=True)
+        assert _same_bits(got, want) and _same_bits(got_scale, want_scale), f"seed={seed}"
+    plain, _ = CPU.linear_dynamic(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32)
+    assert torch.equal(plain, got)  # f = 1: the headroom changes nothing
+    with pytest.raises(RuntimeError, match="a_scale_mul or headroom"):
+        CPU.linear_dynamic(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32, torch.tensor(0.5), True)
 
 
 def test_packed_linear_without_bias_and_empty_batch():

@@ -147,3 +147,59 @@ def test_fused_layernorm_kernel_and_simulation_agree_on_every_row():
                                  model[1].act_inv_scale, 8)
         assert torch.equal(q, get_backend("reference").layernorm_quantize(
             x, model[1].norm_weight, model[1].norm_bias, model[1].norm_eps, model[1].act_inv_scale, 8)), backend
+
+
+def _cpu_kernel_paths() -> list[str]:
+    try:
+        import mixq._C as C
+    except ImportError:
+        return []
+    return (["vnni"] if C.has_vnni() else []) + (["avx2"] if C.has_avx2() else []) + ["scalar"]
+
+
+@pytest.mark.parametrize("path", _cpu_kernel_paths())
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (6, 8), (8, 8), (4, 4), (6, 6)])
+@pytest.mark.parametrize("mode", ["dynamic", "smooth", "smooth-prescaled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_dynamic_layers_run_one_fused_op_at_every_m_bit_identical_to_the_reference(
+    monkeypatch, path, w_bits, a_bits, mode, dtype
+):
+    """cpu dynamic/smooth QuantLinears call mixq::quantized_linear_dynamic at every M (above the
+    triton bound FUSED_DYNAMIC_MAX_M too): smooth multiply, quantize, GEMM and overflow headroom in
+    one C++ call, the reference backend's two-op numbers bit for bit, huge and NaN rows included."""
+    import secrets
+
+    import mixq._C as C
+    from mixq import nn as mnn
+    from mixq import ops
+
+    seed = secrets.randbits(31)
+    gen = torch.Generator().manual_seed(seed)
+    k, n = 45, 21
+    lin = nn.Linear(k, n)
+    act = mode.split("-")[0]
+    samples = torch.randn(64, k, generator=gen) * torch.linspace(0.2, 4, k)
+    layers = {b: QuantLinear.from_float(lin, w_bits, a_bits, act_quant=act, act_samples=samples, backend=b)
+              for b in ("cpu", "reference")}
+    if mode == "smooth-prescaled":  # the producer already divides by s_k: no multiply at run time
+        for q in layers.values():
+            q.prescale_producer(nn.LayerNorm(k))
+    assert layers["cpu"].fused_dynamic_any_m and not layers["reference"].fused_dynamic_any_m
+    calls = []
+    real = ops.quantize_act_dynamic
+    monkeypatch.setattr(ops, "quantize_act_dynamic", lambda *a: calls.append(a[-1]) or real(*a))
+    C.set_kernel_path(path)
+    try:
+        for m in (1, mnn.FUSED_DYNAMIC_MAX_M + 7, 200):
+            x = torch.randn(2, m, k, generator=gen) * torch.logspace(-2, 2, k)
+            x[0, 0] *= 1e37 if dtype != torch.float16 else 100.0  # fp32: headroom f < 1
+            x[1, -1, 3] = float("nan")
+            x = x.to(dtype)
+            with torch.no_grad():
+                got, want = layers["cpu"](x), layers["reference"](x)
+            assert got.dtype == dtype and got.shape == (2, m, n)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(0), want.nan_to_num(0)), (
+                f"m={m} seed={seed}")
+    finally:
+        C.set_kernel_path("auto")
+    assert "cpu" not in calls  # no separate quantize op on the cpu backend, at any M

@@ -142,14 +142,17 @@ class CpuBackend:
         n: int,
         out_dtype: torch.dtype,
         a_scale_mul: Optional[torch.Tensor] = None,
+        headroom: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``packed_linear(*quantize_dynamic(x * smooth_inv))`` in one call and one parallel region:
         (out [M, n], a_scale [M]).
 
         Same numbers bit for bit as the two ops (the smooth multiply is the same fp32 product); the
         activation codes never become a tensor. ``a_scale_mul`` (one value) multiplies each step in
-        the epilogue only, as ``packed_linear(xq, a_scale * a_scale_mul, ...)`` would (QuantLinear's
-        overflow headroom); the returned ``a_scale`` is the plain step.
+        the epilogue only, as ``packed_linear(xq, a_scale * a_scale_mul, ...)`` would. ``headroom``
+        instead applies QuantLinear's overflow headroom f (``formats.epilogue_headroom`` of the
+        steps; 1 for any input below ~1e21): steps * f and bias * f in the epilogue, output / f.
+        The returned ``a_scale`` is the plain step.
         """
         _require_ext()
         formats.check_bits(w_bits, "w_bits")
@@ -157,10 +160,14 @@ class CpuBackend:
         _check_float_2d(x, "x")
         if out_dtype not in _OUT_DTYPES:
             raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-        kernel_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
-        out, a_scale = _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, kernel_dtype,
-                                         a_scale_mul)
-        return (out.to(torch.float16) if out_dtype == torch.float16 else out), a_scale
+        return _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul,
+                                 headroom)
+
+    # mixq.ops.quantized_linear_dynamic hands this backend the headroom (a_scale_mul=None) and the
+    # smooth multiply: all of QuantLinear's dynamic forward is one C++ call here, so QuantLinear
+    # uses it at every M (FUSED_DYNAMIC_MAX_M bounds the Triton kernel only).
+    fused_headroom = True
+    fused_dynamic_any_m = True
 
     def quantized_linear_dynamic(
         self,
@@ -174,10 +181,17 @@ class CpuBackend:
         n: int,
         out_dtype: torch.dtype,
         a_scale_mul: Optional[torch.Tensor] = None,
+        smooth_inv: Optional[torch.Tensor] = None,
+        headroom: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The triton backend's fused entry point, same signature: dynamic quantize + packed_linear
-        in one call -> (out [M, n], a_scale [M])."""
-        return self.linear_dynamic(x, None, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul)
+        """The fused entry point of mixq.ops (the triton backend's signature, plus ``smooth_inv`` and
+        ``headroom`` as in :meth:`linear_dynamic`) -> (out [M, n], a_scale [M]). QuantLinear's hot
+        path: no Python checks here, the C++ call checks every argument itself (RuntimeError)."""
+        if _C is None:
+            _require_ext()
+        return _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul,
+                                 headroom)
+
 
     # ------------------------------------------------------------------ attention matmuls (issue 15)
 
