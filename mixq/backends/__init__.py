@@ -67,8 +67,11 @@ class Backend(Protocol):
     #
     # Optional, probed with getattr by mixq.ops.quantized_linear_dynamic (composed from the two
     # calls above when absent):
-    # quantized_linear_dynamic(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=None)
-    #     -> (out [M, n], a_scale [M]): quantize_dynamic + packed_linear in one kernel, bit-identical.
+    # quantized_linear_dynamic(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=None
+    #     [, smooth_inv=None, headroom=False]) -> (out [M, n], a_scale [M]): quantize_dynamic +
+    #     packed_linear in one kernel, bit-identical. Optional class attributes: ``fused_headroom``
+    #     (the method takes smooth_inv and headroom=True, so mixq.ops hands it the whole layer) and
+    #     ``fused_dynamic_any_m`` (QuantLinear calls the op at every M, not only M <= FUSED_DYNAMIC_MAX_M).
 
 
 _REGISTRY: dict[str, Backend] = {}
