@@ -134,29 +134,43 @@ MIXQ_PROBS_AVX512 inline __m512 load16(const at::Half* p, __mmask16 k) {
 }
 
 template <typename T, bool LOG2>
+MIXQ_PROBS_AVX512 inline __m512i codes16(const T* x, __mmask16 k, __m512i cmax, __m512i zero_code, __m512 lim) {
+  const __m512 p = load16(x, k);
+  if constexpr (LOG2) {
+    const __m512i u = _mm512_castps_si512(p);
+    const __mmask16 below =
+        _mm512_cmplt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFF)), _mm512_set1_epi32(kSqrtHalfMantissa));
+    __m512i code = _mm512_sub_epi32(_mm512_set1_epi32(126), _mm512_srai_epi32(u, 23));
+    code = _mm512_mask_add_epi32(code, below, code, _mm512_set1_epi32(1));
+    const __mmask16 zero = _mm512_cmpgt_epi32_mask(code, cmax) | _mm512_cmpgt_epi32_mask(u, _mm512_set1_epi32(kPosInfBits));
+    return _mm512_mask_mov_epi32(_mm512_max_epi32(code, _mm512_setzero_si512()), zero, zero_code);
+  } else {
+    __m512 y = _mm512_max_ps(_mm512_mul_ps(p, lim), _mm512_setzero_ps());  // NaN -> 0 (second operand)
+    y = _mm512_min_ps(y, lim);
+    return _mm512_cvtps_epi32(_mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+template <typename T, bool LOG2>
 MIXQ_PROBS_AVX512 void probs_avx512(const T* x, int64_t n, int32_t cmax_i, int32_t zero_i, float lim_f,
                                     uint8_t* out) {
   const __m512i cmax = _mm512_set1_epi32(cmax_i), zero_code = _mm512_set1_epi32(zero_i);
-  const __m512i mant_mask = _mm512_set1_epi32(0x7FFFFF), sqrt_half = _mm512_set1_epi32(kSqrtHalfMantissa);
-  const __m512i c126 = _mm512_set1_epi32(126), pos_inf = _mm512_set1_epi32(kPosInfBits);
   const __m512 lim = _mm512_set1_ps(lim_f);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 p = load16(x + i, k);
-    __m512i c;
-    if constexpr (LOG2) {
-      const __m512i u = _mm512_castps_si512(p);
-      const __mmask16 below = _mm512_cmplt_epi32_mask(_mm512_and_si512(u, mant_mask), sqrt_half);
-      __m512i code = _mm512_sub_epi32(c126, _mm512_srai_epi32(u, 23));
-      code = _mm512_mask_add_epi32(code, below, code, _mm512_set1_epi32(1));
-      const __mmask16 zero = _mm512_cmpgt_epi32_mask(code, cmax) | _mm512_cmpgt_epi32_mask(u, pos_inf);
-      c = _mm512_mask_mov_epi32(_mm512_max_epi32(code, _mm512_setzero_si512()), zero, zero_code);
-    } else {
-      __m512 y = _mm512_max_ps(_mm512_mul_ps(p, lim), _mm512_setzero_ps());  // NaN -> 0 (second operand)
-      y = _mm512_min_ps(y, lim);
-      c = _mm512_cvtps_epi32(_mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    }
-    _mm512_mask_cvtusepi32_storeu_epi8(out + i, k, c);  // lanes in 0..255: the saturation never acts
+  // the two saturating packs leave dword 4 L + j = vector j's elements 4 L .. 4 L + 3; put them back in order
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __mmask16 all = 0xFFFF;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512i c0 = codes16<T, LOG2>(x + i, all, cmax, zero_code, lim);
+    const __m512i c1 = codes16<T, LOG2>(x + i + 16, all, cmax, zero_code, lim);
+    const __m512i c2 = codes16<T, LOG2>(x + i + 32, all, cmax, zero_code, lim);
+    const __m512i c3 = codes16<T, LOG2>(x + i + 48, all, cmax, zero_code, lim);
+    const __m512i b = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi32(order, b));
+  }
+  for (; i < n; i += 16) {  // tail: masked loads, masked narrowing stores (lanes in 0..255: no saturation)
+    const __mmask16 k = n - i >= 16 ? all : static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_cvtusepi32_storeu_epi8(out + i, k, codes16<T, LOG2>(x + i, k, cmax, zero_code, lim));
   }
 }
 #pragma GCC diagnostic pop
