@@ -36,7 +36,9 @@ namespace {
 constexpr int32_t kSqrtHalfBits = 0x3F3504F3;  // fp32(sqrt(1/2)) = 0.70710677
 constexpr int32_t kSqrtHalfMantissa = kSqrtHalfBits & 0x7FFFFF;
 constexpr int32_t kPosInfBits = 0x7F800000;
-constexpr int64_t kProbsGrain = int64_t{1} << 16;  // elements per parallel chunk (~0.03 ms of work)
+// Elements per parallel chunk (~0.03 ms of work with AVX2): split only when each thread gets a sizeable
+// share, as quantize.cpp's row_grain does (a thread wake-up costs a time slice on a busy machine).
+constexpr int64_t kProbsGrain = int64_t{1} << 18;
 
 inline float widen(float v) { return v; }
 inline float widen(at::BFloat16 v) { return static_cast<float>(v); }
