@@ -6,10 +6,13 @@
     eager QK^T, softmax and PV matmuls), as a share of the whole forward.
 (2) One attention core per shape (ViT-S, ViT-B, SAM-B window and global attention at batch 1):
     float ``F.scaled_dot_product_attention``, the eager float QK^T-softmax-PV, and the quantized
-    path as QuantAttention runs it (quantize Q/K per token and V per channel, ``mixq::quantized_qk``,
-    scale, softmax, ``formats.quantize_probs``, ``mixq::quantized_pv``) on the reference backend and
-    on the cpu kernels, plus the two cpu ops alone on ready codes. Medians of interleaved rounds
-    (bench_cpu.median_times), ratios to SDPA timed in the same run.
+    path as QuantAttention runs it (quantize Q/K per token with ``mixq::quantize_act_dynamic`` and V
+    per channel with formats, ``mixq::quantized_qk``, scale, softmax, ``mixq::quantize_probs``,
+    ``mixq::quantized_pv``) on the reference backend and on the cpu kernels, plus the two cpu ops alone
+    on ready codes. Medians of interleaved rounds (bench_cpu.median_times), ratios to SDPA timed in
+    the same run.
+(3) Each step of the quantized core alone (ViT-B; SAM-B window too unless --quick): the quantize steps
+    as formats' torch ops and as the cpu ops, the two matmul ops and the softmax.
 
     python bench/bench_attention.py [--quick] [--out FILE] [--threads T] [--bits 8] [--kind log2]
 """
@@ -108,14 +111,21 @@ def shares_table(quick: bool) -> list[str]:
 # ----------------------------------------------------------------------------- (2) attention cores
 
 
+def quantize_tokens(x: torch.Tensor, bits: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token rule over the last dim through ``mixq::quantize_act_dynamic`` (QuantAttention's
+    ``_quantize_tokens``): the op takes 2-D rows."""
+    codes, steps = ops.quantize_act_dynamic(x.reshape(-1, x.shape[-1]), bits, backend)
+    return codes.view(x.shape), steps.view(x.shape[:-1])
+
+
 def quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, kind: str,
                         backend: str) -> torch.Tensor:
     """QuantAttention's core (mixq/attention.py, ``_scores`` and ``_mix``) on [B, H, N, D] float q, k, v."""
-    qc, qs = formats.quantize_act_dynamic(q, bits)
-    kc, ks = formats.quantize_act_dynamic(k, bits)
+    qc, qs = quantize_tokens(q, bits, backend)
+    kc, ks = quantize_tokens(k, bits, backend)
     attn = (ops.quantized_qk(qc, qs, kc, ks, torch.float32, backend) * q.shape[-1] ** -0.5).softmax(-1)
     vc, vs = formats.quantize_act_dynamic(v.transpose(-2, -1), bits)
-    pc = formats.quantize_probs(attn, bits, kind)
+    pc = ops.quantize_probs(attn, bits, kind, backend)
     return ops.quantized_pv(pc, vc.transpose(-2, -1), vs, bits, kind, torch.float32, backend)
 
 
@@ -184,6 +194,49 @@ def cores_table(quick: bool, rounds: int, bits: int, kind: str, reference_global
         + header + fastest
 
 
+def step_runners(b: int, h: int, n: int, d: int, bits: int) -> dict[str, Callable[[], object]]:
+    """Each step of the quantized core alone, as formats' torch ops (what QuantAttention ran before the
+    cpu kernels took these steps) and as the cpu op, on a qkv-shaped (non-contiguous) q, k, v."""
+    gen = torch.Generator().manual_seed(n + h)
+    q, k, v = torch.randn(b, n, 3, h, d, generator=gen).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = (((q * d**-0.5) @ k.transpose(-2, -1)) * 3.0).softmax(-1)
+    qc, qs = formats.quantize_act_dynamic(q, bits)
+    kc, ks = formats.quantize_act_dynamic(k, bits)
+    vc, vs = formats.quantize_act_dynamic(v.transpose(-2, -1), bits)
+    pc = formats.quantize_probs(probs, bits, "log2")
+    vt = v.transpose(-2, -1)
+    for kind in ("log2", "uniform"):  # a benchmark of wrong numbers is worthless
+        assert torch.equal(ops.quantize_probs(probs, bits, kind, "cpu"), formats.quantize_probs(probs, bits, kind))
+    assert all(torch.equal(a, b_) for a, b_ in zip(quantize_tokens(q, bits, "cpu"), (qc, qs)))
+    return {
+        "Q per token, formats": lambda: formats.quantize_act_dynamic(q, bits),
+        "Q per token, cpu op": lambda: quantize_tokens(q, bits, "cpu"),
+        "V per channel, formats": lambda: formats.quantize_act_dynamic(vt, bits),
+        "V per channel, cpu op on a V^T copy": lambda: quantize_tokens(vt, bits, "cpu"),
+        "qk op": lambda: ops.quantized_qk(qc, qs, kc, ks, torch.float32, "cpu"),
+        "softmax": lambda: probs.softmax(-1),
+        "probabilities log2, formats": lambda: formats.quantize_probs(probs, bits, "log2"),
+        "probabilities log2, cpu op": lambda: ops.quantize_probs(probs, bits, "log2", "cpu"),
+        "probabilities uniform, formats": lambda: formats.quantize_probs(probs, bits, "uniform"),
+        "probabilities uniform, cpu op": lambda: ops.quantize_probs(probs, bits, "uniform", "cpu"),
+        "pv op (log2)": lambda: ops.quantized_pv(pc, vc.transpose(-2, -1), vs, bits, "log2", torch.float32, "cpu"),
+    }
+
+
+def steps_table(quick: bool, rounds: int, bits: int) -> list[str]:
+    """Per-step times of the quantized core (ViT-B, and the SAM-B window shape unless quick): medians
+    of interleaved rounds and the fastest single call of each."""
+    shapes = [SHAPES[1]] if quick else [SHAPES[1], SHAPES[2]]
+    lines = ["| shape | step | median ms | fastest ms |", "|---|---|---:|---:|"]
+    for name, b, h, n, d in shapes:
+        best: dict[str, float] = {}
+        t = median_times(step_runners(b, h, n, d, bits), rounds, best)
+        for step, sec in t.items():
+            lines.append(f"| {name} ({b} x {h} x {n} x {d}) | {step} | {sec * 1e3:.3f} | {best[step] * 1e3:.3f} |")
+        print("\n".join(lines[-len(t):]), file=sys.stderr, flush=True)
+    return lines
+
+
 def report(quick: bool, rounds: int, bits: int, kind: str, reference_global: bool) -> str:
     from mixq import _C
 
@@ -206,6 +259,11 @@ def report(quick: bool, rounds: int, bits: int, kind: str, reference_global: boo
            "probability copies take GBs; --reference-global runs it)."),
         "",
         *cores,
+        "",
+        f"Steps of the quantized core at {bits} bits, alone (formats = the plain torch ops of mixq.formats; "
+        "cpu op = the mixq::* op on the cpu backend; the inputs are views of one qkv tensor, as in a model):",
+        "",
+        *steps_table(quick, rounds, bits),
     ])
 
 

@@ -50,4 +50,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.attr("attention_max_head_dim") = mixq::kMaxHeadDim;
   m.attr("attention_max_keys") = mixq::kMaxKeys;
+  // --- probability codes (issue 15; csrc/probs.cpp)
+  m.def("quantize_probs", &mixq::quantize_probs, py::arg("p"), py::arg("bits"), py::arg("log2"),
+        "post-softmax probabilities (fp32/bf16/fp16, any shape) -> uint8 codes, log2 or uniform grid",
+        py::call_guard<py::gil_scoped_release>());
 }

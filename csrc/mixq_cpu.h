@@ -74,3 +74,11 @@ at::Tensor attention_pv_uniform(const at::Tensor& p, const at::Tensor& v, const 
 at::Tensor attention_pv_log2(const at::Tensor& p, const at::Tensor& v, const at::Tensor& v_scale, int64_t cmax,
                              int64_t zero_code);
 }  // namespace mixq
+
+// ----------------------------------------------------------------------------- probabilities (issue 15)
+// Post-softmax probabilities (fp32 / bf16 / fp16, any shape, made contiguous) -> uint8 codes of the same
+// shape, bit-exact with formats.quantize_probs: the log2 grid (log2 = true; code from the fp32 bit
+// pattern, zero code 2^bits - 1) or the uniform grid (rne(clamp(p * (2^bits - 1))), NaN -> 0). See probs.cpp.
+namespace mixq {
+at::Tensor quantize_probs(const at::Tensor& p, int64_t bits, bool log2);
+}  // namespace mixq

@@ -179,3 +179,19 @@ def quantized_pv(
 @quantized_pv.register_fake
 def _(p, v, v_scale, p_bits, p_kind, out_dtype, backend):
     return p.new_empty((*p.shape[:-1], v.shape[-1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mixq::quantize_probs", mutates_args=())
+def quantize_probs(p: torch.Tensor, bits: int, kind: str, backend: str) -> torch.Tensor:
+    """Post-softmax probabilities p (any shape, any float dtype) -> uint8 codes of the same shape on grid
+    ``kind`` ("log2" or "uniform"): ``formats.quantize_probs``, the contract. cpu and triton run their
+    own elementwise kernels (bit-identical); a backend without ``quantize_probs`` falls back to formats."""
+    impl = getattr(get_backend(backend), "quantize_probs", None)
+    if impl is None:
+        return formats.quantize_probs(p, bits, kind)
+    return impl(p, bits, kind)
+
+
+@quantize_probs.register_fake
+def _(p, bits, kind, backend):
+    return p.new_empty(p.shape, dtype=torch.uint8)

@@ -250,6 +250,19 @@ class CpuBackend:
             out = _C.attention_pv_log2(p3, v3, vs2, formats.log2_max_code(p_bits), formats.prob_zero_code(p_bits))
         return out.reshape(*lead, n, d).to(out_dtype)
 
+    def quantize_probs(self, p: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        """Post-softmax probabilities (any shape) -> uint8 codes (csrc/probs.cpp): one vectorized pass,
+        bit-exact with ``formats.quantize_probs``. fp32/bf16/fp16 are read as they are (widened in the
+        kernel); any other dtype is converted to fp32 first, as formats does."""
+        formats.check_bits(bits, "softmax_bits")
+        formats.check_softmax_quant(kind)
+        _check_cpu(p, "p (probabilities)")
+        if _C is None or not hasattr(_C, "quantize_probs"):  # extension absent or built before probs.cpp
+            return formats.quantize_probs(p, bits, kind)
+        if p.dtype not in _FLOAT_INPUTS:
+            p = p.to(torch.float32)
+        return _C.quantize_probs(p, bits, kind == "log2")
+
 
 def _require_attention_ext() -> None:
     _require_ext()

@@ -69,6 +69,10 @@ class ReferenceBackend:
     ) -> torch.Tensor:
         return attention_pv(p, v, v_scale, p_bits, p_kind, out_dtype)
 
+    def quantize_probs(self, p: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        """Post-softmax probabilities -> uint8 codes: formats.quantize_probs itself."""
+        return formats.quantize_probs(p, bits, kind)
+
 
 def _exact_matmul(a: torch.Tensor, b: torch.Tensor, bound: float) -> torch.Tensor:
     """a @ b of integer-valued tensors, exact: float64 when every partial sum is below 2**53 (``bound``

@@ -174,5 +174,11 @@ class TritonBackend:
         with self._device_scope(p, v, v_scale):
             return attention_kernels.quantized_pv(p, v, v_scale, p_bits, p_kind, out_dtype)
 
+    def quantize_probs(self, p: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+        """Post-softmax probabilities -> uint8 codes in one elementwise launch (mixq.kernels.attention),
+        bit-identical to ``formats.quantize_probs``. Optional in the Backend protocol."""
+        with self._device_scope(p):
+            return attention_kernels.quantize_probs(p, bits, kind)
+
 
 register_backend(TritonBackend())

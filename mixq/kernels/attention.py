@@ -49,6 +49,7 @@ import triton.language as tl
 from mixq import formats
 
 from .gemm import INT64_THRESHOLD, OUT_DTYPES, _round_to_bf16_grid
+from .quantize import round_half_even
 
 MAX_HEAD_DIM: int = 256
 # Largest token count of P V: 64 * 128 * M must stay below 2**31 in every bucket's int32 accumulator.
@@ -330,4 +331,59 @@ def quantized_pv(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits
         **consts, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=max(16, triton.next_power_of_2(d)), INT64=big,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
+    return out
+
+
+# ----------------------------------------------------------------------------- probability codes
+
+_SQRT_HALF_MANTISSA = tl.constexpr(0x3504F3)  # mantissa field of fp32(sqrt(1/2)) = 0x3F3504F3
+_POS_INF_BITS = tl.constexpr(0x7F800000)
+PROBS_BLOCK: int = 1024
+
+
+@triton.jit
+def _quantize_probs_kernel(p_ptr, out_ptr, n, LOG2: tl.constexpr, CMAX: tl.constexpr, ZERO_CODE: tl.constexpr,
+                           LIM: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of the flat probabilities -> uint8 codes (``formats.quantize_probs``).
+
+    log2: from the fp32 bit pattern u (exact integer work): code = 126 - (u >> 23, arithmetic)
+    + (mantissa < sqrt(1/2)'s mantissa), clamped below at 0; the zero code where code > CMAX (+0,
+    subnormals, every negative: the arithmetic shift makes their code >= 127) or p is NaN (u above
+    +inf's pattern; negative NaNs have the sign bit). uniform: rne(clamp(p * LIM, 0, LIM)), NaN -> 0.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if LOG2:
+        u = p.to(tl.int32, bitcast=True)
+        code = 126 - (u >> 23) + ((u & 0x7FFFFF) < _SQRT_HALF_MANTISSA).to(tl.int32)
+        zero = (code > CMAX) | (u > _POS_INF_BITS)
+        c = tl.where(zero, ZERO_CODE, tl.maximum(code, 0))
+    else:
+        y = p * LIM
+        y = tl.where(y != y, 0.0, y)
+        y = tl.minimum(tl.maximum(y, 0.0), LIM)
+        c = round_half_even(y).to(tl.int32)
+    tl.store(out_ptr + offs, c.to(tl.uint8), mask=mask)
+
+
+def quantize_probs(p: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+    """Post-softmax probabilities (any shape; fp32/bf16/fp16 read as they are, other dtypes converted to
+    fp32 first, as formats does) -> uint8 codes of the same shape, bit-identical to
+    ``formats.quantize_probs``. One elementwise launch over the flattened (contiguous) tensor."""
+    formats.check_bits(bits, "softmax_bits")
+    log2 = formats.check_softmax_quant(kind) == "log2"
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        p = p.to(torch.float32)
+    flat = p.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    out = torch.empty(p.shape, dtype=torch.uint8, device=p.device)
+    n = flat.numel()
+    if n == 0:
+        return out
+    levels = 2**bits - 1
+    _quantize_probs_kernel[(triton.cdiv(n, PROBS_BLOCK),)](
+        flat, out, n, LOG2=log2, CMAX=formats.log2_max_code(bits), ZERO_CODE=levels, LIM=float(levels),
+        BLOCK=PROBS_BLOCK, num_warps=4, enable_fp_fusion=False)
     return out
