@@ -64,6 +64,8 @@ class Backend(Protocol):
     #     K [..., M, D]^T, exact integer sums, (fp32(acc) * q_scale[i]) * k_scale[j].
     # quantized_pv(p, v, v_scale, p_bits, p_kind, out_dtype) -> [..., N, D]: uint8 probability codes
     #     (formats.quantize_probs) times int8 V [..., M, D] with per-channel steps [..., D].
+    # quantize_probs(p, bits, kind) -> uint8 codes of p's shape: formats.quantize_probs (probed by
+    #     mixq.ops.quantize_probs; formats runs when absent).
     #
     # Optional, probed with getattr by mixq.ops.quantized_linear_dynamic (composed from the two
     # calls above when absent):
