@@ -35,7 +35,7 @@ def allocate(
     calib_data: Any,
     budget: Optional[Budget] = 6.0,
     bops_budget: Union[float, int, str, None] = None,
-    scorer: Scorer = "kl",
+    scorer: Scorer = "measured",
     synergy: Optional[bool] = None,
     lam: float = 0.05,
     candidates: Optional[Sequence[tuple[int, int]]] = None,
@@ -53,14 +53,18 @@ def allocate(
         counted, the field's "average bit-width"), or the stored size of the planned layers in bytes
         (a larger number, or a string ``"12MB"``/``"1.5GiB"``; weights + fp32 scales + fp32 biases).
     bops_budget: BOPs per input (``3.2e12``, ``"800G"``) or a fraction of uniform W8A8 (``"0.5x"``).
-    scorer: "kl" | "lrp" | "sensitivity" | "measured", a list of them (summed) or a dict name ->
-        weight. Each scorer's costs are normalized to mean 1 per layer at the noisiest candidate
-        first. "measured" quantizes each layer alone at each candidate as ``quantize_`` would (smooth,
-        GPTQ) and measures the KL of ``output_fn`` per image (:mod:`mixq.scores.measured`): the
-        slowest scorer (one forward pass per layer and candidate) and, in the Pareto sweep, the best.
+    scorer: "measured" (default) | "kl" | "lrp" | "sensitivity", a list of them (summed) or a dict
+        name -> weight. Each scorer's costs are normalized to mean 1 per layer at the noisiest
+        candidate first. "measured" quantizes each layer alone at each candidate as ``quantize_``
+        would (smooth, GPTQ) and measures the KL of ``output_fn`` per image
+        (:mod:`mixq.scores.measured`): the Pareto sweep's winner (docs/ALLOCATION_EXPERIMENTS.md),
+        and the slowest scorer: one pass per layer and candidate, each starting at the perturbed
+        layer's block (earlier blocks replay cached FP outputs). "kl" (two probes per layer,
+        extrapolated with 4^-bits) is the fast one: about 9/2 fewer passes.
     synergy, lam: add ``lam * S[l, m] * ((w_l - w_m)^2 + (a_l - a_m)^2)`` over execution-order
         neighbours, S from the per-image KL importances (normalized to max 1). ``synergy=None``
-        (default): on, except for ``scorer="measured"`` alone, where the sweep found it off better.
+        (default): off for ``scorer="measured"`` alone (the sweep's winner: measured, synergy off),
+        on for every other scorer.
     pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed.
     output_fn: called as ``output_fn(model, batch)`` for each calibration batch; returns the output
         distribution per image, probabilities [B, D] with rows summing to 1, for the KL and
