@@ -97,6 +97,14 @@ def allocate(
         if pair_bits not in cands:
             raise ValueError(f"pinned bits {pair_bits} for {name!r} are not among the candidates {cands}")
         pin_idx[names.index(name)] = cands.index(pair_bits)
+    layer_args = dict(names=names, candidates=cands, weight_params=[l.weight_params for l in layers],
+                      out_features=[l.out_features for l in layers], has_bias=[l.bias for l in layers],
+                      macs=[l.macs for l in layers], pinned=pin_idx)
+    if budget is not None or bops_budget is not None:
+        # An infeasible budget fails here, not after the scoring (minutes with the measured scorer):
+        # feasibility depends only on sizes, MACs, candidates and pins, so zero costs tell.
+        solve_plan(AllocationProblem(costs=np.zeros((len(names), len(cands))), pairs=[], synergy=[], lam=0.0,
+                                     **layer_args), budget, bops_budget, synergy=False, time_limit=time_limit)
     lowest = (min(w for w, _ in cands), min(a for _, a in cands))
     noise = np.array([noise_factor(w, a) for w, a in cands]) / noise_factor(*lowest)
     common = dict(batch_size=batch_size, progress=progress, cache_dir=cache_dir)
@@ -131,11 +139,6 @@ def allocate(
         syn = synergy_scores(per_image.tolist(), pairs)
         top = max(syn) if syn else 0.0
         syn = [s / top if top > 0 else 0.0 for s in syn]
-    problem = AllocationProblem(
-        names=names, candidates=cands, costs=costs,
-        weight_params=[l.weight_params for l in layers], out_features=[l.out_features for l in layers],
-        has_bias=[l.bias for l in layers], macs=[l.macs for l in layers],
-        pairs=pairs, synergy=syn, lam=lam if synergy else 0.0, pinned=pin_idx,
-    )
+    problem = AllocationProblem(costs=costs, pairs=pairs, synergy=syn, lam=lam if synergy else 0.0, **layer_args)
     label = "+".join(k if v == 1 else f"{v:g}*{k}" for k, v in weights.items())
     return solve_plan(problem, budget, bops_budget, synergy=synergy, time_limit=time_limit, scorer=label)
