@@ -20,7 +20,7 @@ Why it is affordable. Two exact shortcuts, neither of which changes a single bit
   weights GPTQ sees are the same for every activation width; the result is reused (keyed by bytes).
 
 Cache size: the recorded block outputs, about N images x tokens x width x 4 bytes x blocks (DINOv2-S
-at 224 px, 8 images: 8 x 257 x 384 x 4 x 11 = 35 MB; SAM ViT-B at 1024 px: 151 MB per image). Above
+at 224 px, 8 images: 8 x 257 x 384 x 4 x 12 = 38 MB; SAM ViT-B at 1024 px: 151 MB per image). Above
 ``max_prefix_mb`` (default 2048, or ``$MIXQ_PREFIX_CACHE_MB``) the scorer logs one line and runs full
 forwards, with the same numbers.
 """
