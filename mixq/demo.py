@@ -167,7 +167,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
     backends = sorted({m.backend for mm in mixed_models.values() for m in quantized_layers(mm).values()})
 
     results = {"machine": cpu_name(), "threads": torch.get_num_threads(), "mixq_backends": backends,
-               "calibration": f"{n_calib} images", "scoring_images": n_score, "scorer": "measured (synergy off)", "n_train": n_train, "n_test": n_test,
+               "calibration": f"{n_calib} images", "scoring_images": n_score, "scorer": "measured (synergy off)",
+               "n_train": n_train, "n_test": n_test,
                "points": points, "frontier": frontier, "latency": latency, "accuracy_table": ev.result.markdown()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
