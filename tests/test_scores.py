@@ -349,3 +349,25 @@ def test_allocate_defaults_to_measured_without_synergy(known, monkeypatch):
     model, x = known
     plan = allocate(model, x, budget=6.0, filter_fn=lambda n, m: n != "dead", cache_dir=False, progress=False)
     assert plan.scorer == "measured" and not plan.synergy and plan.lam == 0.0
+
+
+def test_measured_prefix_cache_exact_on_tiny_sam_with_repeated_decoder_calls():
+    """SAM: encoder blocks and the two-way decoder layers (called once per image, returning tuples)
+    are both replayed where the perturbed layer cannot reach them; every KL equals a full forward's."""
+    from mixq.models.sam import SamConfig, build_sam
+    from mixq.scores.measured import find_blocks, measured_scores
+
+    torch.manual_seed(0)
+    model = build_sam(SamConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=64,
+                                window_size=2, prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64, mask_in_chans=4))
+    batch = {"images": torch.randn(2, 3, 64, 64), "boxes": torch.tensor([[[4.0, 4, 40, 50]], [[10.0, 0, 60, 30]]])}
+    names = ["image_encoder.blocks.1.mlp.lin1", "mask_decoder.transformer.layers.1.mlp.lin2",
+             "mask_decoder.transformer.final_attn_token_to_image.out_proj"]
+    assert len(find_blocks(model, names)) == 4
+    args = (model, [batch], names, [(4, 6)])
+    kw = dict(output_fn=mask_probs, cache_dir=False, progress=False)
+    full = measured_scores(*args, prefix_cache=False, **kw)
+    ran = []
+    model.image_encoder.blocks[0].attn.register_forward_hook(lambda *a: ran.append(1))
+    assert measured_scores(*args, **kw) == full
+    assert len(ran) == 2  # the FP and calibration passes only: every perturbed pass replayed block 0
