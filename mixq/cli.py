@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scorer", choices=list(SCORER_CHOICES), default="measured",
                    help="per-choice cost (default measured: every layer and choice quantized alone as quantize "
                    "does it and its KL measured, the Pareto sweep's winner and the slowest; kl = two probes per "
-                   "layer extrapolated with 4^-bits, about 4x faster; combined = the sum of kl, lrp and "
+                   "layer extrapolated with 4^-bits, about 3x faster; combined = the sum of kl, lrp and "
                    "sensitivity, each normalized)")
     s.add_argument("--no-synergy", action="store_true",
                    help="drop the cross-layer synergy term (always off with --scorer measured)")
