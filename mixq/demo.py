@@ -1,6 +1,7 @@
 """The built-in default run (``mixq demo``): the whole mixq path on the shipped DINOv2 ViT-S.
 
-Calibrate on 32 shipped images, score the 48 backbone Linears, allocate bits at two budgets between
+Calibrate on 32 shipped images, score the 48 backbone Linears (allocate's default: measured
+per-candidate costs on 8 of them, synergy off), allocate bits at two budgets between
 uniform points (5 average weight bits at W6A6's BOPs, 4.5 bits at W4A8's BOPs), quantize, evaluate
 probe accuracy and saliency agreement against FP next to uniform baselines, time CPU latency through
 the kernels against float and PyTorch's int8 dynamic Linear, and write checkpoints, plans, results
@@ -24,6 +25,13 @@ import torch
 # point's own size and BOPs would admit only that point.
 MIXED_PLANS = (("mixed-5b", 5.0, "0.5625x"), ("mixed-4.5b", 4.5, "0.5x"))
 UNIFORM = ((8, 8), (6, 6), (4, 8), (4, 4))
+# Images the allocator scores on (the first of the calibration images). allocate's default scorer,
+# measured per-candidate costs, runs 48 layers x 9 candidates passes over them (each from the
+# perturbed block on): about 3x the work of the KL scorer the demo used before (same-run ratio on a
+# 4-layer subset, docs/ALLOCATION_EXPERIMENTS.md). The sweep found 8 and 16 images give the same
+# plans; fewer is untested. Lower it if the demo must be shorter (the scoring time is about
+# proportional to it, plus GPTQ once per layer and weight width).
+SCORING_IMAGES = 8
 # The demo's frontier plots: metric key -> title (per-image values, bootstrap 95% intervals)
 FRONTIER_METRICS = {"probe_agree": "probe same as FP (%)", "probe_top1": "probe top-1 (%)",
                     "sal_iou05": "saliency IoU@0.5"}
@@ -87,7 +95,7 @@ def summary_rows(points: list[dict], latency: list[dict]) -> list[tuple]:
     return rows
 
 
-def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8,
+def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = SCORING_IMAGES,
              shown_as: Optional[Path] = None) -> int:
     """The built-in default run, written into the folder ``out`` (created if missing); ``shown_as`` is
     the path printed for it (the CLI writes into a staging folder that takes its place at the end)."""
@@ -138,11 +146,12 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
 
     mixed_models = {}
     for label, size_bits, bops_budget in MIXED_PLANS:
-        # Scoring perturbs each of the 48 layers in turn: on n_score of the calibration images it
-        # fits the time budget; quantization itself calibrates on all n_calib images. The KL scorer
-        # is the fast one (the measured costs of bench/pareto.py take ~15 min on 2 cores).
+        # allocate's default scorer (measured costs, synergy off: the Pareto sweep's winner) quantizes
+        # each of the 48 layers alone at each of the 9 candidates on n_score of the calibration
+        # images; quantization itself calibrates on all n_calib. The second budget reuses the first
+        # one's scores from the score cache. See SCORING_IMAGES for why n_score is what it is.
         plan = allocate(fp, calib[:n_score], budget=size_bits, bops_budget=bops_budget,
-                        scorer="kl", synergy=True, filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
+                        filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
         plan.save(out / f"plan-{label}.json")
         model = mixq.quantize_(copy.deepcopy(fp), plan.to_config(filter_fn=adapter.quant_filter, fold_layernorm=True),
                                calib)
@@ -158,7 +167,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = 8
     backends = sorted({m.backend for mm in mixed_models.values() for m in quantized_layers(mm).values()})
 
     results = {"machine": cpu_name(), "threads": torch.get_num_threads(), "mixq_backends": backends,
-               "calibration": f"{n_calib} images", "scoring_images": n_score, "n_train": n_train, "n_test": n_test,
+               "calibration": f"{n_calib} images", "scoring_images": n_score, "scorer": "measured (synergy off)",
+               "n_train": n_train, "n_test": n_test,
                "points": points, "frontier": frontier, "latency": latency, "accuracy_table": ev.result.markdown()}
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -250,3 +250,25 @@ def test_report_size_axis_is_the_plans_measure(budget):
     old = dict(d, layers={n: {("score" if k == "cost" else k): v for k, v in e.items()} for n, e in d["layers"].items()})
     assert [r.cost for r in ReportData.from_plan("t", old).layers] == [r.cost for r in data.layers]
     assert Plan.from_dict(old).layer_info == plan.layer_info
+
+
+def test_infeasible_budget_fails_before_any_scoring(monkeypatch):
+    """The default scorer (measured) takes minutes on a real model: a budget no plan can meet is
+    refused before it runs, with the smallest feasible value."""
+    import mixq.scores.measured as measured_mod
+
+    monkeypatch.setattr(measured_mod, "measured_scores", lambda *a, **k: pytest.fail("scored an infeasible budget"))
+    torch.manual_seed(0)
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible"):
+        allocate(_Tiny(), torch.randn(12, 8), budget=6.0, bops_budget="0.1x", cache_dir=False, progress=False)
+
+
+def test_allocate_default_is_the_sweep_winner():
+    """measured costs with synergy off (docs/ALLOCATION_EXPERIMENTS.md, "What should be the default")."""
+    import inspect
+
+    params = inspect.signature(allocate).parameters
+    assert params["scorer"].default == "measured" and params["synergy"].default is None
+    torch.manual_seed(0)
+    plan = allocate(_Tiny(), torch.randn(12, 8), budget=6.0, cache_dir=False, progress=False)
+    assert plan.scorer == "measured" and not plan.synergy and plan.lam == 0.0

@@ -106,7 +106,7 @@ def test_bad_input_errors(argv, message, tmp_path, capsys):
 
 def test_parser_defaults_match_the_docs():
     args = build_parser().parse_args(["quantize"])
-    assert args.model == "dinov2-s" and args.budget == 6.0 and args.n_calib == 32 and args.scorer == "kl"
+    assert args.model == "dinov2-s" and args.budget == 6.0 and args.n_calib == 32 and args.scorer == "measured"
 
 
 def test_force_keeps_the_old_output_when_the_new_run_fails(tmp_path, capsys):

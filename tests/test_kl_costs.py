@@ -178,8 +178,8 @@ def _plan(spike: float):
         model.c.weight.mul_(4)  # confident logits, so KL sees the perturbations
     x = _inputs(spike)
     # BOPs at 0.4x of W8A8: W4A8 everywhere is 0.5x, so some layer must drop to A4.
-    return mixq.allocate(model, x, budget=8.0, bops_budget="0.4x", candidates=CANDS, cache_dir=False,
-                         progress=False)
+    return mixq.allocate(model, x, budget=8.0, bops_budget="0.4x", candidates=CANDS, scorer="kl",
+                         cache_dir=False, progress=False)
 
 
 def test_allocate_keeps_fragile_activations_at_higher_a_bits():

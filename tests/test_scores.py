@@ -210,3 +210,164 @@ def test_measured_scorer_in_allocate_synergy_off_by_default(known, monkeypatch):
         from mixq.scores.measured import measured_scores
 
         measured_scores(model, x, ["loud"], [(4, 4)], weight_method="nope", cache_dir=False)
+
+
+# ----------------------------------------------------------------------------- measured: prefix caching
+
+
+def _tiny_vit():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
+                              depth=3, num_heads=2, num_classes=5).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(8)  # confident logits, so every perturbation shows in the KL
+    return model, torch.randn(6, 3, 16, 16)
+
+
+def _vit_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+
+
+def test_find_blocks_on_timm_vit_and_none_without_blocks(known):
+    from mixq.scores.measured import find_blocks
+
+    model, _ = _tiny_vit()
+    assert find_blocks(model, _vit_names(model)) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert find_blocks(model, ["blocks.1.attn.qkv"]) == ["blocks.0", "blocks.1", "blocks.2"]
+    # nested chains (Swin: stages of blocks): the innermost ones
+    stages = nn.Sequential(*[nn.Sequential(*[nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4)) for _ in range(2)])
+                             for _ in range(2)])
+    assert find_blocks(stages, ["0.0.1", "1.1.1"]) == ["0.0", "0.1", "1.0", "1.1"]
+    assert find_blocks(known[0], ["loud", "quiet", "dead"]) == []
+    # a plain Sequential of Linears is not a chain of blocks (each child would be a single layer)
+    assert find_blocks(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), ["0", "1"]) == []
+
+
+def test_measured_prefix_cache_equals_full_forwards_bit_for_bit(monkeypatch):
+    """Replaying the FP outputs of the blocks before the perturbed one changes no bit of any KL, and
+    the head (final norm, pooling, classifier, output_fn) still runs on every pass."""
+    from mixq.scores import measured as measured_mod
+
+    model, x = _tiny_vit()
+    # one layer per block, and head: outside the blocks, after all of them
+    names = ["blocks.0.attn.qkv", "blocks.1.mlp.fc1", "blocks.2.attn.proj", "blocks.2.mlp.fc2", "head"]
+    cands = [(4, 4), (8, 6)]
+    full = measured_mod.measured_scores(model, x, names, cands, batch_size=4, cache_dir=False, progress=False,
+                                        prefix_cache=False)
+    calls = {"block0": 0}
+    model.blocks[0].register_forward_hook(lambda *a: calls.__setitem__("block0", calls["block0"] + 1))
+    fast = measured_mod.measured_scores(model, x, names, cands, batch_size=4, cache_dir=False, progress=False)
+    assert fast == full  # every float equal
+    assert all(v > 0 for row in full["kl"] for v in row)
+    # block 0 ran (or replayed: its hooks still fire) once per batch in every pass, 2 batches x (the
+    # FP pass, the calibration pass, 5 x 2 perturbed passes)
+    assert calls["block0"] == 2 * (2 + len(names) * len(cands))
+    # and the cache really replays: a layer of block 2 skips blocks 0 and 1, the head skips all three
+    prefix = measured_mod.PrefixCache(model, ["blocks.0", "blocks.1", "blocks.2"], names)
+    with torch.no_grad(), prefix.recording(1e9):
+        for b in x.split(4):
+            prefix.new_batch()
+            model(b)
+    assert prefix.skipped_calls("blocks.0.attn.qkv") == 0
+    assert prefix.skipped_calls("blocks.2.mlp.fc2") == 2 * 2 and prefix.skipped_calls("head") == 2 * 3
+
+
+def test_measured_prefix_cache_skips_the_prefix_work(monkeypatch):
+    """Fewer block forwards run: block 0's own code runs only for layers of block 0 (and the FP pass)."""
+    from mixq.scores import measured as measured_mod
+
+    model, x = _tiny_vit()
+    names = ["blocks.0.attn.qkv", "blocks.0.mlp.fc2", "blocks.1.attn.qkv", "blocks.2.mlp.fc1"]
+    ran = {"n": 0}
+    attn0 = model.blocks[0].attn
+    attn0.register_forward_hook(lambda *a: ran.__setitem__("n", ran["n"] + 1))
+    measured_mod.measured_scores(model, x, names, [(4, 4)], batch_size=6, cache_dir=False, progress=False)
+    assert ran["n"] == 2 + 2  # the FP and calibration passes, then the 2 layers of block 0 (replayed for the others)
+
+
+def test_measured_prefix_cache_over_its_limit_falls_back_with_a_log_line(caplog):
+    from mixq.scores.measured import measured_scores
+
+    model, x = _tiny_vit()
+    names = ["blocks.0.mlp.fc1", "blocks.1.attn.qkv"]
+    full = measured_scores(model, x, names, [(4, 8)], cache_dir=False, progress=False, prefix_cache=False)
+    with caplog.at_level("WARNING", logger="mixq"):
+        tiny = measured_scores(model, x, names, [(4, 8)], cache_dir=False, progress=False, max_prefix_mb=1e-3)
+    assert tiny == full
+    assert any("prefix cache off" in r.getMessage() and "MB" in r.getMessage() for r in caplog.records)
+
+
+def test_measured_without_blocks_falls_back_with_the_same_numbers(known):
+    from mixq.scores.measured import measured_scores
+
+    model, x = known
+    args = (model, x, ["loud", "quiet", "dead"], [(4, 4), (8, 8)])
+    assert (measured_scores(*args, batch_size=4, cache_dir=False, progress=False) ==
+            measured_scores(*args, batch_size=4, cache_dir=False, progress=False, prefix_cache=False))
+
+
+def test_measured_scores_report_progress_per_layer_and_candidate(known, monkeypatch):
+    import mixq.scores.measured as measured_mod
+
+    seen = []
+
+    def fake_bar(items, desc, enabled=True, total=None):
+        seen.append((desc, total))
+        yield from items
+
+    monkeypatch.setattr(measured_mod, "progress_bar", fake_bar)
+    model, x = known
+    measured_mod.measured_scores(model, x, ["loud", "quiet"], [(4, 4), (6, 8), (8, 8)], cache_dir=False)
+    assert seen == [("measured costs (2 layers x 3 candidates)", 6)]
+
+
+def test_measured_cache_keys_on_output_fn_and_model_structure(known, tmp_path):
+    from mixq.scores.measured import measured_scores
+
+    model, x = known
+    a = measured_scores(model, x, ["loud"], [(4, 4)], cache_dir=tmp_path, progress=False,
+                        output_fn=lambda m, b: torch.softmax(m(b), -1))
+    b = measured_scores(model, x, ["loud"], [(4, 4)], cache_dir=tmp_path, progress=False,
+                        output_fn=lambda m, b: torch.softmax(2 * m(b), -1))
+    assert len(list(tmp_path.glob("measured-*.json"))) == 2 and a != b
+    # same weights, different module settings (LayerNorm eps): different key
+    m1, m2 = nn.Sequential(nn.LayerNorm(8, eps=1e-5)), nn.Sequential(nn.LayerNorm(8, eps=1e-3))
+    assert cache.fingerprint(m1, x, {}) != cache.fingerprint(m2, x, {})
+    assert cache.callable_key(lambda m, b: 1) != cache.callable_key(lambda m, b: 2)
+
+
+def test_allocate_defaults_to_measured_without_synergy(known, monkeypatch):
+    import inspect
+
+    import mixq.scores.kl as kl_mod
+    from mixq import allocate
+
+    assert inspect.signature(allocate).parameters["scorer"].default == "measured"
+    monkeypatch.setattr(kl_mod, "kl_importance", lambda *a, **k: pytest.fail("the default must not run KL probes"))
+    model, x = known
+    plan = allocate(model, x, budget=6.0, filter_fn=lambda n, m: n != "dead", cache_dir=False, progress=False)
+    assert plan.scorer == "measured" and not plan.synergy and plan.lam == 0.0
+
+
+def test_measured_prefix_cache_exact_on_tiny_sam_with_repeated_decoder_calls():
+    """SAM: encoder blocks and the two-way decoder layers (called once per image, returning tuples)
+    are both replayed where the perturbed layer cannot reach them; every KL equals a full forward's."""
+    from mixq.models.sam import SamConfig, build_sam
+    from mixq.scores.measured import find_blocks, measured_scores
+
+    torch.manual_seed(0)
+    model = build_sam(SamConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=64,
+                                window_size=2, prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64, mask_in_chans=4))
+    batch = {"images": torch.randn(2, 3, 64, 64), "boxes": torch.tensor([[[4.0, 4, 40, 50]], [[10.0, 0, 60, 30]]])}
+    names = ["image_encoder.blocks.1.mlp.lin1", "mask_decoder.transformer.layers.1.mlp.lin2",
+             "mask_decoder.transformer.final_attn_token_to_image.out_proj"]
+    assert len(find_blocks(model, names)) == 4
+    args = (model, [batch], names, [(4, 6)])
+    kw = dict(output_fn=mask_probs, cache_dir=False, progress=False)
+    full = measured_scores(*args, prefix_cache=False, **kw)
+    ran = []
+    model.image_encoder.blocks[0].attn.register_forward_hook(lambda *a: ran.append(1))
+    assert measured_scores(*args, **kw) == full
+    assert len(ran) == 2  # the FP and calibration passes only: every perturbed pass replayed block 0

@@ -37,7 +37,7 @@ def allocate(
     calib_data: Any,
     budget: Optional[Budget] = 6.0,
     bops_budget: Union[float, int, str, None] = None,
-    scorer: Scorer = "kl",
+    scorer: Scorer = "measured",
     synergy: Optional[bool] = None,
     lam: float = 0.05,
     candidates: Optional[Sequence[tuple[int, int]]] = None,
@@ -57,14 +57,18 @@ def allocate(
         counted, the field's "average bit-width"), or the stored size of the planned layers in bytes
         (a larger number, or a string ``"12MB"``/``"1.5GiB"``; weights + fp32 scales + fp32 biases).
     bops_budget: BOPs per input (``3.2e12``, ``"800G"``) or a fraction of uniform W8A8 (``"0.5x"``).
-    scorer: "kl" | "lrp" | "sensitivity" | "measured", a list of them (summed) or a dict name ->
-        weight. Each scorer's costs are normalized to mean 1 per layer at the noisiest candidate
-        first. "measured" quantizes each layer alone at each candidate as ``quantize_`` would (smooth,
-        GPTQ) and measures the KL of ``output_fn`` per image (:mod:`mixq.scores.measured`): the
-        slowest scorer (one forward pass per layer and candidate) and, in the Pareto sweep, the best.
+    scorer: "measured" (default) | "kl" | "lrp" | "sensitivity", a list of them (summed) or a dict
+        name -> weight. Each scorer's costs are normalized to mean 1 per layer at the noisiest
+        candidate first. "measured" quantizes each layer alone at each candidate as ``quantize_``
+        would (smooth, GPTQ) and measures the KL of ``output_fn`` per image
+        (:mod:`mixq.scores.measured`): the Pareto sweep's winner (docs/ALLOCATION_EXPERIMENTS.md),
+        and the slowest scorer: one pass per layer and candidate, each starting at the perturbed
+        layer's block (earlier blocks replay cached FP outputs). "kl" (two probes per layer,
+        extrapolated with 4^-bits) is the fast one: about 3x less time on DINOv2-S.
     synergy, lam: add ``lam * S[l, m] * ((w_l - w_m)^2 + (a_l - a_m)^2)`` over execution-order
         neighbours, S from the per-image KL importances (normalized to max 1). ``synergy=None``
-        (default): on, except for ``scorer="measured"`` alone, where the sweep found it off better.
+        (default): off for ``scorer="measured"`` alone (the sweep's winner: measured, synergy off),
+        on for every other scorer.
     pinned: layer name -> bits (``8`` or ``(8, 8)``) to keep fixed; with ``attention=True`` an attention
         matmul (``"blocks.0.attn.pv": 8``) too.
     output_fn: called as ``output_fn(model, batch)`` for each calibration batch; returns the output
@@ -121,6 +125,14 @@ def allocate(
     lin_names = [n for n, op in zip(names, ops) if op == "linear"]
     att_names = [n for n, op in zip(names, ops) if op != "linear"]
     is_lin = np.array([op == "linear" for op in ops])
+    layer_args = dict(names=names, candidates=full, weight_params=[l.weight_params for l in layers],
+                      out_features=[l.out_features for l in layers], has_bias=[l.bias for l in layers],
+                      macs=[l.macs for l in layers], pinned=pin_idx, allowed=allowed, ops=ops)
+    if budget is not None or bops_budget is not None:
+        # An infeasible budget fails here, not after the scoring (minutes with the measured scorer):
+        # feasibility depends only on sizes, MACs, candidates and pins, so zero costs tell.
+        solve_plan(AllocationProblem(costs=np.zeros((len(names), len(full))), pairs=[], synergy=[], lam=0.0,
+                                     **layer_args), budget, bops_budget, synergy=False, time_limit=time_limit)
     lowest = (min(w for w, _ in cands), min(a for _, a in cands))
     noise = np.array([noise_factor(w, a) for w, a in cands]) / noise_factor(*lowest)
     common = dict(batch_size=batch_size, progress=progress, cache_dir=cache_dir)
@@ -172,12 +184,7 @@ def allocate(
         syn = synergy_scores(per_image.tolist(), pairs)
         top = max(syn) if syn else 0.0
         syn = [s / top if top > 0 else 0.0 for s in syn]
-    problem = AllocationProblem(
-        names=names, candidates=full, costs=costs,
-        weight_params=[l.weight_params for l in layers], out_features=[l.out_features for l in layers],
-        has_bias=[l.bias for l in layers], macs=[l.macs for l in layers],
-        pairs=pairs, synergy=syn, lam=lam if synergy else 0.0, pinned=pin_idx, allowed=allowed, ops=ops,
-    )
+    problem = AllocationProblem(costs=costs, pairs=pairs, synergy=syn, lam=lam if synergy else 0.0, **layer_args)
     label = "+".join(k if v == 1 else f"{v:g}*{k}" for k, v in weights.items())
     plan = solve_plan(problem, budget, bops_budget, synergy=synergy, time_limit=time_limit, scorer=label)
     plan.softmax_quant = softmax_quant if att_names else None

@@ -39,9 +39,38 @@ def _digest_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
         h.update(repr((float(f.sum()), float(f.abs().sum()))).encode())
 
 
+def callable_key(fn: Any) -> str:
+    """What identifies an ``output_fn`` in a cache key: module, qualified name and a hash of its code,
+    constants and closure (two different lambdas must not share scores; a bound method adds its
+    class; a ``functools.partial`` its function and arguments)."""
+    import functools
+
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_key(fn.func)}, {fn.args!r}, {sorted(fn.keywords.items())!r})"
+    owner = getattr(fn, "__self__", None)
+    func = getattr(fn, "__func__", fn)
+    name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', type(func).__qualname__)}"
+    if owner is not None:
+        name += f"@{type(owner).__qualname__}"
+    code = getattr(func, "__code__", None)
+    if code is None:
+        return name
+    h = hashlib.sha256(code.co_code)
+    h.update(repr(code.co_consts).encode())
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            h.update(repr(cell.cell_contents).encode())
+        except ValueError:  # an empty cell
+            pass
+    return f"{name}#{h.hexdigest()[:16]}"
+
+
 def fingerprint(model: nn.Module, calib_data: Any, params: dict) -> str:
-    """A hash of the model's state_dict (names, shapes, sampled values, sums), the data and params."""
+    """A hash of the model's module tree (types and their settings), its state_dict (names, shapes,
+    sampled values, sums), the data and params."""
     h = hashlib.sha256()
+    for name, m in model.named_modules():
+        h.update(f"{name}|{type(m).__module__}.{type(m).__qualname__}|{m.extra_repr()}\n".encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         if isinstance(t, torch.Tensor):
