@@ -153,7 +153,7 @@ def attention_scores(model: nn.Module, calib_data: Any, names: Sequence[str], ca
         split_name(n)
     params = {"kind": "attention", "names": names, "cands": [list(map(int, c)) for c in candidates],
               "bs": batch_size, "softmax": softmax_quant, "how": ATTENTION_PERTURBATION,
-              "out": getattr(output_fn, "__qualname__", repr(output_fn))}
+              "out": cache.callable_key(output_fn)}
 
     def compute() -> dict:
         with torch.no_grad():

@@ -58,7 +58,7 @@ def kl_importance(model: nn.Module, calib_data: Any, names: list[str], output_fn
     """
     output_fn = output_fn or softmax_probs
     params = {"kind": "kl", "names": names, "w": w_bits, "a": a_bits, "mode": mode, "bs": batch_size,
-              "act": PERTURBATION, "out": getattr(output_fn, "__qualname__", repr(output_fn))}
+              "act": PERTURBATION, "out": cache.callable_key(output_fn)}
 
     def compute() -> dict:
         with torch.no_grad():

@@ -144,7 +144,7 @@ def lrp_importance(model: nn.Module, calib_data: Any, names: list[str], target_f
                    cache_dir: cache.CacheDir = None) -> dict:
     """``{"names", "per_image": [L][N] relevance shares, "importance": [L]}``."""
     params = {"kind": "lrp", "names": names, "eps": eps, "bs": batch_size,
-              "target": getattr(target_fn, "__qualname__", repr(target_fn))}
+              "target": cache.callable_key(target_fn)}
 
     def compute() -> dict:
         parts = [lrp_relevance(model, b, names, target_fn, eps)[0]

@@ -19,7 +19,7 @@ def sensitivity_scores(model: nn.Module, calib_data: Any, names: list[str], cand
     """Mean KL(P_fp || P) over images for every (layer, candidate): ``{"names", "candidates", "kl": [L][C]}``."""
     output_fn = output_fn or softmax_probs
     params = {"kind": "sensitivity", "names": names, "cands": [list(c) for c in candidates], "bs": batch_size,
-              "act": PERTURBATION, "out": getattr(output_fn, "__qualname__", repr(output_fn))}
+              "act": PERTURBATION, "out": cache.callable_key(output_fn)}
 
     def compute() -> dict:
         with torch.no_grad():
