@@ -384,7 +384,7 @@ def render(store: dict, out_md: Path, plots: bool = True) -> str:
 
     def row(title: str, a: str, b: str, metrics=("knn_top1", "knn_agree", "probe_agree", "sal_iou05")) -> str:
         d = diff(a, b)
-        cells = [f"{METRICS[m][0]} {fmt_iv(d[m], m)} ({verdict(d[m], METRICS[m][1])})" for m in metrics]
+        cells = [f"{fmt_iv(d[m], m)} ({verdict(d[m], METRICS[m][1])})" for m in metrics]
         return f"| {title} | " + " | ".join(cells) + " |"
 
     for suffix, how in (("", "synergy on, as the sweep started"), ("-nosyn", "synergy off, the library's default")):
@@ -411,10 +411,12 @@ def render(store: dict, out_md: Path, plots: bool = True) -> str:
                 d = diff(k, base)
                 lines.append(f"| {b} b @ {f} | {v} | {pts[k].get('mix')} | " + " | ".join(
                     f"{fmt_iv(d[mm], mm)} ({verdict(d[mm], True)})" for mm in ("knn_top1", "knn_agree", "probe_agree", "sal_iou05")) + " |")
+    lines += ["", "### Activation modes: Mix-QViT's clipped channel-wise static mode - smooth (the default), paired [95%]", "",
+              "| uniform point | kNN top-1 | kNN same as FP | probe same as FP | saliency IoU@0.5 |", "|---|---|---|---|---|"]
     for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)):
         k, u = f"u-w{w}a{a}-channel", f"u-w{w}a{a}"
         if k in arr and u in arr:
-            lines.append(row(f"act channel - smooth, W{w}A{a}", k, u))
+            lines.append(row(f"W{w}A{a}", k, u))
     lines += ["", "### Attention matmuls quantized too (issue 15): with - without, paired [95%]", "",
               "Q, K per token and V per channel at the attention bits; probabilities on the log2 grid unless "
               "marked uniform; the Linears exactly as in the row without attention.", "",
