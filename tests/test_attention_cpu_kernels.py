@@ -22,7 +22,6 @@ BITS = [4, 6, 8]
 KINDS = list(formats.SOFTMAX_QUANT)
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU = CpuBackend()
-PATHS = (["vnni"] if _C.has_vnni() else []) + (["avx2"] if _C.has_avx2() else []) + ["scalar"]
 MAX_KEYS = _C.attention_max_keys
 
 # (leading dims, N, M, D): N != M, odd and unit D, one query, several leading dims, > 1 row block
@@ -35,15 +34,6 @@ SHAPES = [
     ((3,), 70, 45, 18),
 ]
 EMPTY_SHAPES = [((0,), 4, 5, 8), ((2,), 0, 5, 8), ((2,), 4, 0, 8), ((2,), 4, 5, 0), ((1, 0), 3, 3, 3)]
-
-
-@pytest.fixture(params=PATHS)
-def kernel_path(request):
-    """Runs a test on every kernel family this CPU has: AVX-512 VNNI, AVX2, the scalar fallback."""
-    _C.set_kernel_path(request.param)
-    assert _C.kernel_path() == request.param
-    yield request.param
-    _C.set_kernel_path("auto")
 
 
 def _bits_of(t: torch.Tensor) -> torch.Tensor:

@@ -24,16 +24,6 @@ from mixq.backends.cpu import CpuBackend  # noqa: E402
 BITS = [4, 6, 8]
 PAIRS = [(w, a) for w in BITS for a in BITS]
 CPU = CpuBackend()
-PATHS = (["vnni"] if _C.has_vnni() else []) + (["avx2"] if _C.has_avx2() else []) + ["scalar"]
-
-
-@pytest.fixture(params=PATHS)
-def kernel_path(request):
-    """Runs a test on every kernel family this CPU has: AVX-512 VNNI, AVX2, the scalar fallback."""
-    _C.set_kernel_path(request.param)
-    assert _C.kernel_path() == request.param
-    yield request.param
-    _C.set_kernel_path("auto")
 
 
 def _weights(n: int, k: int, bits: int, gen: torch.Generator) -> torch.Tensor:

@@ -22,18 +22,8 @@ from mixq.backends.cpu import CpuBackend  # noqa: E402
 BITS = [4, 6, 8]
 KINDS = ["log2", "uniform"]
 CPU = CpuBackend()
-PATHS = (["vnni"] if _C.has_vnni() else []) + (["avx2"] if _C.has_avx2() else []) + ["scalar"]
 # odd lengths around the vector widths (8 and 16 lanes, 32 per AVX2 iteration) and a ViT row
 LENGTHS = [1, 7, 8, 15, 16, 17, 31, 32, 33, 63, 197]
-
-
-@pytest.fixture(params=PATHS)
-def kernel_path(request):
-    """Runs a test on every kernel family this CPU has: AVX-512, AVX2, the scalar fallback."""
-    _C.set_kernel_path(request.param)
-    assert _C.kernel_path() == request.param
-    yield request.param
-    _C.set_kernel_path("auto")
 
 
 def fresh_generator() -> tuple[torch.Generator, int]:
