@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 from .console import table as _table
 
 EPILOG = """examples:
-  mixq demo                                   # the built-in default: DINOv2 ViT-S, ~15 min on 2 CPU cores
+  mixq demo                                   # the built-in default: DINOv2 ViT-S, ~10 min on 2 CPU cores
   mixq quantize dinov2-s --budget 6 --out runs/d6
   mixq quantize sam-vit-b:/ckpt/sam_vit_b.pth --calib coco/val2017 --budget 5 --bops 2e12 --out runs/sam5
   mixq eval runs/d6/model.safetensors --task dinov2
@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("demo", help="the built-in default run on the shipped DINOv2 ViT-S (about 15 minutes)",
+    s = sub.add_parser("demo", help="the built-in default run on the shipped DINOv2 ViT-S (about 10 minutes on 2 CPU cores)",
                        description="Calibrate on 32 shipped images, score, allocate at two budgets between uniform "
                        "points (5 average weight bits at W6A6's BOPs, 4.5 bits at W4A8's BOPs), quantize, evaluate "
                        "against FP and uniform baselines, time CPU latency vs float and torch int8, and write a "
