@@ -397,3 +397,58 @@ def prob_integer_weights(codes: torch.Tensor, bits: int, kind: str = "log2") -> 
     w = torch.where(c == prob_zero_code(bits), torch.zeros_like(c),
                     torch.ones_like(c) << (cmax - c.clamp(max=cmax)))
     return w, 2.0 ** -cmax
+
+
+# --------------------------------------------------------------------- attention ops' operands
+
+ATTENTION_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_attention_codes(t: torch.Tensor, dtype: torch.dtype, what: str, shape: str) -> None:
+    if t.dtype != dtype or t.dim() < 2:
+        raise ValueError(f"{what} must be a {dtype} tensor {shape} (at least 2-D), got {t.dtype} {tuple(t.shape)}")
+
+
+def _check_attention_steps(t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    if not t.dtype.is_floating_point or tuple(t.shape) != shape:
+        raise ValueError(f"{what} must be a float tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+
+
+def check_attention_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in ATTENTION_OUT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+
+
+def check_qk_operands(q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor,
+                      out_dtype: torch.dtype) -> tuple[tuple[int, ...], int, int, int]:
+    """``mixq::quantized_qk``'s operand contract, checked alike by every backend: int8 codes
+    q [..., N, D], k [..., M, D] with equal leading dims and D, float steps [..., N] and [..., M].
+    Returns (leading dims, N, M, D); devices and size limits are each backend's to check."""
+    _check_attention_codes(q, torch.int8, "q", "[..., N, D]")
+    _check_attention_codes(k, torch.int8, "k", "[..., M, D]")
+    lead, (n, d), m = tuple(q.shape[:-2]), q.shape[-2:], k.shape[-2]
+    if tuple(k.shape[:-2]) != lead or k.shape[-1] != d:
+        raise ValueError(f"k must be [..., M, D] with q's leading dims {lead} and head dim {d} (no broadcasting), "
+                         f"got {tuple(k.shape)}")
+    _check_attention_steps(q_scale, (*lead, n), "q_scale")
+    _check_attention_steps(k_scale, (*lead, m), "k_scale")
+    check_attention_out_dtype(out_dtype)
+    return lead, n, m, d
+
+
+def check_pv_operands(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str,
+                      out_dtype: torch.dtype) -> tuple[tuple[int, ...], int, int, int]:
+    """``mixq::quantized_pv``'s operand contract: uint8 probability codes p [..., N, M] on an allowed
+    grid and width, int8 v [..., M, D] with p's leading dims and M, float steps v_scale [..., D].
+    Returns (leading dims, N, M, D); devices and size limits are each backend's to check."""
+    check_bits(p_bits, "p_bits")
+    check_softmax_quant(p_kind)
+    _check_attention_codes(p, torch.uint8, "p (probability codes)", "[..., N, M]")
+    _check_attention_codes(v, torch.int8, "v", "[..., M, D]")
+    lead, (n, m), d = tuple(p.shape[:-2]), p.shape[-2:], v.shape[-1]
+    if tuple(v.shape[:-2]) != lead or v.shape[-2] != m:
+        raise ValueError(f"v must be [..., M, D] with p's leading dims and M = {m} keys (leading dims {lead}; no "
+                         f"broadcasting), got {tuple(v.shape)}")
+    _check_attention_steps(v_scale, (*lead, d), "v_scale")
+    check_attention_out_dtype(out_dtype)
+    return lead, n, m, d

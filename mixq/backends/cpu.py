@@ -201,17 +201,8 @@ class CpuBackend:
         """Q K^T on int8 codes (csrc/attention.cpp), bit-exact with ``reference.attention_qk``:
         q [..., N, D], k [..., M, D], per-token steps [..., N] / [..., M] -> [..., N, M] in out_dtype."""
         _require_attention_ext()
-        _check_out_dtype(out_dtype)
-        _check_codes(q, torch.int8, "q", "[..., N, D]")
-        _check_codes(k, torch.int8, "k", "[..., M, D]")
-        lead = tuple(q.shape[:-2])
-        n, d = q.shape[-2:]
-        m = k.shape[-2]
-        if tuple(k.shape[:-2]) != lead or k.shape[-1] != d:
-            raise ValueError(f"mixq cpu quantized_qk: k must be [..., M, D] with q's leading dims {lead} and head "
-                             f"dim {d}, got {tuple(k.shape)}")
-        _check_steps(q_scale, (*lead, n), "q_scale")
-        _check_steps(k_scale, (*lead, m), "k_scale")
+        lead, n, m, d = formats.check_qk_operands(q, q_scale, k, k_scale, out_dtype)
+        _check_all_cpu(q=q, q_scale=q_scale, k=k, k_scale=k_scale)
         if d > _C.attention_max_head_dim:
             raise ValueError(f"mixq cpu quantized_qk: head dim {d} above {_C.attention_max_head_dim} (the exact "
                              "int32 sum's bound); use the reference backend")
@@ -227,18 +218,8 @@ class CpuBackend:
         probability codes p [..., N, M] on grid ``p_kind`` x int8 V [..., M, D], per-channel steps
         v_scale [..., D] -> [..., N, D] in out_dtype."""
         _require_attention_ext()
-        formats.check_bits(p_bits, "p_bits")
-        formats.check_softmax_quant(p_kind)
-        _check_out_dtype(out_dtype)
-        _check_codes(p, torch.uint8, "p (probability codes)", "[..., N, M]")
-        _check_codes(v, torch.int8, "v", "[..., M, D]")
-        lead = tuple(p.shape[:-2])
-        n, m = p.shape[-2:]
-        d = v.shape[-1]
-        if tuple(v.shape[:-2]) != lead or v.shape[-2] != m:
-            raise ValueError(f"mixq cpu quantized_pv: v must be [..., M, D] with p's leading dims {lead} and M = {m} "
-                             f"keys, got {tuple(v.shape)}")
-        _check_steps(v_scale, (*lead, d), "v_scale")
+        lead, n, m, d = formats.check_pv_operands(p, v, v_scale, p_bits, p_kind, out_dtype)
+        _check_all_cpu(p=p, v=v, v_scale=v_scale)
         if m > _C.attention_max_keys:
             raise ValueError(f"mixq cpu quantized_pv: {m} keys above {_C.attention_max_keys} (the exact integer "
                              "sum's bound); use the reference backend")
@@ -271,23 +252,9 @@ def _require_attention_ext() -> None:
                            "rebuild it: `python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
 
 
-def _check_out_dtype(out_dtype: torch.dtype) -> None:
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-
-
-def _check_codes(t: torch.Tensor, dtype: torch.dtype, what: str, shape: str) -> None:
-    _check_cpu(t, what)
-    if t.dtype != dtype or t.dim() < 2:
-        raise ValueError(f"mixq cpu backend: {what} must be a {dtype} tensor {shape} (at least 2-D), "
-                         f"got {t.dtype} {tuple(t.shape)}")
-
-
-def _check_steps(t: torch.Tensor, shape: tuple, what: str) -> None:
-    _check_cpu(t, what)
-    if not t.dtype.is_floating_point or tuple(t.shape) != tuple(shape):
-        raise ValueError(f"mixq cpu backend: {what} must be a float tensor of shape {tuple(shape)}, "
-                         f"got {t.dtype} {tuple(t.shape)}")
+def _check_all_cpu(**tensors: torch.Tensor) -> None:
+    for what, t in tensors.items():
+        _check_cpu(t, what)
 
 
 register_backend(CpuBackend())

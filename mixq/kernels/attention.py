@@ -48,7 +48,7 @@ import triton.language as tl
 
 from mixq import formats
 
-from .gemm import INT64_THRESHOLD, OUT_DTYPES, _round_to_bf16_grid
+from .gemm import INT64_THRESHOLD, _round_to_bf16_grid
 from .quantize import round_half_even
 
 MAX_HEAD_DIM: int = 256
@@ -224,16 +224,10 @@ def _flat3(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-2], t.shape[-1])
 
 
-def _check_out_dtype(out_dtype: torch.dtype) -> None:
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-
-
-def _check_scale(name: str, s: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    if not s.is_floating_point() or tuple(s.shape) != shape or s.device != device:
-        raise ValueError(f"{name} must be a float tensor of shape {shape} on {device}, "
-                         f"got {s.dtype} {tuple(s.shape)} on {s.device}")
-    return s.to(torch.float32)
+def _check_same_device(device: torch.device, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} on {t.device} but the codes on {device}")
 
 
 def _check_head_dim(d: int) -> None:
@@ -245,18 +239,10 @@ def quantized_qk(q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scal
                  out_dtype: torch.dtype, config: Optional[AttentionConfig] = None) -> torch.Tensor:
     """int8 q [..., N, D], k [..., M, D] (same leading dims), steps [..., N], [..., M] -> [..., N, M]:
     ``(fp32(q @ k^T) * q_scale[i]) * k_scale[j]`` in ``out_dtype``, exact integer sums."""
-    if q.dtype != torch.int8 or k.dtype != torch.int8:
-        raise ValueError(f"quantized_qk takes int8 q and k codes, got {q.dtype} and {k.dtype}")
-    if q.dim() < 2 or k.dim() != q.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q [..., N, D] and k [..., M, D] must share their leading dims and D (no broadcasting), "
-                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
-    if k.device != q.device:
-        raise ValueError(f"q on {q.device} but k on {k.device}")
-    _check_out_dtype(out_dtype)
-    lead, n, d, m = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1], k.shape[-2]
+    lead, n, m, d = formats.check_qk_operands(q, q_scale, k, k_scale, out_dtype)
+    _check_same_device(q.device, k=k, q_scale=q_scale, k_scale=k_scale)
     _check_head_dim(d)
-    q_scale = _check_scale("q_scale", q_scale, (*lead, n), q.device)
-    k_scale = _check_scale("k_scale", k_scale, (*lead, m), q.device)
+    q_scale, k_scale = q_scale.to(torch.float32), k_scale.to(torch.float32)
     out = torch.empty((*lead, n, m), dtype=out_dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -298,21 +284,14 @@ def quantized_pv(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits
                  out_dtype: torch.dtype, config: Optional[AttentionConfig] = None) -> torch.Tensor:
     """uint8 probability codes p [..., N, M] (formats.quantize_probs) x int8 v [..., M, D] with per-channel
     steps v_scale [..., D] -> [..., N, D]: ``(fp32(exact sum) * step) * v_scale[d]`` in ``out_dtype``."""
+    lead, n, m, d = formats.check_pv_operands(p, v, v_scale, p_bits, p_kind, out_dtype)
+    _check_same_device(p.device, v=v, v_scale=v_scale)
     consts = pv_constants(p_bits, p_kind)
-    if p.dtype != torch.uint8 or v.dtype != torch.int8:
-        raise ValueError(f"quantized_pv takes uint8 probability codes and int8 v codes, got {p.dtype} and {v.dtype}")
-    if p.dim() < 2 or v.dim() != p.dim() or p.shape[:-2] != v.shape[:-2] or p.shape[-1] != v.shape[-2]:
-        raise ValueError(f"p [..., N, M] and v [..., M, D] must share their leading dims and M (no broadcasting), "
-                         f"got {tuple(p.shape)} and {tuple(v.shape)}")
-    if v.device != p.device:
-        raise ValueError(f"p on {p.device} but v on {v.device}")
-    _check_out_dtype(out_dtype)
-    lead, n, m, d = tuple(p.shape[:-2]), p.shape[-2], p.shape[-1], v.shape[-1]
     _check_head_dim(d)
     if m > MAX_PV_TOKENS:
         raise ValueError(f"quantized_pv sums over {m} tokens; the exact int32 bucket sums allow at most "
                          f"{MAX_PV_TOKENS} (64 * 128 * M < 2**31)")
-    v_scale = _check_scale("v_scale", v_scale, (*lead, d), p.device)
+    v_scale = v_scale.to(torch.float32)
     out = torch.empty((*lead, n, d), dtype=out_dtype, device=p.device)
     if out.numel() == 0:
         return out
