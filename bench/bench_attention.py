@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default: 3 quick, 7 full)")
     parser.add_argument("--bits", type=int, default=8, choices=list(formats.SUPPORTED_BITS),
                         help="attention and softmax bits")
-    parser.add_argument("--kind", default="log2", choices=list(formats.SOFTMAX_QUANT), help="probability grid")
+    parser.add_argument("--kind", default="log2", choices=list(formats.P_GRIDS), help="probability grid")
     parser.add_argument("--reference-global", action="store_true",
                         help="also time the reference path at SAM-B global attention (needs several GB)")
     args = parser.parse_args()

@@ -74,11 +74,11 @@ def make_runner(impl: str, m: int, k: int, n: int, seed: int = 0) -> Callable[[]
     qlin = QuantLinear.from_float(linear, w_bits, a_bits, act_quant="dynamic", backend="cpu", clip_search=False)
     assert qlin.backend == "cpu"
     if impl.endswith("raw"):
-        from mixq.backends import get_backend
+        from mixq import _C
 
-        cpu = get_backend("cpu")
-        args = (qlin.w_runtime, qlin.w_scale, qlin.bias, w_bits, a_bits, k, n, torch.float32)
-        return lambda: cpu.linear_dynamic(x, None, *args, headroom=True)
+        w = qlin.packed
+        args = (w.codes, w.scale, w.bias, w_bits, a_bits, k, n, torch.float32, None, True)
+        return lambda: _C.linear_dynamic(x, None, *args)
     return lambda: qlin(x)
 
 

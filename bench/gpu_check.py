@@ -194,7 +194,7 @@ def stage_smoke(args) -> int:
     ref, tri = get_backend("reference"), get_backend("triton")
     shapes = ([Shape("SAM-B(dry)", 33, 70, 37), Shape("ViT-B(dry)", 5, 130, 24)] if dry
               else [Shape("SAM-B", 4096, 768, 2304), Shape("ViT-B b1", 197, 3072, 768)])
-    lines = [header(dry), "| shape | W | A | quantize (q, scale) | int GEMM | packed_linear max rel err | result |",
+    lines = [header(dry), "| shape | W | A | quantize (q, scale) | int GEMM | linear max rel err | result |",
              "|---|---|---|---|---|---|---|"]
     failures = 0
     for s in shapes:
@@ -206,17 +206,18 @@ def stage_smoke(args) -> int:
             lim = formats.qmax(w_bits)
             q = torch.randint(-lim, lim + 1, (s.n, s.k), generator=g, device=dev, dtype=torch.int8)
             canon = formats.pack_weight(q, w_bits)
-            w_gpu = tri.prepack(canon, w_bits, s.k)
+            w_gpu = tri.pack(canon, w_scale, bias, w_bits, s.k, s.n)
+            w_ref = ref.pack(canon, w_scale, bias, w_bits, s.k, s.n)
             for a_bits in BITS if (not dry or s is shapes[0]) else (8,):  # dry run: all pairs on one shape
                 row = f"| {s.label} | {w_bits} | {a_bits} |"
                 try:
                     xq, a_scale = tri.quantize_dynamic(x, a_bits)
                     xq_r, a_scale_r = ref.quantize_dynamic(x, a_bits)
                     q_ok = torch.equal(xq, xq_r) and torch.equal(a_scale, a_scale_r)
-                    acc = tri.int_gemm(xq_r, w_gpu, w_bits, s.k, s.n)
-                    acc_r = ref.int_gemm(xq_r, canon, w_bits, s.k, s.n)
+                    acc = tri.int_gemm(xq_r, w_gpu)
+                    acc_r = ref.int_gemm(xq_r, w_ref)
                     g_ok = torch.equal(acc, acc_r)
-                    out = tri.packed_linear(xq_r, a_scale_r, w_gpu, w_scale, bias, w_bits, s.k, s.n, torch.float32)
+                    out = tri.linear(xq_r, a_scale_r, w_gpu, torch.float32)
                     exact = (acc_r.double() * a_scale_r.double()[:, None] * w_scale.double()[None, :]
                              + bias.double())
                     rel = float(((out.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-30)).item())
@@ -240,7 +241,7 @@ def stage_smoke(args) -> int:
             canon = formats.pack_weight(
                 torch.randint(-lim, lim + 1, (s.n, s.k), generator=g, device=dev, dtype=torch.int8), w_bits)
             w_gpu = kernels.prepack_gpu(canon, w_bits, s.k)
-            want = ref.int_gemm(xq, canon, w_bits, s.k, s.n)
+            want = ref.int_gemm(xq, ref.pack(canon, torch.ones(s.n, device=dev), None, w_bits, s.k, s.n))
             base = tuning.pick_config(w_bits, s.m, s.n, s.k, torch.device(dev))
             x = (torch.randn(s.m, s.k, generator=g, device=dev) * 3).to(torch.bfloat16)
             w_scale = torch.rand(s.n, generator=g, device=dev) * 1e-2 + 1e-3
@@ -453,7 +454,7 @@ def stage_tune(args) -> int:
             break
         case = Case(s, dev)
         canon, w = case.mixq_weights(w_bits)
-        want = ref.int_gemm(case.xq, canon, w_bits, s.k, s.n)
+        want = ref.int_gemm(case.xq, ref.pack(canon, torch.ones(s.n, device=dev), None, w_bits, s.k, s.n))
         timed = {}
         for cfg in candidate_configs(s, w_bits, sms, dry):
             if time.monotonic() - start > args.budget_s:
@@ -560,12 +561,12 @@ def _fuse_quantize(model: torch.nn.Module) -> None:
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features).contiguous()
-        out, _ = kernels.quantized_linear_dynamic(x2, self.w_runtime, self.w_bits, self.a_bits, self.in_features,
+        out, _ = kernels.quantized_linear_dynamic(x2, self.packed.codes, self.w_bits, self.a_bits, self.in_features,
                                                   self.out_features, self.w_scale, self.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     for mod in model.modules():
-        if isinstance(mod, QuantLinear) and mod.act_quant == "dynamic" and mod.w_runtime.dim() == 3:
+        if isinstance(mod, QuantLinear) and mod.act_quant == "dynamic" and mod.packed.codes.dim() == 3:
             mod.forward = forward.__get__(mod)
 
 

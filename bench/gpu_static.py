@@ -96,14 +96,14 @@ def launch_signature(w_bits: int, cfg, m: int, n: int, k: int, scaled: bool = Tr
     scaled_here = scaled and split == 1
     ptrs = {"a_ptr": "*i8", "w_ptr": "*i8", "out_ptr": "*bf16" if scaled_here else "*i32",
             "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-            "a_mul_ptr": "*fp32"}
+            "a_scale_mul_ptr": "*fp32"}
     consts = dict(W_BITS=w_bits, K_TILE=K_TILE, SUB_K=SUB_K[w_bits], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   GROUP_M=cfg.group_m, SCALED=scaled_here, HAS_BIAS=has_bias and scaled_here,
                   SWAP_AB=bool(getattr(cfg, "swap_ab", 0)), ASM=bool(getattr(cfg, "asm_unpack", 0)), INT64=max(m * k, n * kt * tile_bytes(w_bits), split * m * n) >= 2**31)
     from mixq import formats
 
     consts.update(A_FLOAT=bool(fused_a_bits), QMAX=formats.qmax(fused_a_bits) if fused_a_bits else 127,
-                  EPS=formats.SCALE_EPS, HAS_AMUL=False)
+                  EPS=formats.SCALE_EPS, HAS_A_SCALE_MUL=False)
     if fused_a_bits:
         ptrs["a_ptr"] = "*bf16"
     sig, cex, attrs = specialize(fn, ptrs, consts, ints)
@@ -180,7 +180,7 @@ def analyze(w_bits: int, cfg, m: int = 4096, n: int = 2304, k: int = 768, fused_
 # ----------------------------------------------------------------------------- attention kernels
 
 
-def attention_signature(op: str, cfg, batch: int, n: int, m: int, d: int, p_bits: int = 8, p_kind: str = "log2"):
+def attention_signature(op: str, cfg, batch: int, n: int, m: int, d: int, p_bits: int = 8, p_grid: str = "log2"):
     """(fn, signature, constexprs, attrs) of the attention kernels as a launch on contiguous
     [batch, tokens, d] tensors specializes them (bf16 out)."""
     from mixq.kernels import attention as att
@@ -199,14 +199,14 @@ def attention_signature(op: str, cfg, batch: int, n: int, m: int, d: int, p_bits
                     stride_pb=n * m, stride_pn=m, stride_pm=1, stride_vb=m * d, stride_vm=d, stride_vd=1,
                     stride_vsb=d, stride_vsd=1, stride_ob=n * d, stride_on=d, stride_od=1)
         ptrs = {"p_ptr": "*u8", "v_ptr": "*i8", "vs_ptr": "*fp32", "out_ptr": "*bf16"}
-        consts = dict(**att.pv_constants(p_bits, p_kind), BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+        consts = dict(**att.pv_constants(p_bits, p_grid), BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
                       BLOCK_D=max(16, 1 << (d - 1).bit_length()), INT64=batch * n * m >= 2**31)
     sig, cex, attrs = specialize(fn, ptrs, consts, ints)
     return fn, sig, cex, attrs
 
 
 def attention_cases(quick: bool = False) -> list[tuple]:
-    """(label, op, config, batch, n, m, d, p_bits, p_kind): the default tiles (attention.default_config)
+    """(label, op, config, batch, n, m, d, p_bits, p_grid): the default tiles (attention.default_config)
     at ViT-B and SAM-B global, and P V on one warpgroup for comparison."""
     import torch
 
@@ -227,10 +227,10 @@ def attention_cases(quick: bool = False) -> list[tuple]:
 
 
 def analyze_attention(case: tuple) -> dict:
-    label, op, cfg, batch, n, m, d, p_bits, p_kind = case
-    fn, sig, cex, attrs = attention_signature(op, cfg, batch, n, m, d, p_bits, p_kind)
+    label, op, cfg, batch, n, m, d, p_bits, p_grid = case
+    fn, sig, cex, attrs = attention_signature(op, cfg, batch, n, m, d, p_bits, p_grid)
     r = compile_stats(fn, sig, cex, attrs, cfg.num_warps, cfg.num_stages)
-    r.update(label=label, op=op, cfg=cfg, what=f"P{p_bits} {p_kind}" if op == "pv" else "A8")
+    r.update(label=label, op=op, cfg=cfg, what=f"P{p_bits} {p_grid}" if op == "pv" else "A8")
     return r
 
 

@@ -34,7 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "overflow headroom) -> (out, a_scale)");
   m.def("quantize_dynamic", &mixq::quantize_dynamic, py::arg("x"), py::arg("bits"));
   m.def("quantize_static", &mixq::quantize_static, py::arg("x"), py::arg("inv_scale"), py::arg("bits"));
-  m.def("layernorm_quantize", &mixq::layernorm_quantize, py::arg("x"), py::arg("weight"), py::arg("bias"),
+  m.def("layernorm_quantize", &mixq::layernorm_quantize, py::arg("x"), py::arg("norm_weight"), py::arg("norm_bias"),
         py::arg("eps"), py::arg("inv_scale"), py::arg("bits"));
   m.def("measure_int8_peak", &mixq::measure_int8_peak, py::arg("sequence"), py::arg("iters"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>());

@@ -50,7 +50,7 @@ float quantize_row_dynamic(const void* x, at::ScalarType dtype, const float* smo
                            int8_t* q);
 std::tuple<at::Tensor, at::Tensor> quantize_dynamic(const at::Tensor& x, int64_t bits);
 at::Tensor quantize_static(const at::Tensor& x, const at::Tensor& inv_scale, int64_t bits);
-at::Tensor layernorm_quantize(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+at::Tensor layernorm_quantize(const at::Tensor& x, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                               double eps, const at::Tensor& inv_scale, int64_t bits);
 
 // ----------------------------------------------------------------------------- peak

@@ -115,7 +115,7 @@ class QuantAttention(nn.Module):
         self.pv_bits = formats.check_bits(self.qk_bits if pv_bits is None else pv_bits, "pv_bits")
         self.softmax_bits = formats.check_bits(self.pv_bits if softmax_bits is None else softmax_bits,
                                                "softmax_bits")
-        self.softmax_quant = formats.check_softmax_quant(softmax_quant)
+        self.softmax_quant = formats.check_p_grid(softmax_quant)
         self.float_ops = _check_float_ops(float_ops)
         if not isinstance(simulate, bool):
             raise TypeError(f"simulate must be True or False, got {simulate!r}")

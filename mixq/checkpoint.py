@@ -246,12 +246,16 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
         owner = next((n for n in list(shells) + sorted(folded_norms) if key.startswith(n + ".")), None)
         if owner is None:
             expected[key] = t
+    legacy: set[str] = set()  # buffers older files hold that QuantLinear now derives (checked when it loads them)
     for name, shell in shells.items():
         for key, t in shell.state_dict().items():
             expected[f"{name}.{key}"] = t
+        legacy.update(f"{name}.{key}" for key in QuantLinear.LEGACY_BUFFERS)
     for key in sorted(set(expected) | set(tensors)):
         if key not in tensors:
             raise CheckpointError(f"checkpoint is missing tensor {key!r} that the model needs")
+        if key in legacy and key not in expected:
+            continue
         if key not in expected:
             raise CheckpointError(f"checkpoint has tensor {key!r} that the model does not have")
         a, b = tensors[key], expected[key]
@@ -259,6 +263,11 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
             raise CheckpointError(
                 f"tensor {key!r}: checkpoint has {a.dtype} {tuple(a.shape)}, model expects {b.dtype} {tuple(b.shape)}"
             )
+    for name, shell in shells.items():  # the shells are not in the model yet: loading them checks legacy buffers
+        try:
+            shell.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"layer {name!r}: {e}") from e
     # Everything checked: now mutate.
     device = model_device(model)
     for name in folded_norms:

@@ -142,11 +142,11 @@ def quantize_with_inv_scale(x: torch.Tensor, inv_scale: torch.Tensor, bits: int)
     return round_half_even(y.nan_to_num(nan=0.0)).to(torch.int8)
 
 
-def layer_norm_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm_fp32(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim as every fused LayerNorm+quantize kernel computes it (the contract).
 
     Mean and variance in float64 (two passes), ``rstd = fp32(1 / sqrt(var + eps))`` in float64,
-    then ``y = ((x - fp32(mean)) * rstd) * weight + bias`` in fp32, one rounding per operation, no
+    then ``y = ((x - fp32(mean)) * rstd) * norm_weight + norm_bias`` in fp32, one rounding per operation, no
     FMA. float64 statistics keep rows with |x| up to ~1e154 finite (fp32 squares overflow at ~1e19,
     where ``F.layer_norm`` returns NaN), and the fixed order is what makes the integers the same on
     every path. Differences to a kernel's own float64 summation order move the mean by ~1e-16
@@ -157,7 +157,7 @@ def layer_norm_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     mean = x64.mean(dim=-1, keepdim=True)
     var = (x64 - mean).square().mean(dim=-1, keepdim=True)
     rstd = (1.0 / torch.sqrt(var + eps)).to(torch.float32)
-    return ((x32 - mean.to(torch.float32)) * rstd) * weight.to(torch.float32) + bias.to(torch.float32)
+    return ((x32 - mean.to(torch.float32)) * rstd) * norm_weight.to(torch.float32) + norm_bias.to(torch.float32)
 
 
 def reciprocal_fp32(scale: torch.Tensor) -> torch.Tensor:
@@ -326,7 +326,7 @@ def log2_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
 # of one (batch, head)), i.e. quantize_act_dynamic of V^T. Probabilities are unsigned codes in [0, 1]
 # on a log2 grid (or a uniform one, for comparison). See docs/DESIGN_NOTES.md, "Attention matmuls".
 
-SOFTMAX_QUANT: tuple[str, ...] = ("log2", "uniform")
+P_GRIDS: tuple[str, ...] = ("log2", "uniform")
 # Largest log2 code with a non-zero value: 2^-31 (~5e-10) is below anything a probability times a
 # value can contribute, and it keeps the exact shift form of P.V inside int64 (|v| 2^31 N < 2^63).
 LOG2_MAX_CODE: int = 31
@@ -339,10 +339,11 @@ def _fp32(x: float) -> float:
 _SQRT_HALF_F32 = _fp32(math.sqrt(0.5))
 
 
-def check_softmax_quant(kind: str) -> str:
-    if kind not in SOFTMAX_QUANT:
-        raise ValueError(f"unknown softmax_quant={kind!r}; allowed: {list(SOFTMAX_QUANT)}")
-    return kind
+def check_p_grid(p_grid: str) -> str:
+    """The probability grid name, checked: "log2" or "uniform"."""
+    if p_grid not in P_GRIDS:
+        raise ValueError(f"unknown probability grid p_grid={p_grid!r}; allowed: {list(P_GRIDS)}")
+    return p_grid
 
 
 def log2_max_code(bits: int) -> int:
@@ -350,12 +351,12 @@ def log2_max_code(bits: int) -> int:
     return min(2 ** check_bits(bits) - 2, LOG2_MAX_CODE)
 
 
-def prob_zero_code(bits: int, kind: str = "log2") -> int:
+def prob_zero_code(bits: int, p_grid: str = "log2") -> int:
     """The code whose value is 0: 2**bits - 1 on the log2 grid, 0 on the uniform grid."""
-    return 2 ** check_bits(bits) - 1 if check_softmax_quant(kind) == "log2" else 0
+    return 2 ** check_bits(bits) - 1 if check_p_grid(p_grid) == "log2" else 0
 
 
-def quantize_probs(p: torch.Tensor, bits: int, kind: str = "log2") -> torch.Tensor:
+def quantize_probs(p: torch.Tensor, bits: int, p_grid: str = "log2") -> torch.Tensor:
     """Post-softmax probabilities p -> uint8 codes (the contract for every backend).
 
     log2: c = round(-log2 p), computed exactly from the fp32 exponent and mantissa
@@ -363,9 +364,9 @@ def quantize_probs(p: torch.Tensor, bits: int, kind: str = "log2") -> torch.Tens
     a code above :func:`log2_max_code` and p <= 0 or NaN give the zero code 2**bits - 1.
     uniform: c = rne(clamp(p * (2**bits - 1), 0, 2**bits - 1)), value c / (2**bits - 1).
     """
-    check_softmax_quant(kind)
+    check_p_grid(p_grid)
     pf = p.to(torch.float32)
-    if kind == "uniform":
+    if p_grid == "uniform":
         lim = float(2 ** check_bits(bits) - 1)
         return round_half_even((pf * lim).clamp(0.0, lim).nan_to_num(nan=0.0)).to(torch.uint8)
     cmax = log2_max_code(bits)
@@ -375,23 +376,23 @@ def quantize_probs(p: torch.Tensor, bits: int, kind: str = "log2") -> torch.Tens
     return torch.where(zero, prob_zero_code(bits), code).to(torch.uint8)
 
 
-def prob_values(codes: torch.Tensor, bits: int, kind: str = "log2", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def prob_values(codes: torch.Tensor, bits: int, p_grid: str = "log2", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values of probability codes: 2^-c (0 for the zero code) on log2, c / (2**bits - 1) on uniform."""
     c = codes.to(torch.int32)
-    if check_softmax_quant(kind) == "uniform":
+    if check_p_grid(p_grid) == "uniform":
         return (c.to(torch.float64) / (2 ** check_bits(bits) - 1)).to(dtype)
     v = torch.exp2(-c.to(torch.float64))
     return torch.where(c == prob_zero_code(bits), torch.zeros_like(v), v).to(dtype)
 
 
-def prob_integer_weights(codes: torch.Tensor, bits: int, kind: str = "log2") -> tuple[torch.Tensor, float]:
+def prob_integer_weights(codes: torch.Tensor, bits: int, p_grid: str = "log2") -> tuple[torch.Tensor, float]:
     """(int64 weights w, fp32 step s) with value = w * s exactly: the integer form of P in P.V.
 
     log2: w = 2^(cmax - c) (a left shift of V's integers), 0 for the zero code, s = 2^-cmax;
     uniform: w = c, s = fp32(1 / (2**bits - 1)) (a rounded constant, the same on every path).
     """
     c = codes.to(torch.int64)
-    if check_softmax_quant(kind) == "uniform":
+    if check_p_grid(p_grid) == "uniform":
         return c, _fp32(1.0 / (2 ** check_bits(bits) - 1))
     cmax = log2_max_code(bits)
     w = torch.where(c == prob_zero_code(bits), torch.zeros_like(c),
@@ -436,13 +437,13 @@ def check_qk_operands(q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k
     return lead, n, m, d
 
 
-def check_pv_operands(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str,
+def check_pv_operands(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_grid: str,
                       out_dtype: torch.dtype) -> tuple[tuple[int, ...], int, int, int]:
     """``mixq::quantized_pv``'s operand contract: uint8 probability codes p [..., N, M] on an allowed
     grid and width, int8 v [..., M, D] with p's leading dims and M, float steps v_scale [..., D].
     Returns (leading dims, N, M, D); devices and size limits are each backend's to check."""
     check_bits(p_bits, "p_bits")
-    check_softmax_quant(p_kind)
+    check_p_grid(p_grid)
     _check_attention_codes(p, torch.uint8, "p (probability codes)", "[..., N, M]")
     _check_attention_codes(v, torch.int8, "v", "[..., M, D]")
     lead, (n, m), d = tuple(p.shape[:-2]), p.shape[-2:], v.shape[-1]

@@ -1,12 +1,10 @@
 """``QuantLinear``: a drop-in ``nn.Linear`` that runs on packed integer weights.
 
-The integer path quantizes the input (per the contract in :mod:`mixq.formats`), then calls
-``mixq::packed_linear`` on the backend chosen for the tensor's device; dynamic and smooth layers
-call ``mixq::quantized_linear_dynamic`` instead where the backend fuses it (cpu: quantize, GEMM and
-the overflow headroom in one C++ call at every M; triton: one launch at small M), the same numbers
-either way. The simulation path
-computes the same numbers with fake-quantized float tensors (useful for scoring and on
-devices without kernels); both agree to float rounding.
+The integer path quantizes the input (per the contract in :mod:`mixq.formats`) and calls the
+``mixq::*`` ops on the backend chosen for the weights' device, with the weights as a
+:class:`~mixq.backends.PackedWeight`; dynamic and smooth layers make one call,
+``mixq::linear_dynamic``, and the backend decides what to fuse. The simulation path computes the
+same numbers with fake-quantized float tensors (useful for scoring and on devices without kernels).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats, ops
-from .backends import get_backend, select_backend
+from .backends import PackedWeight, get_backend, select_backend
 
 log = logging.getLogger("mixq")
 
@@ -28,17 +26,6 @@ ACT_MODES = ("dynamic", "static", "channel", "smooth")
 # Input dtypes the kernels take; any other float input (float64) runs in fp32 and is cast back.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WEIGHT_METHODS = ("rtn", "gptq")
-# On the triton backend, dynamic/smooth layers with at most this many tokens run
-# mixq::quantized_linear_dynamic (one fused quantize+GEMM launch); larger M quantizes first, then runs
-# the GEMM. (The cpu backend fuses at every M: its fused call is one parallel region that quantizes
-# each row chunk where the GEMM reads it; bench/bench_cpu.py measured it no slower than the two calls
-# at every shape, SAM's M = 4096 included.) Why a bound on triton: the fused Triton kernel has every (row tile, N tile, K split) program re-read its rows
-# in float over all of K for the amax before its main loop, i.e. cdiv(N, BLOCK_N) * split_k extra
-# float passes over the activations, not overlapped with the MMAs. At small M (one or a few row
-# tiles, launch- and weight-bound: SAM's decoder, batch-1 heads) that is cheaper than a second
-# launch and the int8 round trip; at large M (compute-bound, BLOCK_M = 128) it is pure extra
-# traffic and latency. 64 is the largest M the heuristic still gives BLOCK_M <= 64; re-tune on a GPU.
-FUSED_DYNAMIC_MAX_M: int = 64
 _ANNOUNCED: set[tuple[str, str]] = set()
 
 
@@ -100,23 +87,23 @@ class QuantLinear(nn.Module):
             raise ValueError("input_prescaled (producer already divides by the channel factors) needs act_quant='smooth'")
         self.folded_norm, self.norm_eps = folded_norm, float(norm_eps)
         self.norm_module = ""  # qualified name of the folded LayerNorm (now an Identity) in the model
-        # smooth mode: the producer (a LayerNorm's affine) already divides by s_k, so no runtime multiply.
-        self.input_prescaled = bool(input_prescaled)
-        n_act = k if (act_quant == "channel" and not folded_norm) or act_quant == "smooth" else 1
-        # Static step t (per tensor) and the inverse step the kernels multiply by: 1/(s_k t) per channel;
-        # in smooth mode only 1/s_k (the per-token step is dynamic).
+        self.input_prescaled = input_prescaled
+        # Persistent: the static per-tensor step t and the channel factors s_k folded into the weight
+        # columns (ones unless smooth/channel mode); the multipliers the kernels take are derived
+        # from them in refresh(), so a checkpoint holds each number once.
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, **kw))
-        self.register_buffer("act_inv_scale", torch.ones(n_act, dtype=torch.float32, **kw))
-        # Channel factors s_k already folded into the weight columns (ones unless channel mode).
         self.register_buffer("act_channel_factor", torch.ones(k, dtype=torch.float32, **kw))
         # A folded producer LayerNorm, with 1/s_k in its affine parameters (run by the fused kernel).
         self.register_buffer("norm_weight", torch.ones(k, dtype=torch.float32, **kw) if folded_norm else None)
         self.register_buffer("norm_bias", torch.zeros(k, dtype=torch.float32, **kw) if folded_norm else None)
-        self.register_buffer("w_runtime", self.qweight, persistent=False)
+        # Derived: static/channel modes multiply x by static_inv_scale before rounding: 1/(s_k t) per
+        # channel, or 1/t once the factors live in a folded LayerNorm (or in static mode); smooth mode
+        # multiplies by smooth_inv = 1/s_k before the dynamic rule, unless the producer already did.
+        self.register_buffer("static_inv_scale", None, persistent=False)
+        self.register_buffer("smooth_inv", None, persistent=False)
         self.register_buffer("w_sim", None, persistent=False)
+        self.packed: Optional[PackedWeight] = None
         self.backend = "reference"
-        self.fused_dynamic = False
-        self.fused_dynamic_any_m = False
         self.refresh()
 
     # ------------------------------------------------------------------ construction
@@ -153,17 +140,14 @@ class QuantLinear(nn.Module):
             s = formats.smooth_factors(samples.abs().amax(dim=0), w, smooth_alpha)
             w = w * s[None, :]
             m.act_channel_factor.copy_(s)
-            m.act_inv_scale.copy_(formats.reciprocal_fp32(s))
         elif act_quant in ("static", "channel"):
             samples = _check_act_samples(act_samples, linear.in_features, act_quant).cpu()
             if act_quant == "channel":
                 s, t = formats.calibrate_channelwise(samples, a_bits)
                 w = w * s[None, :]
                 m.act_channel_factor.copy_(s)
-                m.act_inv_scale.copy_(formats.reciprocal_fp32(s * t))
             else:
                 t = formats.calibrate_per_tensor(samples, a_bits)
-                m.act_inv_scale.copy_(formats.reciprocal_fp32(t).reshape(1))
             m.act_scale.copy_(t.reshape(1))
         if weight_method == "gptq":
             from .gptq import hessian, quantize_weight_gptq
@@ -177,21 +161,21 @@ class QuantLinear(nn.Module):
         m.w_scale.copy_(scale)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float().cpu())
+        m.refresh()
         return m.to(device)
 
     # ------------------------------------------------------------------ runtime state
 
     def refresh(self) -> None:
-        """Re-choose the backend for the current device and rebuild the runtime weight layout."""
+        """Re-choose the backend for the current device, re-derive the input multipliers and rebuild the
+        runtime weights (after a move, a load, or a change to the persistent buffers)."""
         device = self.qweight.device
         name = self._backend_request or select_backend(device)
-        backend = get_backend(name)
         self.backend = name
-        self.fused_dynamic = callable(getattr(backend, "quantized_linear_dynamic", None))
-        # A backend whose fused op is its fastest dynamic path at every M (cpu) skips FUSED_DYNAMIC_MAX_M.
-        self.fused_dynamic_any_m = (self.fused_dynamic and self.in_features > 0
-                                    and bool(getattr(backend, "fused_dynamic_any_m", False)))
-        self.w_runtime = backend.prepack(self.qweight, self.w_bits, self.in_features)
+        self.static_inv_scale, self.smooth_inv = self._input_multipliers()
+        smooth_inv = self.smooth_inv if self.act_quant == "smooth" and not self.input_prescaled else None
+        self.packed = get_backend(name).pack(self.qweight, self.w_scale, self.bias, self.w_bits, self.in_features,
+                                             self.out_features, smooth_inv)
         if self.simulate:
             # Integer-valued floats: the product below is exact in fp32 while no partial sum can reach
             # 2**24, else it runs in fp64 (also exact), so simulation reproduces the kernels bit for bit.
@@ -205,15 +189,46 @@ class QuantLinear(nn.Module):
             _ANNOUNCED.add(key)
             log.info("mixq: QuantLinear runs on backend %r for device %s", name, device)
 
+    @property
+    def input_prescaled(self) -> bool:
+        """Smooth mode: the producer (a LayerNorm's affine) already divides by s_k, so no runtime multiply."""
+        return self._input_prescaled
+
+    @input_prescaled.setter
+    def input_prescaled(self, value: bool) -> None:
+        self._input_prescaled = bool(value)
+        if self.__dict__.get("packed") is not None:  # after construction the runtime weights follow
+            self.refresh()
+
+    def _input_multipliers(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(static_inv_scale, smooth_inv) from the persistent step and channel factors."""
+        if self.act_quant == "smooth":
+            return None, formats.reciprocal_fp32(self.act_channel_factor)
+        if self.act_quant == "channel" and not self.folded_norm:
+            return formats.reciprocal_fp32(self.act_channel_factor * self.act_scale), None
+        if self.act_quant in ("channel", "static"):
+            return formats.reciprocal_fp32(self.act_scale), None
+        return None, None
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if hasattr(self, "qweight"):
             self.refresh()
         return out
 
+    # Buffers older checkpoints hold that are now derived: each is checked against its derivation.
+    LEGACY_BUFFERS = ("act_inv_scale",)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        legacy = {key: state_dict.pop(prefix + key) for key in self.LEGACY_BUFFERS if prefix + key in state_dict}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.refresh()
+        old = legacy.get("act_inv_scale")
+        if old is not None:
+            derived = self.smooth_inv if self.act_quant == "smooth" else self.static_inv_scale
+            if derived is not None and not torch.equal(old.to(derived.device), derived):
+                raise ValueError(f"{prefix}act_inv_scale in the state dict disagrees with its act_scale and "
+                                 "act_channel_factor: the checkpoint is corrupt or not from this layer")
 
     def fold_layernorm(self, norm: nn.LayerNorm, norm_name: str = "") -> "QuantLinear":
         """Take over the LayerNorm that feeds this layer: its output is quantized in the same pass.
@@ -233,7 +248,7 @@ class QuantLinear(nn.Module):
         self.folded_norm, self.norm_eps, self.norm_module = True, float(norm.eps), norm_name
         self.norm_weight = (gamma / s).to(dev)
         self.norm_bias = (beta / s).to(dev)
-        self.act_inv_scale = formats.reciprocal_fp32(self.act_scale).clone()
+        self.refresh()
         return self
 
     def fuse_layernorm(self, norm: nn.LayerNorm, norm_name: str = "") -> "QuantLinear":
@@ -254,7 +269,7 @@ class QuantLinear(nn.Module):
         if tuple(norm.normalized_shape) != (self.in_features,) or norm.weight is None:
             raise ValueError(f"need an affine LayerNorm over ({self.in_features},), got {norm}")
         with torch.no_grad():
-            inv = self.act_inv_scale.to(norm.weight.device, norm.weight.dtype)
+            inv = self.smooth_inv.to(norm.weight.device, norm.weight.dtype)
             norm.weight.mul_(inv)
             if norm.bias is not None:
                 norm.bias.mul_(inv)
@@ -295,14 +310,14 @@ class QuantLinear(nn.Module):
 
     def _smoothed(self, x2: torch.Tensor) -> torch.Tensor:
         """Smooth mode's input in the folded basis, x / s_k (one fp32 multiply, the same on every path)."""
-        return x2 if self.input_prescaled else x2.to(torch.float32) * self.act_inv_scale
+        return x2 if self.input_prescaled else x2.to(torch.float32) * self.smooth_inv
 
     def _quantize_static_input(self, x2: torch.Tensor) -> torch.Tensor:
         """Static and channel modes: codes with the calibrated step (a folded LayerNorm in the same pass)."""
         if self.folded_norm:
-            return ops.layernorm_quantize(x2, self.norm_weight, self.norm_bias, self.norm_eps, self.act_inv_scale,
+            return ops.layernorm_quantize(x2, self.norm_weight, self.norm_bias, self.norm_eps, self.static_inv_scale,
                                           self.a_bits, self.backend)
-        return ops.quantize_act_static(x2, self.act_inv_scale, self.a_bits, self.backend)
+        return ops.quantize_act_static(x2, self.static_inv_scale, self.a_bits, self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -324,22 +339,9 @@ class QuantLinear(nn.Module):
         dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
         xk = (x2 if dtype == x.dtype else x2.to(dtype)).contiguous()
         if self.act_quant == "dynamic" or self.act_quant == "smooth":
-            if self.fused_dynamic_any_m or (self.fused_dynamic and xk.shape[0] <= FUSED_DYNAMIC_MAX_M
-                                            and self.in_features > 0):
-                # One op: quantize (after x * 1/s_k in smooth mode), GEMM and the overflow headroom.
-                smooth_inv = self.act_inv_scale if self.act_quant == "smooth" and not self.input_prescaled else None
-                out = ops.quantized_linear_dynamic(xk, self.w_runtime, self.w_scale, self.bias, None, self.w_bits,
-                                                   self.a_bits, self.in_features, n, dtype, self.backend, smooth_inv)
-            else:
-                xs = self._smoothed(xk).contiguous() if self.act_quant == "smooth" else xk
-                xq, a_scale = ops.quantize_act_dynamic(xs, self.a_bits, self.backend)
-                f = formats.epilogue_headroom(a_scale)  # a data-derived step can be huge: keep headroom
-                bias = self.bias * f if self.bias is not None else None
-                out = ops.packed_linear(xq, a_scale * f, self.w_runtime, self.w_scale, bias, self.w_bits,
-                                        self.in_features, n, dtype, self.backend).div_(f)
+            out = ops.linear_dynamic(xk, self.packed, self.a_bits, dtype)
         else:
-            out = ops.packed_linear(self._quantize_static_input(xk), self.act_scale, self.w_runtime, self.w_scale,
-                                    self.bias, self.w_bits, self.in_features, n, dtype, self.backend)
+            out = ops.linear(self._quantize_static_input(xk), self.act_scale, self.packed, dtype)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
@@ -354,14 +356,14 @@ class QuantLinear(nn.Module):
         xf = x2.to(torch.float32)
         if self.folded_norm:
             xf = formats.layer_norm_fp32(xf, self.norm_weight, self.norm_bias, self.norm_eps)
-            q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale
+            q, a_scale = formats.quantize_with_inv_scale(xf, self.static_inv_scale, self.a_bits), self.act_scale
         elif self.act_quant == "dynamic":
             q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
         elif self.act_quant == "smooth":
             xf = self._smoothed(xf)
             q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
         else:
-            q, a_scale = formats.quantize_with_inv_scale(xf, self.act_inv_scale, self.a_bits), self.act_scale
+            q, a_scale = formats.quantize_with_inv_scale(xf, self.static_inv_scale, self.a_bits), self.act_scale
             xf = xf / self.act_channel_factor  # the straight-through path works in the folded basis
         acc = (q.to(self.w_sim.dtype) @ self.w_sim.T).to(torch.float32)
         f = formats.epilogue_headroom(a_scale) if self.act_quant in ("dynamic", "smooth") else None

@@ -86,7 +86,7 @@ class QuantConfig:
             formats.check_bits(self.attn_bits, "attn_bits")
         if self.softmax_bits is not None:
             formats.check_bits(self.softmax_bits, "softmax_bits")
-        formats.check_softmax_quant(self.softmax_quant)
+        formats.check_p_grid(self.softmax_quant)
         self._check_attention_layer_bits()
         self.skip = tuple(self.skip)
 

@@ -198,7 +198,7 @@ def test_structure_with_quantization_off_is_the_float_module(case):
         torch.testing.assert_close(qa(*args, **kw), attn(*args, **kw), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", formats.SOFTMAX_QUANT)
+@pytest.mark.parametrize("kind", formats.P_GRIDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_module_matches_float64_fake_quant_simulation_and_backends(case, bits, kind):
@@ -246,7 +246,7 @@ def test_simulation_gives_gradients(case):
 CLOSE_AT_8 = {"uniform": 0.05, "log2": 0.3}
 
 
-@pytest.mark.parametrize("kind", formats.SOFTMAX_QUANT)
+@pytest.mark.parametrize("kind", formats.P_GRIDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_close_to_float_at_8_bits(case, kind):
     attn, args, kw = CASES[case](7)
@@ -392,7 +392,7 @@ def _edited(records, name, **cfg_changes):
     (dict(kind="timm_flash"), r"kind 'timm_flash'.*known kinds: \['sam_decoder', 'sam_encoder', 'timm_swin'"),
     (dict(kind="timm_swin"), r"is timm_swin .*WindowAttention\) but the model has timm\S*\.Attention there"),
     (dict(qk_bits=5), r"invalid config .*attn_bits=5"),
-    (dict(softmax_quant="log_sqrt2"), r"invalid config .*softmax_quant='log_sqrt2'"),
+    (dict(softmax_quant="log_sqrt2"), r"invalid config .*p_grid='log_sqrt2'"),
     (dict(ops=[]), r"ops must be a non-empty subset"),
     (dict(ops=["pv", "qk"]), r"does not round-trip"),
 ])

@@ -62,13 +62,13 @@ def test_uniform_codes_match_float64(bits):
 
 
 def test_softmax_quant_names_are_checked():
-    with pytest.raises(ValueError, match="softmax_quant='log'.*log2"):
+    with pytest.raises(ValueError, match="p_grid='log'.*log2"):
         formats.quantize_probs(torch.rand(3), 8, "log")
     with pytest.raises(ValueError, match="softmax_bits=5"):
         QuantConfig(quantize_attention=True, softmax_bits=5)
     with pytest.raises(ValueError, match="attn_bits=3"):
         QuantConfig(quantize_attention=True, attn_bits=3)
-    with pytest.raises(ValueError, match="softmax_quant"):
+    with pytest.raises(ValueError, match="p_grid"):
         QuantConfig(quantize_attention=True, softmax_quant="log_sqrt2")
 
 
@@ -103,7 +103,7 @@ def test_quantized_qk_fuzz(shape, bits, backend):
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("kind", formats.SOFTMAX_QUANT)
+@pytest.mark.parametrize("kind", formats.P_GRIDS)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_quantized_pv_fuzz(shape, bits, kind, backend):
@@ -157,7 +157,7 @@ def _float64_attention(attn: nn.Module, x: torch.Tensor, bits: int, sbits: int, 
     return attn.proj(o.float())
 
 
-@pytest.mark.parametrize("kind", formats.SOFTMAX_QUANT)
+@pytest.mark.parametrize("kind", formats.P_GRIDS)
 @pytest.mark.parametrize("bits", BITS)
 def test_module_matches_float64_fake_quant_and_simulation(bits, kind):
     from timm.models.vision_transformer import Attention

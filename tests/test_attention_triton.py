@@ -241,7 +241,7 @@ def test_bad_input_is_refused_with_a_clear_error():
         attention.quantized_pv(p, v[:, :4], vs, 8, "log2", torch.float32)
     with pytest.raises(ValueError, match="v_scale"):
         attention.quantized_pv(p, v, vs[:, :3], 8, "log2", torch.float32)
-    with pytest.raises(ValueError, match="softmax_quant"):
+    with pytest.raises(ValueError, match="p_grid"):
         attention.quantized_pv(p, v, vs, 8, "log3", torch.float32)
     with pytest.raises(ValueError, match="bits"):
         attention.quantized_pv(p, v, vs, 5, "log2", torch.float32)

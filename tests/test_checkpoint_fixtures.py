@@ -24,3 +24,28 @@ def test_old_checkpoint_loads_and_reproduces_its_outputs(case: str, recorded: di
     with torch.no_grad():
         out = model(recorded["probe_input"])
     assert torch.equal(out, recorded[case])
+
+
+def test_a_legacy_buffer_that_disagrees_with_its_derivation_is_refused(tmp_path) -> None:
+    """Older files hold act_inv_scale, which QuantLinear now derives from act_scale and the channel
+    factors: a file whose stored copy disagrees (a consistent checksum, inconsistent numbers) is refused
+    before the model changes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mixq.checkpoint import CheckpointError, _digest
+    from mixq.models import get_adapter
+
+    src = FIXTURES / "format2_smooth_mixed.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.endswith("act_inv_scale") and tensors[k].numel() > 1)
+    tensors[key] = tensors[key] * 1.5
+    meta["sha256"] = _digest(tensors, meta)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    model = get_adapter("toy-vit").build()
+    with pytest.raises(CheckpointError, match="act_inv_scale .* disagrees"):
+        mixq.load(bad, model)
+    assert not any(isinstance(m, mixq.QuantLinear) for m in model.modules())  # untouched

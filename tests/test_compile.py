@@ -21,13 +21,10 @@ def test_torch_compile_fullgraph_traces_quantlinear_model(fold, mode):
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), eager)
     graph = torch.export.export(model, (x,)).graph_module.code
-    layer = model[3]
-    if mode == "smooth" and layer.fused_dynamic:
-        # A backend with a fused dynamic quantize+GEMM (cpu, triton) takes small M in one op.
-        assert "mixq.quantized_linear_dynamic" in graph and "mixq.packed_linear" not in graph
-    else:
-        assert "mixq.packed_linear" in graph
-        assert ("mixq.quantize_act_dynamic" in graph) == (mode == "smooth")
+    # A dynamic (smooth) layer is one op whatever the backend fuses; a static (channel) one quantizes, then multiplies.
+    assert ("mixq.linear_dynamic.default" in graph) == (mode == "smooth")
+    assert ("mixq.linear.default" in graph) == (mode == "channel")
+    assert "mixq.quantize_act_dynamic" not in graph
     assert ("mixq.layernorm_quantize" in graph) == (fold and mode == "channel")
 
 
@@ -64,22 +61,21 @@ def test_inductor_compiles_with_grad_enabled_and_changes_only_float_rounding():
 
 @pytest.mark.parametrize("mode", ["dynamic", "smooth"])
 def test_fused_dynamic_linear_traces_and_compiles_with_inductor(mode):
-    """Small-M dynamic/smooth layers on a backend with a fused kernel (triton; under the interpreter
-    on CPU) call mixq::quantized_linear_dynamic: opaque to dynamo, export shows it, and inductor
-    (fullgraph) reproduces eager bit for bit (the headroom math it generates is exact here)."""
+    """Small-M dynamic/smooth layers on triton (under the interpreter on CPU) run its fused kernel behind
+    mixq::linear_dynamic: opaque to dynamo, export shows it, and inductor (fullgraph) reproduces eager
+    bit for bit."""
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     lin = nn.Linear(24, 10)
     samples = torch.randn(20, 24) if mode == "smooth" else None
     q = QuantLinear.from_float(lin, 4, 6, act_quant=mode, act_samples=samples, backend="triton").to(device)
-    assert q.fused_dynamic
     x = torch.randn(3, 24, device=device)
     eager = q(x)
     assert torch.equal(eager.cpu(), QuantLinear.from_float(lin, 4, 6, act_quant=mode, act_samples=samples,
                                                            backend="reference")(x.cpu()))
     graph = torch.export.export(nn.Sequential(q), (x,)).graph_module.code
-    assert "mixq.quantized_linear_dynamic" in graph and "mixq.packed_linear" not in graph
+    assert "mixq.linear_dynamic.default" in graph and "mixq.linear.default" not in graph
     assert torch.equal(torch.compile(q, fullgraph=True, backend="eager")(x), eager)
     with torch.no_grad():
         assert torch.equal(torch.compile(q, fullgraph=True)(x), eager)

@@ -36,11 +36,22 @@ def _acts(m: int, k: int, bits: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(-lim, lim + 1, (m, k), dtype=torch.int8, generator=gen)
 
 
+def _packed(backend, canonical, bits, k, n, scale=None, bias=None, smooth_inv=None) -> backends.PackedWeight:
+    """The runtime weights on ``backend`` (a name or an instance), unit scales unless given."""
+    b = backends.get_backend(backend) if isinstance(backend, str) else backend
+    return b.pack(canonical, torch.ones(n) if scale is None else scale, bias, bits, k, n, smooth_inv)
+
+
+def _fused(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=None, headroom=False):
+    """The C++ dynamic Linear itself (CpuBackend.linear_dynamic calls it with headroom=True): (out, steps)."""
+    return _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul, headroom)
+
+
 def _gemm_both(xq: torch.Tensor, wq: torch.Tensor, w_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = wq.shape
     canonical = formats.pack_weight(wq, w_bits)
-    ref = ops.int_gemm(xq, canonical, w_bits, k, n, "reference")
-    got = ops.int_gemm(xq, CPU.prepack(canonical, w_bits, k), w_bits, k, n, "cpu")
+    ref = ops.int_gemm(xq, _packed("reference", canonical, w_bits, k, n))
+    got = ops.int_gemm(xq, _packed(CPU, canonical, w_bits, k, n))
     return ref, got
 
 
@@ -114,10 +125,12 @@ def test_prepack_rejects_bad_input():
     with pytest.raises(RuntimeError, match="-128"):
         CPU.prepack(bad8, 8, 3)
     xq = torch.zeros(2, 10, dtype=torch.int8)
+    with pytest.raises(ValueError, match="prepacked for 'reference'"):
+        CPU.int_gemm(xq, _packed("reference", canonical, 4, 10, 4))  # canonical, not prepacked
     with pytest.raises(RuntimeError, match="CpuBackend.prepack"):
-        CPU.int_gemm(xq, canonical, 4, 10, 4)  # canonical, not prepacked
+        _C.int_gemm(xq, canonical, 4, 10, 4)
     with pytest.raises(RuntimeError, match="K=9"):
-        CPU.int_gemm(xq[:, :9].contiguous(), CPU.prepack(canonical, 4, 10), 4, 10, 4)
+        CPU.int_gemm(xq[:, :9].contiguous(), _packed(CPU, canonical, 4, 10, 4))
 
 
 # ----------------------------------------------------------------------------- packed linear
@@ -126,7 +139,7 @@ def test_prepack_rejects_bad_input():
 @pytest.mark.parametrize("w_bits,a_bits", PAIRS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("per_token", [True, False])
-def test_packed_linear_matches_reference(kernel_path, w_bits, a_bits, out_dtype, per_token):
+def test_linear_matches_reference(kernel_path, w_bits, a_bits, out_dtype, per_token):
     m, k, n = 9, 83, 21  # N: two full tiles of 8 and a partial one
     gen = torch.Generator().manual_seed(w_bits * 7 + a_bits)
     xq, wq = _acts(m, k, a_bits, gen), _weights(n, k, w_bits, gen)
@@ -134,9 +147,8 @@ def test_packed_linear_matches_reference(kernel_path, w_bits, a_bits, out_dtype,
     w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-4
     bias = torch.randn(n, generator=gen)
     canonical = formats.pack_weight(wq, w_bits)
-    args = (a_scale, w_scale, bias, w_bits, k, n, out_dtype)
-    ref = ops.packed_linear(xq, args[0], canonical, *args[1:], "reference")
-    got = ops.packed_linear(xq, args[0], CPU.prepack(canonical, w_bits, k), *args[1:], "cpu")
+    ref = ops.linear(xq, a_scale, _packed("reference", canonical, w_bits, k, n, w_scale, bias), out_dtype)
+    got = ops.linear(xq, a_scale, _packed(CPU, canonical, w_bits, k, n, w_scale, bias), out_dtype)
     assert got.dtype == out_dtype and got.shape == (m, n)
     # Same fp32 operations in the same order as the reference: identical bits.
     assert torch.equal(got, ref)
@@ -150,7 +162,7 @@ def test_packed_linear_matches_reference(kernel_path, w_bits, a_bits, out_dtype,
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("m,k,n", [(1, 64, 16), (19, 83, 21), (200, 96, 40)])
 def test_linear_dynamic_fused_equals_two_ops(kernel_path, w_bits, a_bits, dtype, smooth, m, k, n):
-    """The fused call gives the bits of quantize (after x * 1/s in fp32) + packed_linear, on the
+    """The fused call gives the bits of quantize (after x * 1/s in fp32) + linear, on the
     reference backend too (NaN rows included)."""
     gen = torch.Generator().manual_seed(m + k + n + w_bits * 3 + a_bits)
     x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
@@ -164,18 +176,18 @@ def test_linear_dynamic_fused_equals_two_ops(kernel_path, w_bits, a_bits, dtype,
     xs = x.to(torch.float32) * inv if smooth else x
     out_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
     xq, a_scale = ops.quantize_act_dynamic(xs, a_bits, "reference")
-    ref = ops.packed_linear(xq, a_scale, canonical, w_scale, bias, w_bits, k, n, out_dtype, "reference")
+    ref = ops.linear(xq, a_scale, _packed("reference", canonical, w_bits, k, n, w_scale, bias), out_dtype)
     w = CPU.prepack(canonical, w_bits, k)
-    got, got_scale = CPU.linear_dynamic(x, inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype)
+    got, got_scale = _fused(x, inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype)
     assert got.dtype == out_dtype and got.shape == (m, n)
     assert torch.equal(got.isnan(), ref.isnan())
     assert torch.equal(got.nan_to_num(0), ref.nan_to_num(0))
     assert torch.equal(got_scale.isnan(), a_scale.isnan())
     assert torch.equal(got_scale.nan_to_num(0), a_scale.nan_to_num(0))
-    if not smooth:  # the triton backend's entry point, with an epilogue headroom factor
+    if not smooth:  # an explicit epilogue factor on the steps
         f = torch.tensor([2.0**-3])
-        ref_f = ops.packed_linear(xq, a_scale * f, canonical, w_scale, bias, w_bits, k, n, out_dtype, "reference")
-        got_f, _ = CPU.quantized_linear_dynamic(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, f)
+        ref_f = ops.linear(xq, a_scale * f, _packed("reference", canonical, w_bits, k, n, w_scale, bias), out_dtype)
+        got_f, _ = _fused(x, None, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, f)
         assert torch.equal(got_f.nan_to_num(0), ref_f.nan_to_num(0))
 
 
@@ -194,9 +206,8 @@ def test_gemm_many_chunks_and_threads(kernel_path, w_bits):
     canonical = formats.pack_weight(wq, w_bits)
     w_scale, bias = torch.rand(n, generator=gen) * 0.01, torch.randn(n, generator=gen)
     xq, a_scale = ops.quantize_act_dynamic(x, 8, "reference")
-    ref = ops.packed_linear(xq, a_scale, canonical, w_scale, bias, w_bits, k, n, torch.float32, "reference")
-    got, got_scale = CPU.linear_dynamic(x, None, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, 8, k, n,
-                                        torch.float32)
+    ref = ops.linear(xq, a_scale, _packed("reference", canonical, w_bits, k, n, w_scale, bias), torch.float32)
+    got, got_scale = _fused(x, None, CPU.prepack(canonical, w_bits, k), w_scale, bias, w_bits, 8, k, n, torch.float32)
     assert torch.equal(got, ref) and torch.equal(got_scale, a_scale)
 
 
@@ -224,7 +235,7 @@ def _reference_layer(x, inv, canonical, w_scale, bias, w_bits, a_bits, k, n, out
     xq, a_scale = ops.quantize_act_dynamic(xs.contiguous(), a_bits, "reference")
     f = formats.epilogue_headroom(a_scale)
     bias_f = bias * f if bias is not None else None
-    out = ops.packed_linear(xq, a_scale * f, canonical, w_scale, bias_f, w_bits, k, n, out_dtype, "reference")
+    out = ops.linear(xq, a_scale * f, _packed("reference", canonical, w_bits, k, n, w_scale, bias_f), out_dtype)
     return out.div_(f), a_scale, f
 
 
@@ -239,7 +250,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_linear_dynamic_headroom_equals_the_python_rule(kernel_path, w_bits, a_bits, out_dtype, smooth, m, k, n):
     """headroom=True: the call picks formats.epilogue_headroom of its own steps (f < 1 here), scales
     steps and bias by it and divides the output by it in the output dtype, bit for bit as QuantLinear's
-    Python rule on the reference backend; the op with a_scale_mul=None does the same on both backends."""
+    Python rule on the reference backend; ops.linear_dynamic does the same on both backends."""
     gen, seed = _fresh_gen()
     in_dtype = torch.float32 if out_dtype == torch.float32 else out_dtype
     x = _headroom_rows(m, k, gen).to(in_dtype)
@@ -250,11 +261,11 @@ def test_linear_dynamic_headroom_equals_the_python_rule(kernel_path, w_bits, a_b
     want, want_scale, f = _reference_layer(x, inv, canonical, w_scale, bias, w_bits, a_bits, k, n, out_dtype)
     assert in_dtype == torch.float16 or float(f) < 1.0  # the rerun path is what this test checks
     w = CPU.prepack(canonical, w_bits, k)
-    got, got_scale = CPU.linear_dynamic(x, inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, headroom=True)
+    got, got_scale = _fused(x, inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, headroom=True)
     assert _same_bits(got, want), f"seed={seed}"
     assert _same_bits(got_scale, want_scale), f"seed={seed}"
-    for backend, wb in (("cpu", w), ("reference", canonical)):
-        out = ops.quantized_linear_dynamic(x, wb, w_scale, bias, None, w_bits, a_bits, k, n, out_dtype, backend, inv)
+    for backend in ("cpu", "reference"):
+        out = ops.linear_dynamic(x, _packed(backend, canonical, w_bits, k, n, w_scale, bias, inv), a_bits, out_dtype)
         assert _same_bits(out, want), f"{backend} seed={seed}"
 
 
@@ -274,7 +285,7 @@ def test_linear_dynamic_headroom_at_the_power_of_two_boundary(kernel_path):
         step = a_scale[0]
         assert float(f) == (0.5 if float(step) >= 2.0**65 else 1.0)
         tried_window |= float(step) < 2.0**65 and float(torch.floor(torch.log2(step))) == 65.0
-        got, _ = CPU.linear_dynamic(x, None, w, w_scale, bias, 8, 8, k, n, torch.float32, headroom=True)
+        got, _ = _fused(x, None, w, w_scale, bias, 8, 8, k, n, torch.float32, headroom=True)
         assert torch.equal(got, want), f"amax={float(amax)!r} seed={seed}"
         amax = torch.nextafter(amax, torch.tensor(0.0))
     assert tried_window  # some step below 2**65 whose fp32 log2 reads 65.0
@@ -289,27 +300,27 @@ def test_linear_dynamic_headroom_over_many_chunks_and_threads(kernel_path):
     w, w_scale, bias = CPU.prepack(canonical, 4, k), torch.rand(n, generator=gen) * 0.01, torch.randn(n, generator=gen)
     for x in (_headroom_rows(m, k, gen), torch.randn(m, k, generator=gen)):
         want, want_scale, _ = _reference_layer(x, None, canonical, w_scale, bias, 4, 8, k, n, torch.float32)
-        got, got_scale = CPU.linear_dynamic(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32, headroom=True)
+        got, got_scale = _fused(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32, headroom=True)
         assert _same_bits(got, want) and _same_bits(got_scale, want_scale), f"seed={seed}"
-    plain, _ = CPU.linear_dynamic(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32)
+    plain, _ = _fused(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32)
     assert torch.equal(plain, got)  # f = 1: the headroom changes nothing
     with pytest.raises(RuntimeError, match="a_scale_mul or headroom"):
-        CPU.linear_dynamic(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32, torch.tensor(0.5), True)
+        _fused(x, None, w, w_scale, bias, 4, 8, k, n, torch.float32, torch.tensor(0.5), True)
 
 
-def test_packed_linear_without_bias_and_empty_batch():
+def test_linear_without_bias_and_empty_batch():
     k, n = 40, 16
     wq = torch.ones(n, k, dtype=torch.int8)
-    w = CPU.prepack(formats.pack_weight(wq, 8), 8, k)
+    w = _packed(CPU, formats.pack_weight(wq, 8), 8, k, n, torch.full((n,), 0.25))
     xq = torch.full((3, k), 2, dtype=torch.int8)
-    out = CPU.packed_linear(xq, torch.tensor([0.5]), w, torch.full((n,), 0.25), None, 8, k, n, torch.float32)
+    out = CPU.linear(xq, torch.tensor([0.5]), w, torch.float32)
     assert torch.equal(out, torch.full((3, n), 2 * k * 0.5 * 0.25))
-    empty = CPU.packed_linear(xq[:0], torch.tensor([0.5]), w, torch.ones(n), None, 8, k, n, torch.float32)
+    empty = CPU.linear(xq[:0], torch.tensor([0.5]), w, torch.float32)
     assert empty.shape == (0, n)
     with pytest.raises(RuntimeError, match="a_scale must have M=3"):
-        CPU.packed_linear(xq, torch.ones(2), w, torch.ones(n), None, 8, k, n, torch.float32)
+        CPU.linear(xq, torch.ones(2), w, torch.float32)
     with pytest.raises(ValueError, match="out_dtype"):
-        CPU.packed_linear(xq, torch.ones(3), w, torch.ones(n), None, 8, k, n, torch.int32)
+        CPU.linear(xq, torch.ones(3), w, torch.int32)
 
 
 # ----------------------------------------------------------------------------- activation quantize

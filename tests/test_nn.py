@@ -36,7 +36,7 @@ def test_integer_path_matches_float64_formula(mode):
     if mode == "dynamic":
         xq, a_scale = formats.quantize_act_dynamic(x, 8)
     else:
-        xq, a_scale = formats.quantize_with_inv_scale(x, q.act_inv_scale, 8), q.act_scale
+        xq, a_scale = formats.quantize_with_inv_scale(x, q.static_inv_scale, 8), q.act_scale
     wq = formats.unpack_weight(q.qweight, 6, 29)
     want = (xq.double() @ wq.double().T) * a_scale.double().reshape(-1, 1) * q.w_scale.double() + lin.bias.double()
     torch.testing.assert_close(q(x).double(), want, rtol=1e-6, atol=1e-6)
@@ -144,9 +144,9 @@ def test_fused_layernorm_kernel_and_simulation_agree_on_every_row():
         if not b.available(torch.device("cpu")):
             continue
         q = b.layernorm_quantize(x, model[1].norm_weight, model[1].norm_bias, model[1].norm_eps,
-                                 model[1].act_inv_scale, 8)
+                                 model[1].static_inv_scale, 8)
         assert torch.equal(q, get_backend("reference").layernorm_quantize(
-            x, model[1].norm_weight, model[1].norm_bias, model[1].norm_eps, model[1].act_inv_scale, 8)), backend
+            x, model[1].norm_weight, model[1].norm_bias, model[1].norm_eps, model[1].static_inv_scale, 8)), backend
 
 
 def _cpu_kernel_paths() -> list[str]:
@@ -164,14 +164,13 @@ def _cpu_kernel_paths() -> list[str]:
 def test_cpu_dynamic_layers_run_one_fused_op_at_every_m_bit_identical_to_the_reference(
     monkeypatch, path, w_bits, a_bits, mode, dtype
 ):
-    """cpu dynamic/smooth QuantLinears call mixq::quantized_linear_dynamic at every M (above the
-    triton bound FUSED_DYNAMIC_MAX_M too): smooth multiply, quantize, GEMM and overflow headroom in
-    one C++ call, the reference backend's two-op numbers bit for bit, huge and NaN rows included."""
+    """cpu dynamic/smooth QuantLinears run the whole layer in one C++ call at every M (above triton's
+    fused bound too): smooth multiply, quantize, GEMM and overflow headroom, the reference backend's
+    composed numbers bit for bit, huge and NaN rows included."""
     import secrets
 
     import mixq._C as C
-    from mixq import nn as mnn
-    from mixq import ops
+    from mixq.backends import get_backend
 
     seed = secrets.randbits(31)
     gen = torch.Generator().manual_seed(seed)
@@ -184,13 +183,13 @@ def test_cpu_dynamic_layers_run_one_fused_op_at_every_m_bit_identical_to_the_ref
     if mode == "smooth-prescaled":  # the producer already divides by s_k: no multiply at run time
         for q in layers.values():
             q.prescale_producer(nn.LayerNorm(k))
-    assert layers["cpu"].fused_dynamic_any_m and not layers["reference"].fused_dynamic_any_m
     calls = []
-    real = ops.quantize_act_dynamic
-    monkeypatch.setattr(ops, "quantize_act_dynamic", lambda *a: calls.append(a[-1]) or real(*a))
+    cpu = get_backend("cpu")
+    real = cpu.quantize_dynamic
+    monkeypatch.setattr(cpu, "quantize_dynamic", lambda *a: calls.append(a) or real(*a))
     C.set_kernel_path(path)
     try:
-        for m in (1, mnn.FUSED_DYNAMIC_MAX_M + 7, 200):
+        for m in (1, 71, 200):
             x = torch.randn(2, m, k, generator=gen) * torch.logspace(-2, 2, k)
             x[0, 0] *= 1e37 if dtype != torch.float16 else 100.0  # fp32: headroom f < 1
             x[1, -1, 3] = float("nan")
@@ -202,4 +201,4 @@ def test_cpu_dynamic_layers_run_one_fused_op_at_every_m_bit_identical_to_the_ref
                 f"m={m} seed={seed}")
     finally:
         C.set_kernel_path("auto")
-    assert "cpu" not in calls  # no separate quantize op on the cpu backend, at any M
+    assert not calls  # no separate quantize call on the cpu backend, at any M

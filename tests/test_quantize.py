@@ -101,7 +101,7 @@ def test_fold_layernorm_fuses_and_matches_unfused():
     unfused = quantize_(_model(), QuantConfig(act_quant="channel"), _data(), progress=False)
     folded = quantize_(_model(), QuantConfig(act_quant="channel", fold_layernorm=True), _data(), progress=False)
     assert isinstance(folded.norm, nn.Identity) and folded.fc1.folded_norm
-    assert folded.fc1.act_inv_scale.shape == (1,)
+    assert folded.fc1.static_inv_scale.shape == (1,)
     torch.testing.assert_close(folded(x), unfused(x), rtol=2e-2, atol=2e-2)
     sim = folded(x)
     folded.fc1.set_simulate(True)

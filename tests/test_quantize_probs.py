@@ -142,7 +142,7 @@ def test_cpu_bad_arguments():
     p = torch.rand(3, 4)
     with pytest.raises(ValueError, match="bits"):
         CPU.quantize_probs(p, 5, "log2")
-    with pytest.raises(ValueError, match="softmax_quant"):
+    with pytest.raises(ValueError, match="p_grid"):
         CPU.quantize_probs(p, 8, "log4")
     with pytest.raises(RuntimeError, match="bits"):
         _C.quantize_probs(p, 7, True)

@@ -117,9 +117,9 @@ def test_smooth_paths_bit_identical(w_bits, a_bits):
     q = QuantLinear.from_float(lin, w_bits, a_bits, act_quant="smooth", act_samples=calib)
     q_ref = QuantLinear.from_float(lin, w_bits, a_bits, act_quant="smooth", act_samples=calib, backend="reference")
     q_sim = QuantLinear.from_float(lin, w_bits, a_bits, act_quant="smooth", act_samples=calib).set_simulate(True)
-    assert torch.equal(q.qweight, q_ref.qweight) and torch.equal(q.act_inv_scale, q_ref.act_inv_scale)
+    assert torch.equal(q.qweight, q_ref.qweight) and torch.equal(q.smooth_inv, q_ref.smooth_inv)
     # s_k and 1/s_k as fp32 reciprocal of each other
-    torch.testing.assert_close(q.act_inv_scale * q.act_channel_factor, torch.ones(K), rtol=1e-6, atol=0)
+    torch.testing.assert_close(q.smooth_inv * q.act_channel_factor, torch.ones(K), rtol=1e-6, atol=0)
     torch.manual_seed(10 * w_bits + a_bits)
     inputs = [torch.randn(M, K), torch.randn(M, K) * scale, torch.randn(2, 7, K) * scale * 3]
     for x in inputs:
@@ -215,7 +215,7 @@ def test_prescale_producer_equivalence_and_guards():
     calib = ln(torch.randn(200, K)).detach()
     q = QuantLinear.from_float(lin, 8, 8, act_quant="smooth", act_samples=calib)
     h = ln(x).detach()
-    want_in = h * q.act_inv_scale
+    want_in = h * q.smooth_inv
     ln2 = nn.LayerNorm(K)
     ln2.load_state_dict(ln.state_dict())
     q.prescale_producer(ln2)
@@ -264,14 +264,14 @@ def test_quantize_smooth_folds_layernorm():
     assert folded[1].input_prescaled and not folded[3].input_prescaled
     assert not plain[1].input_prescaled
     # the folded norm is the original divided by s_k
-    torch.testing.assert_close(folded[0].weight.detach(), orig_w * folded[1].act_inv_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(folded[0].weight.detach(), orig_w * folded[1].smooth_inv, rtol=1e-6, atol=0)
     assert torch.equal(folded[1].qweight, plain[1].qweight)
 
     torch.manual_seed(7)
     x = torch.randn(9, 37) * 2 + 0.5
     with torch.no_grad():
         # at the first QuantLinear's input, in the folded basis: equal to float rounding
-        h_plain = plain[0](x) * plain[1].act_inv_scale
+        h_plain = plain[0](x) * plain[1].smooth_inv
         h_fold = folded[0](x)
         torch.testing.assert_close(h_fold, h_plain, rtol=1e-5, atol=1e-6)
         y_f, y_p = folded(x), plain(x)
@@ -307,7 +307,7 @@ def test_checkpoint_roundtrip_folded_smooth(tmp_path):
     assert torch.equal(loaded[0].weight, folded[0].weight)
     assert loaded[1].act_quant == "smooth" and loaded[1].input_prescaled
     assert loaded[3].act_quant == "smooth" and not loaded[3].input_prescaled
-    assert torch.equal(loaded[1].act_inv_scale, folded[1].act_inv_scale)
+    assert torch.equal(loaded[1].smooth_inv, folded[1].smooth_inv)
     x = torch.randn(4, 3, 37)
     with torch.no_grad():
         assert torch.equal(loaded(x), folded(x))

@@ -30,6 +30,17 @@ BACKEND = get_backend("triton")
 REF = get_backend("reference")
 
 
+def weights(backend, canon: torch.Tensor, bits: int, k: int, n: int, scale=None, bias=None, device=None):
+    """``backend``'s PackedWeight of canonical rows (on ``device``, default DEVICE for triton), unit scales."""
+    device = device or (DEVICE if backend is BACKEND else "cpu")
+    scale = torch.ones(n) if scale is None else scale
+    return backend.pack(canon.to(device), scale.to(device), None if bias is None else bias.to(device), bits, k, n)
+
+
+def ref_gemm(xq: torch.Tensor, canon: torch.Tensor, bits: int, k: int, n: int) -> torch.Tensor:
+    return REF.int_gemm(xq, weights(REF, canon, bits, k, n, device=xq.device))
+
+
 def fresh_generator() -> tuple[torch.Generator, int]:
     seed = secrets.randbits(31)
     return torch.Generator().manual_seed(seed), seed
@@ -96,22 +107,23 @@ def test_int_gemm_is_bit_exact(w_bits, a_bits):
         m, k, n = pick((1, 7, 33)), pick(ks), pick((5, 37))
         xq = rand_int(g, a_bits, (m, k))
         canon = rand_weights(g, w_bits, n, k)
-        expected = REF.int_gemm(xq, canon, w_bits, k, n)
-        w_gpu = BACKEND.prepack(canon.to(DEVICE), w_bits, k)
-        got = ops.int_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, "triton")
+        expected = ref_gemm(xq, canon, w_bits, k, n)
+        got = ops.int_gemm(xq.to(DEVICE), weights(BACKEND, canon, w_bits, k, n))
         assert got.dtype == torch.int32 and got.shape == (m, n)
         assert torch.equal(got.cpu(), expected), f"seed={seed} m,k,n={m, k, n}"
 
 
 @pytest.mark.parametrize("w_bits", BITS)
-def test_int_gemm_at_the_grid_extremes_and_with_canonical_weights(w_bits):
-    # all-qmax rows give the largest sums; canonical (2-D) weights are prepacked on the fly
+def test_int_gemm_at_the_grid_extremes(w_bits):
+    # all-qmax rows give the largest sums
     m, k, n = 3, 300, 5
     lim = formats.qmax(w_bits)
     xq = torch.full((m, k), -127, dtype=torch.int8)
     canon = formats.pack_weight(torch.full((n, k), lim, dtype=torch.int8), w_bits)
-    got = BACKEND.int_gemm(xq.to(DEVICE), canon.to(DEVICE), w_bits, k, n)
+    got = BACKEND.int_gemm(xq.to(DEVICE), weights(BACKEND, canon, w_bits, k, n))
     assert torch.equal(got.cpu(), torch.full((m, n), -127 * lim * k, dtype=torch.int32))
+    with pytest.raises(ValueError, match="prepacked for 'reference'"):
+        BACKEND.int_gemm(xq.to(DEVICE), weights(REF, canon, w_bits, k, n, device=DEVICE))
 
 
 @pytest.mark.parametrize("w_bits", BITS)
@@ -171,7 +183,7 @@ def test_swapped_operands_give_the_same_integers(w_bits, split_k):
     w_gpu = kernels.prepack_gpu(canon, w_bits, k).to(DEVICE)
     cfg = kernels.GemmConfig(block_m=16, block_n=32, split_k=split_k, num_warps=4, num_stages=2, swap_ab=1)
     got = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, config=cfg)
-    assert torch.equal(got.cpu(), REF.int_gemm(xq, canon, w_bits, k, n)), f"seed={seed}"
+    assert torch.equal(got.cpu(), ref_gemm(xq, canon, w_bits, k, n)), f"seed={seed}"
     a_scale, w_scale = torch.rand(m, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
     bias = torch.randn(n, generator=g)
     lin = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, a_scale.to(DEVICE), w_scale.to(DEVICE),
@@ -194,7 +206,7 @@ def test_64_bit_offsets_give_the_same_integers(w_bits, monkeypatch):
     for split_k in (1, 2):
         cfg = kernels.GemmConfig(block_m=16, block_n=16, split_k=split_k, num_warps=4, num_stages=2)
         got = kernels.mixed_gemm(xq.to(DEVICE), BACKEND.prepack(canon, w_bits, k).to(DEVICE), w_bits, k, n, config=cfg)
-        assert torch.equal(got.cpu(), REF.int_gemm(xq, canon, w_bits, k, n)), f"seed={seed} split_k={split_k}"
+        assert torch.equal(got.cpu(), ref_gemm(xq, canon, w_bits, k, n)), f"seed={seed} split_k={split_k}"
 
 
 @pytest.mark.parametrize("w_bits", [4, 6])
@@ -267,11 +279,11 @@ def test_split_k_gives_the_same_integers(w_bits, split_k):
     w_gpu = kernels.prepack_gpu(canon, w_bits, k).to(DEVICE)
     cfg = kernels.GemmConfig(block_m=16, block_n=32, split_k=split_k, num_warps=4, num_stages=2)
     got = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, config=cfg)
-    assert torch.equal(got.cpu(), REF.int_gemm(xq, canon, w_bits, k, n)), f"seed={seed}"
+    assert torch.equal(got.cpu(), ref_gemm(xq, canon, w_bits, k, n)), f"seed={seed}"
     a_scale, w_scale = torch.rand(m, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
     lin = kernels.mixed_gemm(xq.to(DEVICE), w_gpu, w_bits, k, n, a_scale.to(DEVICE), w_scale.to(DEVICE),
                              None, torch.float32, config=cfg)
-    ref = REF.packed_linear(xq, a_scale, canon, w_scale, None, w_bits, k, n, torch.float32)
+    ref = REF.linear(xq, a_scale, weights(REF, canon, w_bits, k, n, w_scale), torch.float32)
     torch.testing.assert_close(lin.cpu(), ref, rtol=2e-7, atol=0, msg=lambda s: f"seed={seed}: {s}")
 
 
@@ -281,14 +293,14 @@ def test_int_gemm_reads_strided_activations():
     wide = rand_int(g, 8, (m, 2 * k))
     xq = wide[:, ::2]  # stride 2 along K
     canon = rand_weights(g, 6, n, k)
-    got = BACKEND.int_gemm(xq.to(DEVICE), BACKEND.prepack(canon, 6, k).to(DEVICE), 6, k, n)
-    assert torch.equal(got.cpu(), REF.int_gemm(xq.contiguous(), canon, 6, k, n)), f"seed={seed}"
+    got = BACKEND.int_gemm(xq.to(DEVICE), weights(BACKEND, canon, 6, k, n))
+    assert torch.equal(got.cpu(), ref_gemm(xq.contiguous(), canon, 6, k, n)), f"seed={seed}"
 
 
 @pytest.mark.parametrize("w_bits", BITS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("per_token", [True, False])
-def test_packed_linear_matches_float64(w_bits, out_dtype, per_token):
+def test_linear_matches_float64(w_bits, out_dtype, per_token):
     g, seed = fresh_generator()
     m, k, n = 7, 70, 37
     xq = rand_int(g, 6, (m, k))
@@ -296,11 +308,10 @@ def test_packed_linear_matches_float64(w_bits, out_dtype, per_token):
     a_scale = torch.rand(m if per_token else 1, generator=g) * 0.01 + 1e-3
     w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
     bias = torch.randn(n, generator=g) if per_token else None
-    got = ops.packed_linear(xq.to(DEVICE), a_scale.to(DEVICE), BACKEND.prepack(canon, w_bits, k).to(DEVICE),
-                            w_scale.to(DEVICE), None if bias is None else bias.to(DEVICE), w_bits, k, n,
-                            out_dtype, "triton").cpu()
+    got = ops.linear(xq.to(DEVICE), a_scale.to(DEVICE), weights(BACKEND, canon, w_bits, k, n, w_scale, bias),
+                     out_dtype).cpu()
     assert got.dtype == out_dtype and got.shape == (m, n)
-    acc = REF.int_gemm(xq, canon, w_bits, k, n).double()
+    acc = ref_gemm(xq, canon, w_bits, k, n).double()
     product = acc * a_scale.double()[:, None] * w_scale.double()[None, :]
     b64 = torch.zeros(n, dtype=torch.float64) if bias is None else bias.double()
     exact = product + b64
@@ -310,7 +321,7 @@ def test_packed_linear_matches_float64(w_bits, out_dtype, per_token):
     tol = 3 * eps32 * product.abs() + eps32 * b64.abs() + eps_out * exact.abs() + 1e-7
     assert ((got.double() - exact).abs() <= tol).all(), f"seed={seed}"
     if DEVICE == "cpu":  # the interpreter does no FMA contraction: the same bits as the reference
-        ref = REF.packed_linear(xq, a_scale, canon, w_scale, bias, w_bits, k, n, out_dtype)
+        ref = REF.linear(xq, a_scale, weights(REF, canon, w_bits, k, n, w_scale, bias), out_dtype)
         assert torch.equal(got, ref), f"seed={seed}"
 
 
@@ -447,21 +458,19 @@ def test_quantlinear_on_the_triton_backend_matches_the_reference():
     x = torch.randn(2, 3, 50, generator=g).to(DEVICE)
     fast = QuantLinear.from_float(lin, 4, 8, backend="triton")
     slow = QuantLinear.from_float(lin, 4, 8, backend="reference")
-    assert fast.backend == "triton" and fast.w_runtime.dim() == 3
+    assert fast.backend == "triton" and fast.packed.codes.dim() == 3
     torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5, msg=lambda s: f"seed={seed}: {s}")
 
 
-def test_backend_fused_dynamic_linear_equals_quantize_then_packed_linear():
+def test_backend_fused_dynamic_linear_equals_quantize_then_linear():
     g, seed = fresh_generator()
     m, k, n = 6, 70, 37
     x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
     canon = rand_weights(g, 4, n, k)
-    w = BACKEND.prepack(canon, 4, k).to(DEVICE)
-    w_scale, bias = (torch.rand(n, generator=g) * 1e-2).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
-    out, a_scale = BACKEND.quantized_linear_dynamic(x, w, w_scale, bias, 4, 8, k, n, torch.bfloat16)
-    xq, a_scale_2 = BACKEND.quantize_dynamic(x, 8)
-    assert torch.equal(a_scale, a_scale_2), f"seed={seed}"
-    assert torch.equal(out, BACKEND.packed_linear(xq, a_scale_2, w, w_scale, bias, 4, k, n, torch.bfloat16)), f"seed={seed}"
+    w = weights(BACKEND, canon, 4, k, n, torch.rand(n, generator=g) * 1e-2, torch.randn(n, generator=g))
+    out = BACKEND.linear_dynamic(x, w, 8, torch.bfloat16)
+    xq, a_scale = BACKEND.quantize_dynamic(x, 8)
+    assert torch.equal(out, BACKEND.linear(xq, a_scale, w, torch.bfloat16)), f"seed={seed}"
 
 
 def _dynamic_layer_pair(g, w_bits, a_bits, mode, k, n):
@@ -482,15 +491,14 @@ def _dynamic_layer_pair(g, w_bits, a_bits, mode, k, n):
 @pytest.mark.parametrize("a_bits", BITS)
 @pytest.mark.parametrize("mode", ["dynamic", "smooth"])
 def test_quantlinear_fused_dynamic_path_is_bit_identical_to_the_reference(w_bits, a_bits, mode):
-    # small M runs mixq::quantized_linear_dynamic (one fused kernel on triton); the reference runs
-    # quantize then GEMM, and the simulation fake-quantizes in float: all three agree bit for bit,
-    # also with a row so large that QuantLinear's power-of-two headroom f < 1 is in play
-    from mixq import nn as mnn
+    # small M runs one fused kernel on triton; the reference runs quantize then GEMM, and the
+    # simulation fake-quantizes in float: all three agree bit for bit, also with a row so large that
+    # the power-of-two headroom f < 1 is in play
+    from mixq.backends import triton as triton_backend
 
     g, seed = fresh_generator()
     k, n = 45, 19
     fast, slow, sim = _dynamic_layer_pair(g, w_bits, a_bits, mode, k, n)
-    assert fast.fused_dynamic and not slow.fused_dynamic
     x = torch.randn(1, 7, k, generator=g) * torch.rand(1, 7, 1, generator=g) * 4
     x[0, 6] = 0  # the SCALE_EPS floor
     xs = [x]
@@ -499,7 +507,7 @@ def test_quantlinear_fused_dynamic_path_is_bit_identical_to_the_reference(w_bits
         big[0, 1] *= 1e25  # step ~1e23 > 2**64: the headroom scales the epilogue
         xs += [big, x.to(torch.bfloat16)]
     for xi in xs:
-        assert xi.shape[1] <= mnn.FUSED_DYNAMIC_MAX_M
+        assert xi.shape[1] <= triton_backend.FUSED_DYNAMIC_MAX_M
         want = slow(xi)
         got = fast(xi.to(DEVICE)).cpu()
         assert got.dtype == xi.dtype and got.shape == (1, 7, n)
@@ -509,38 +517,39 @@ def test_quantlinear_fused_dynamic_path_is_bit_identical_to_the_reference(w_bits
 
 
 def test_quantlinear_past_the_fused_bound_quantizes_then_runs_the_gemm(monkeypatch):
-    from mixq import nn as mnn
+    from mixq.backends import triton as triton_backend
 
     g, seed = fresh_generator()
     fast, slow, _ = _dynamic_layer_pair(g, 6, 6, "smooth", 33, 21)
     x = torch.randn(5, 33, generator=g)
     fused = fast(x.to(DEVICE)).cpu()
     calls = []
-    real = ops.quantize_act_dynamic
-    monkeypatch.setattr(ops, "quantize_act_dynamic", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(mnn, "FUSED_DYNAMIC_MAX_M", 4)
+    real = BACKEND.quantize_dynamic
+    monkeypatch.setattr(BACKEND, "quantize_dynamic", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(triton_backend, "FUSED_DYNAMIC_MAX_M", 4)
     two_step = fast(x.to(DEVICE)).cpu()
     assert calls, "M above FUSED_DYNAMIC_MAX_M should take the two-kernel path"
     assert torch.equal(fused, two_step) and torch.equal(fused, slow(x)), f"seed={seed}"
 
 
-def test_quantized_linear_dynamic_op_composes_on_backends_without_a_fused_kernel():
-    # the reference backend has no fused method: the op runs its quantize and packed_linear
+def test_fused_kernel_step_multiplier_equals_the_composition():
+    # kernels.quantized_linear_dynamic's a_scale_mul (the headroom factor the backend passes) multiplies
+    # each step in the epilogue only: the reference's quantize, then linear with a_scale * f
     g, seed = fresh_generator()
     m, k, n = 5, 40, 13
     x = torch.randn(m, k, generator=g) * 3
     canon = rand_weights(g, 6, n, k)
     w_scale, bias = torch.rand(n, generator=g) * 1e-2, torch.randn(n, generator=g)
     f = torch.tensor(0.25)
-    got = ops.quantized_linear_dynamic(x, canon, w_scale, bias, f, 6, 8, k, n, torch.float32, "reference")
     xq, a_scale = REF.quantize_dynamic(x, 8)
-    assert torch.equal(got, REF.packed_linear(xq, a_scale * f, canon, w_scale, bias, 6, k, n, torch.float32))
-    fast = ops.quantized_linear_dynamic(x.to(DEVICE), BACKEND.prepack(canon, 6, k).to(DEVICE), w_scale.to(DEVICE),
-                                        bias.to(DEVICE), f.to(DEVICE), 6, 8, k, n, torch.float32, "triton").cpu()
-    assert torch.equal(fast, got), f"seed={seed}"
+    want = REF.linear(xq, a_scale * f, weights(REF, canon, 6, k, n, w_scale, bias), torch.float32)
+    w = weights(BACKEND, canon, 6, k, n)
+    got, _ = kernels.quantized_linear_dynamic(x.to(DEVICE), w.codes, 6, 8, k, n, w_scale.to(DEVICE), bias.to(DEVICE),
+                                              torch.float32, a_scale_mul=f.to(DEVICE))
+    assert torch.equal(got.cpu(), want), f"seed={seed}"
     with pytest.raises(ValueError, match="one fp32 value"):
-        BACKEND.quantized_linear_dynamic(x.to(DEVICE), BACKEND.prepack(canon, 6, k).to(DEVICE), w_scale.to(DEVICE),
-                                         None, 6, 8, k, n, torch.float32, a_scale_mul=torch.ones(2).to(DEVICE))
+        kernels.quantized_linear_dynamic(x.to(DEVICE), w.codes, 6, 8, k, n, w_scale.to(DEVICE), None, torch.float32,
+                                         a_scale_mul=torch.ones(2).to(DEVICE))
 
 
 def test_fused_layernorm_quantlinear_on_the_triton_backend_matches_the_reference():
@@ -626,8 +635,8 @@ def test_gpu_gemm_on_a_sam_shape_and_with_the_table_config(w_bits):
     m, k, n = 4096 + 3, 768, 2304
     xq = rand_int(g, 8, (m, k))
     canon = rand_weights(g, w_bits, n, k)
-    got = BACKEND.int_gemm(xq.cuda(), BACKEND.prepack(canon.cuda(), w_bits, k), w_bits, k, n)
-    assert torch.equal(got, REF.int_gemm(xq.cuda(), canon.cuda(), w_bits, k, n)), f"seed={seed}"
+    got = BACKEND.int_gemm(xq.cuda(), weights(BACKEND, canon, w_bits, k, n))
+    assert torch.equal(got, ref_gemm(xq.cuda(), canon, w_bits, k, n)), f"seed={seed}"
 
 
 @pytest.mark.gpu

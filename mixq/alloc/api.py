@@ -84,7 +84,7 @@ def allocate(
     softmax_quant: the probability grid the attention matmuls are scored (and the plan quantizes)
         with, "log2" or "uniform"; used only with ``attention=True``.
     """
-    from ..formats import check_softmax_quant
+    from ..formats import check_p_grid
     from ..scores.attention import attention_scores
     from ..scores.inventory import adjacent_pairs, build_inventory
     from ..scores.kl import kl_importance
@@ -106,7 +106,7 @@ def allocate(
         raise TypeError(f"attention must be True or False, got {attention!r}")
     if attention:
         check_scorers(weights)
-        check_softmax_quant(softmax_quant)
+        check_p_grid(softmax_quant)
     layers = build_inventory(model, calib_data, filter_fn, batch_size, attention=attention)
     names = [l.name for l in layers]
     ops = [l.op for l in layers]

@@ -1,94 +1,64 @@
 """Backend registry: every backend implements the same integer contract (mixq.formats).
 
-A backend is an object with the methods of :class:`Backend`. Backends register themselves
-with a priority; :func:`select_backend` picks the highest-priority backend that is available
-for a device. ``MIXQ_BACKEND=<name>`` forces one. Callers never import a backend directly:
-they go through the ``mixq::*`` custom ops in :mod:`mixq.ops`, passing the backend's name.
+The reference backend (:class:`mixq.backends.reference.ReferenceBackend`) is the base class of every
+backend, so each operation has a default and a backend overrides only what it runs faster.
+Backends register themselves with a priority; :func:`select_backend` picks the highest-priority one
+available for a device. ``MIXQ_BACKEND=<name>`` forces one. Callers go through the ``mixq::*`` custom
+ops in :mod:`mixq.ops`, passing the backend's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Optional, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .reference import ReferenceBackend as Backend
 
 log = logging.getLogger("mixq")
 
 
-class Backend(Protocol):
-    name: str
-    priority: int
+@dataclass(frozen=True)
+class PackedWeight:
+    """A quantized Linear's weights as one backend runs them.
 
-    def available(self, device: torch.device) -> bool:
-        """True when this backend can run on ``device`` here (hardware, build, libraries)."""
+    ``codes`` is what ``layout``'s ``prepack`` returned for the canonical packed rows (the reference
+    layout is the canonical one); ``scale`` holds one fp32 step per output channel; ``smooth_inv``
+    (fp32 [in_features], smooth mode only) multiplies the input before the dynamic per-token rule.
+    """
 
-    def prepack(self, packed: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
-        """Re-layout canonical packed weights [N, row_bytes] into this backend's layout."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bias: Optional[torch.Tensor]
+    bits: int
+    in_features: int
+    out_features: int
+    layout: str
+    smooth_inv: Optional[torch.Tensor] = None
 
-    def quantize_dynamic(self, x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [M, K] float -> (q int8 [M, K], scale fp32 [M]) per the contract."""
-
-    def quantize_static(self, x: torch.Tensor, inv_scale: torch.Tensor, a_bits: int) -> torch.Tensor:
-        """x [M, K] float, inv_scale fp32 [K] or [1] -> q int8 [M, K]."""
-
-    def layernorm_quantize(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, inv_scale: torch.Tensor, a_bits: int
-    ) -> torch.Tensor:
-        """formats.layer_norm_fp32 of x [M, K] (float64 statistics) fused with static quantization -> int8 [M, K].
-
-        Optional: a backend without it falls back to the reference implementation.
-        """
-
-    def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
-        """Exact int32 [M, N] = xq [M, K] @ unpack(w)^T; ``w`` is what this backend's prepack returned."""
-
-    def packed_linear(
-        self,
-        xq: torch.Tensor,
-        a_scale: torch.Tensor,
-        w: torch.Tensor,
-        w_scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        w_bits: int,
-        k: int,
-        n: int,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """(xq @ W^T) * a_scale[m] * w_scale[n] + bias[n], a_scale [M] or [1]; ``w`` is prepacked."""
-
-    # Optional, probed with getattr by mixq.ops.quantized_qk / quantized_pv (the reference backend's
-    # methods run when absent; cpu and triton have both):
-    # quantized_qk(q, q_scale, k, k_scale, out_dtype) -> [..., N, M]: int8 Q [..., N, D] times int8
-    #     K [..., M, D]^T, exact integer sums, (fp32(acc) * q_scale[i]) * k_scale[j].
-    # quantized_pv(p, v, v_scale, p_bits, p_kind, out_dtype) -> [..., N, D]: uint8 probability codes
-    #     (formats.quantize_probs) times int8 V [..., M, D] with per-channel steps [..., D].
-    # quantize_probs(p, bits, kind) -> uint8 codes of p's shape: formats.quantize_probs (probed by
-    #     mixq.ops.quantize_probs; formats runs when absent).
-    #
-    # Optional, probed with getattr by mixq.ops.quantized_linear_dynamic (composed from the two
-    # calls above when absent):
-    # quantized_linear_dynamic(x, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul=None
-    #     [, smooth_inv=None, headroom=False]) -> (out [M, n], a_scale [M]): quantize_dynamic +
-    #     packed_linear in one kernel, bit-identical. Optional class attributes: ``fused_headroom``
-    #     (the method takes smooth_inv and headroom=True, so mixq.ops hands it the whole layer) and
-    #     ``fused_dynamic_any_m`` (QuantLinear calls the op at every M, not only M <= FUSED_DYNAMIC_MAX_M).
+    def with_bias(self, bias: Optional[torch.Tensor]) -> "PackedWeight":
+        return dataclasses.replace(self, bias=bias)
 
 
-_REGISTRY: dict[str, Backend] = {}
+_REGISTRY: dict[str, "Backend"] = {}
 
 
-def register_backend(backend: Backend) -> Backend:
+def register_backend(backend: "Backend") -> "Backend":
     _REGISTRY[backend.name] = backend
     return backend
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str) -> "Backend":
     _load_builtin()
-    if name not in _REGISTRY:
+    b = _REGISTRY.get(name)
+    if b is None:
         raise ValueError(f"unknown mixq backend {name!r}; registered: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    return b
 
 
 def available_backends(device: torch.device | str) -> list[str]:

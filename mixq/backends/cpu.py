@@ -1,10 +1,9 @@
-"""The ``cpu`` backend: the C++ AVX2 + OpenMP kernels of ``mixq._C`` (built from csrc/).
+"""The ``cpu`` backend: the C++ kernels of ``mixq._C`` (built from csrc/; the ISA family is chosen at run time).
 
-Weights are prepacked once at load time into tiles of 8 output channels whose codes are
-the unsigned operand of AVX2 ``maddubs`` (see csrc/gemm.cpp); the canonical packed form
-stays what checkpoints hold. When the extension is not built this module still imports,
-registers a backend that reports itself unavailable, and warns once, so CPU tensors fall
-back to the reference backend.
+Weights are prepacked once at load time into the kernels' tile layout (csrc/gemm.cpp); the
+canonical packed form stays what checkpoints hold. When the extension is not built this module
+still imports, registers a backend that reports itself unavailable, and warns once, so CPU tensors
+fall back to the reference backend.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from typing import Optional
 import torch
 
 from .. import formats
-from . import register_backend
+from . import PackedWeight, register_backend
+from .reference import ReferenceBackend
 
 try:
     from .. import _C  # type: ignore[attr-defined]
@@ -60,8 +60,8 @@ def _check_float_2d(x: torch.Tensor, what: str) -> None:
         )
 
 
-class CpuBackend:
-    """Backend protocol (mixq.backends.Backend) over the C++ kernels."""
+class CpuBackend(ReferenceBackend):
+    """The C++ kernels: every GEMM, the dynamic Linear as one call, the attention matmuls."""
 
     name = "cpu"
     priority = 10
@@ -69,12 +69,12 @@ class CpuBackend:
     def available(self, device: torch.device) -> bool:
         return _C is not None and torch.device(device).type == "cpu"
 
-    def prepack(self, packed: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
+    def prepack(self, canonical: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         """Canonical [N, row_bytes] uint8 -> flat uint8 prepacked tiles (a plain tensor, usable as a buffer)."""
         _require_ext()
-        formats.check_bits(w_bits, "w_bits")
-        _check_cpu(packed, "packed weights")
-        return _C.prepack_weight(packed, w_bits, k)
+        formats.check_bits(bits, "w_bits")
+        _check_cpu(canonical, "packed weights")
+        return _C.prepack_weight(canonical, bits, k)
 
     def quantize_dynamic(self, x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         _require_ext()
@@ -89,118 +89,47 @@ class CpuBackend:
         _check_cpu(inv_scale, "inv_scale")
         return _C.quantize_static(x, inv_scale, a_bits)
 
-    def layernorm_quantize(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        eps: float,
-        inv_scale: torch.Tensor,
-        a_bits: int,
-    ) -> torch.Tensor:
+    def layernorm_quantize(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                           inv_scale: torch.Tensor, a_bits: int) -> torch.Tensor:
         """LayerNorm over the last dim fused with static quantization (one pass over x, no float copy)."""
         _require_ext()
         formats.check_bits(a_bits, "a_bits")
         _check_float_2d(x, "x")
-        return _C.layernorm_quantize(x, weight, bias, float(eps), inv_scale, a_bits)
+        return _C.layernorm_quantize(x, norm_weight, norm_bias, float(eps), inv_scale, a_bits)
 
-    def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
+    def int_gemm(self, xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
         _require_ext()
-        formats.check_bits(w_bits, "w_bits")
-        return _C.int_gemm(xq, w, w_bits, k, n)
+        self._check_layout(w)
+        return _C.int_gemm(xq, w.codes, w.bits, w.in_features, w.out_features)
 
-    def packed_linear(
-        self,
-        xq: torch.Tensor,
-        a_scale: torch.Tensor,
-        w: torch.Tensor,
-        w_scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        w_bits: int,
-        k: int,
-        n: int,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
+    def linear(self, xq: torch.Tensor, a_scale: torch.Tensor, w: PackedWeight, out_dtype: torch.dtype) -> torch.Tensor:
         _require_ext()
-        formats.check_bits(w_bits, "w_bits")
-        if out_dtype not in _OUT_DTYPES:
-            raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-        if out_dtype == torch.float16:  # the kernel writes fp32 or bf16; fp16 rounds from fp32 like the reference
-            return _C.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, torch.float32).to(torch.float16)
-        return _C.packed_linear(xq, a_scale, w, w_scale, bias, w_bits, k, n, out_dtype)
+        self._check_layout(w)
+        _check_out_dtype(out_dtype)
+        # the kernel writes fp32 or bf16; fp16 rounds from fp32, as the reference rounds it
+        kernel_dtype = torch.float32 if out_dtype == torch.float16 else out_dtype
+        out = _C.packed_linear(xq, a_scale, w.codes, w.scale, w.bias, w.bits, w.in_features, w.out_features,
+                               kernel_dtype)
+        return out if kernel_dtype == out_dtype else out.to(out_dtype)
 
-    def linear_dynamic(
-        self,
-        x: torch.Tensor,
-        smooth_inv: Optional[torch.Tensor],
-        w: torch.Tensor,
-        w_scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        w_bits: int,
-        a_bits: int,
-        k: int,
-        n: int,
-        out_dtype: torch.dtype,
-        a_scale_mul: Optional[torch.Tensor] = None,
-        headroom: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``packed_linear(*quantize_dynamic(x * smooth_inv))`` in one call and one parallel region:
-        (out [M, n], a_scale [M]).
-
-        Same numbers bit for bit as the two ops (the smooth multiply is the same fp32 product); the
-        activation codes never become a tensor. ``a_scale_mul`` (one value) multiplies each step in
-        the epilogue only, as ``packed_linear(xq, a_scale * a_scale_mul, ...)`` would. ``headroom``
-        instead applies QuantLinear's overflow headroom f (``formats.epilogue_headroom`` of the
-        steps; 1 for any input below ~1e21): steps * f and bias * f in the epilogue, output / f.
-        The returned ``a_scale`` is the plain step.
-        """
-        _require_ext()
-        formats.check_bits(w_bits, "w_bits")
-        formats.check_bits(a_bits, "a_bits")
-        _check_float_2d(x, "x")
-        if out_dtype not in _OUT_DTYPES:
-            raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
-        return _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul,
-                                 headroom)
-
-    # mixq.ops.quantized_linear_dynamic hands this backend the headroom (a_scale_mul=None) and the
-    # smooth multiply: all of QuantLinear's dynamic forward is one C++ call here, so QuantLinear
-    # uses it at every M (FUSED_DYNAMIC_MAX_M bounds the Triton kernel only).
-    fused_headroom = True
-    fused_dynamic_any_m = True
-
-    def quantized_linear_dynamic(
-        self,
-        x: torch.Tensor,
-        w: torch.Tensor,
-        w_scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        w_bits: int,
-        a_bits: int,
-        k: int,
-        n: int,
-        out_dtype: torch.dtype,
-        a_scale_mul: Optional[torch.Tensor] = None,
-        smooth_inv: Optional[torch.Tensor] = None,
-        headroom: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused entry point of mixq.ops (the triton backend's signature, plus ``smooth_inv`` and
-        ``headroom`` as in :meth:`linear_dynamic`) -> (out [M, n], a_scale [M]). QuantLinear's hot
-        path: no Python checks here, the C++ call checks every argument itself (RuntimeError)."""
-        if _C is None:
+    def linear_dynamic(self, x: torch.Tensor, w: PackedWeight, a_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """The whole dynamic Linear in one C++ call and one parallel region, at every M: the smooth
+        multiply, the per-token quantize (codes never become a tensor), the GEMM and the epilogue with
+        its overflow headroom. The C++ call checks every argument itself (RuntimeError); QuantLinear's
+        hot path pays no Python checks here."""
+        if _C is None or w.layout != self.name:
             _require_ext()
-        return _C.linear_dynamic(x, smooth_inv, w, w_scale, bias, w_bits, a_bits, k, n, out_dtype, a_scale_mul,
-                                 headroom)
+            self._check_layout(w)
+        return _C.linear_dynamic(x, w.smooth_inv, w.codes, w.scale, w.bias, w.bits, a_bits, w.in_features,
+                                 w.out_features, out_dtype, None, True)[0]
 
-
-    # ------------------------------------------------------------------ attention matmuls (issue 15)
+    # ------------------------------------------------------------------ attention matmuls
 
     def quantized_qk(
         self, q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, out_dtype: torch.dtype
     ) -> torch.Tensor:
-        """Q K^T on int8 codes (csrc/attention.cpp), bit-exact with ``reference.attention_qk``:
-        q [..., N, D], k [..., M, D], per-token steps [..., N] / [..., M] -> [..., N, M] in out_dtype."""
-        _require_attention_ext()
+        """Q K^T on int8 codes (csrc/attention.cpp), bit-exact with ``reference.attention_qk``."""
+        _require_ext()
         lead, n, m, d = formats.check_qk_operands(q, q_scale, k, k_scale, out_dtype)
         _check_all_cpu(q=q, q_scale=q_scale, k=k, k_scale=k_scale)
         if d > _C.attention_max_head_dim:
@@ -212,44 +141,38 @@ class CpuBackend:
         return out.reshape(*lead, n, m).to(out_dtype)
 
     def quantized_pv(
-        self, p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str, out_dtype: torch.dtype
+        self, p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_grid: str, out_dtype: torch.dtype
     ) -> torch.Tensor:
-        """softmax(.) V on codes (csrc/attention.cpp), bit-exact with ``reference.attention_pv``: uint8
-        probability codes p [..., N, M] on grid ``p_kind`` x int8 V [..., M, D], per-channel steps
-        v_scale [..., D] -> [..., N, D] in out_dtype."""
-        _require_attention_ext()
-        lead, n, m, d = formats.check_pv_operands(p, v, v_scale, p_bits, p_kind, out_dtype)
+        """softmax(.) V on codes (csrc/attention.cpp), bit-exact with ``reference.attention_pv``."""
+        _require_ext()
+        lead, n, m, d = formats.check_pv_operands(p, v, v_scale, p_bits, p_grid, out_dtype)
         _check_all_cpu(p=p, v=v, v_scale=v_scale)
         if m > _C.attention_max_keys:
             raise ValueError(f"mixq cpu quantized_pv: {m} keys above {_C.attention_max_keys} (the exact integer "
                              "sum's bound); use the reference backend")
         bh = math.prod(lead)
         p3, v3, vs2 = p.reshape(bh, n, m), v.reshape(bh, m, d), v_scale.to(torch.float32).reshape(bh, d)
-        if p_kind == "uniform":
+        if p_grid == "uniform":
             out = _C.attention_pv_uniform(p3, v3, vs2, p_bits)
         else:
             out = _C.attention_pv_log2(p3, v3, vs2, formats.log2_max_code(p_bits), formats.prob_zero_code(p_bits))
         return out.reshape(*lead, n, d).to(out_dtype)
 
-    def quantize_probs(self, p: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
-        """Post-softmax probabilities (any shape) -> uint8 codes (csrc/probs.cpp): one vectorized pass,
-        bit-exact with ``formats.quantize_probs``. fp32/bf16/fp16 are read as they are (widened in the
-        kernel); any other dtype is converted to fp32 first, as formats does."""
-        formats.check_bits(bits, "softmax_bits")
-        formats.check_softmax_quant(kind)
+    def quantize_probs(self, p: torch.Tensor, p_bits: int, p_grid: str) -> torch.Tensor:
+        """Post-softmax probabilities (any shape) -> uint8 codes (csrc/probs.cpp), one vectorized pass.
+        fp32/bf16/fp16 are read as they are (widened in the kernel); other dtypes convert to fp32 first."""
+        _require_ext()
+        formats.check_bits(p_bits, "p_bits")
+        formats.check_p_grid(p_grid)
         _check_cpu(p, "p (probabilities)")
-        if _C is None or not hasattr(_C, "quantize_probs"):  # extension absent or built before probs.cpp
-            return formats.quantize_probs(p, bits, kind)
         if p.dtype not in _FLOAT_INPUTS:
             p = p.to(torch.float32)
-        return _C.quantize_probs(p, bits, kind == "log2")
+        return _C.quantize_probs(p, p_bits, p_grid == "log2")
 
 
-def _require_attention_ext() -> None:
-    _require_ext()
-    if not hasattr(_C, "attention_qk"):  # a mixq._C built before csrc/attention.cpp existed
-        raise RuntimeError("mixq cpu backend: mixq._C has no attention kernels (built from older sources); "
-                           "rebuild it: `python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"mixq cpu backend: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
 
 
 def _check_all_cpu(**tensors: torch.Tensor) -> None:

@@ -5,9 +5,7 @@ never route here in normal use; under ``TRITON_INTERPRET=1`` the methods also ac
 so the tests can check the kernels bit-exactly without a GPU.
 
 Weights: :meth:`prepack` turns canonical packed rows (what checkpoints hold, 2-D) into the
-GPU layout of :mod:`mixq.kernels.layout` (3-D). The GEMM methods take either form; canonical
-weights are re-laid out on the fly (an allocation per call: fine for tests, slow in a model,
-which is why QuantLinear prepacks once).
+GPU layout of :mod:`mixq.kernels.layout` (3-D), once, when a QuantLinear is built or moved.
 
 Everything in the launch path is shape-driven Python and asynchronous kernel launches (no
 ``.item()``, no host syncs), so it is capturable in CUDA graphs; the ``mixq::*`` custom ops are
@@ -31,9 +29,16 @@ except ImportError as e:  # the registry skips this backend when triton is absen
 from mixq import formats, kernels
 from mixq.kernels import attention as attention_kernels
 
-from . import register_backend
+from . import PackedWeight, register_backend
+from .reference import ReferenceBackend
 
 MIN_CAPABILITY = (8, 0)  # int8 tensor-core tl.dot
+# Dynamic Linears with at most this many tokens run as one fused quantize+GEMM launch. Each program
+# of the fused kernel re-reads its rows in float over all of K for the amax before its main loop
+# (cdiv(N, BLOCK_N) * split_k extra passes, not overlapped with the MMAs): cheaper than a second
+# launch and the int8 round trip while M is a few row tiles, pure extra traffic once M is compute-
+# bound. 64 is the largest M the heuristic still gives BLOCK_M <= 64; to be re-tuned on a GPU.
+FUSED_DYNAMIC_MAX_M: int = 64
 
 
 def _interpreting() -> bool:
@@ -45,7 +50,7 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-class TritonBackend:
+class TritonBackend(ReferenceBackend):
     name = "triton"
     priority = 20
 
@@ -72,14 +77,11 @@ class TritonBackend:
             f"the triton backend runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); got {device}"
         )
 
-    def _gpu_weights(self, w: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
-        return kernels.prepack_gpu(w, w_bits, k) if w.dim() == 2 else w
+    # ------------------------------------------------------------------ overrides of the reference
 
-    # ------------------------------------------------------------------ Backend protocol
-
-    def prepack(self, packed: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
+    def prepack(self, canonical: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         """Canonical uint8 [N, row_bytes] -> GPU layout uint8 [N, k_tiles, tile_bytes] (any device)."""
-        return kernels.prepack_gpu(packed, w_bits, k)
+        return kernels.prepack_gpu(canonical, bits, k)
 
     def quantize_dynamic(self, x: torch.Tensor, a_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         formats.check_bits(a_bits, "a_bits")
@@ -91,94 +93,68 @@ class TritonBackend:
         with self._device_scope(x, inv_scale):
             return kernels.quantize_static(x, inv_scale, a_bits)
 
-    def layernorm_quantize(
-        self,
-        x: torch.Tensor,
-        gamma: Optional[torch.Tensor],
-        beta: Optional[torch.Tensor],
-        eps: float,
-        inv_scale: torch.Tensor,
-        a_bits: int,
-    ) -> torch.Tensor:
-        """LayerNorm(x) (gamma/beta with the channel factors folded in) quantized to int8 in one pass."""
+    def layernorm_quantize(self, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                           inv_scale: torch.Tensor, a_bits: int) -> torch.Tensor:
+        """LayerNorm(x) (affine with the channel factors folded in) quantized to int8 in one pass."""
         formats.check_bits(a_bits, "a_bits")
-        extra = [t for t in (gamma, beta) if t is not None]
+        extra = [t for t in (norm_weight, norm_bias) if t is not None]
         with self._device_scope(x, inv_scale, *extra):
-            return kernels.layernorm_quantize(x, gamma, beta, eps, inv_scale, a_bits)
+            return kernels.layernorm_quantize(x, norm_weight, norm_bias, eps, inv_scale, a_bits)
 
-    def int_gemm(self, xq: torch.Tensor, w: torch.Tensor, w_bits: int, k: int, n: int) -> torch.Tensor:
-        with self._device_scope(xq, w):
-            return kernels.mixed_gemm(xq, self._gpu_weights(w, w_bits, k), w_bits, k, n)
+    def int_gemm(self, xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+        self._check_layout(w)
+        with self._device_scope(xq, w.codes):
+            return kernels.mixed_gemm(xq, w.codes, w.bits, w.in_features, w.out_features)
 
-    def packed_linear(
-        self,
-        xq: torch.Tensor,
-        a_scale: torch.Tensor,
-        w: torch.Tensor,
-        w_scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        w_bits: int,
-        k: int,
-        n: int,
-        out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        extra = [bias] if bias is not None else []
-        with self._device_scope(xq, a_scale, w, w_scale, *extra):
-            return kernels.mixed_gemm(
-                xq, self._gpu_weights(w, w_bits, k), w_bits, k, n, a_scale, w_scale, bias, out_dtype
-            )
+    def linear(self, xq: torch.Tensor, a_scale: torch.Tensor, w: PackedWeight, out_dtype: torch.dtype) -> torch.Tensor:
+        self._check_layout(w)
+        extra = [w.bias] if w.bias is not None else []
+        with self._device_scope(xq, a_scale, w.codes, w.scale, *extra):
+            return kernels.mixed_gemm(xq, w.codes, w.bits, w.in_features, w.out_features, a_scale, w.scale, w.bias,
+                                      out_dtype)
 
-    def quantized_linear_dynamic(
-        self,
-        x: torch.Tensor,
-        w: torch.Tensor,
-        w_scale: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        w_bits: int,
-        a_bits: int,
-        k: int,
-        n: int,
-        out_dtype: torch.dtype,
-        a_scale_mul: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic per-token quantize + packed_linear in one launch: (out [M, n], a_scale [M]).
-
-        Same scales and bits as ``quantize_dynamic`` then ``packed_linear`` (with the steps times
-        ``a_scale_mul`` in the epilogue when given); one kernel instead of two, which is what
-        small-M layers pay for. Optional in the Backend protocol.
-        """
+    def linear_dynamic(self, x: torch.Tensor, w: PackedWeight, a_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """At most FUSED_DYNAMIC_MAX_M tokens: one launch that quantizes and multiplies, the overflow
+        headroom read off the steps beforehand (abs and max are exact in any dtype); more tokens:
+        the quantize kernel, then the GEMM (the base class's composition)."""
+        if x.shape[0] > FUSED_DYNAMIC_MAX_M or w.in_features == 0:
+            return super().linear_dynamic(x, w, a_bits, out_dtype)
+        self._check_layout(w)
         formats.check_bits(a_bits, "a_bits")
-        extra = [t for t in (bias, a_scale_mul) if t is not None]
-        with self._device_scope(x, w, w_scale, *extra):
-            return kernels.quantized_linear_dynamic(x, self._gpu_weights(w, w_bits, k), w_bits, a_bits, k, n,
-                                                    w_scale, bias, out_dtype, a_scale_mul=a_scale_mul)
+        if w.smooth_inv is not None:
+            x = (x.to(torch.float32) * w.smooth_inv).contiguous()
+        steps = x.abs().amax(dim=-1).to(torch.float32).clamp_min(formats.SCALE_EPS) / formats.qmax(a_bits)
+        f = formats.epilogue_headroom(steps)
+        bias = w.bias * f if w.bias is not None else None
+        extra = [bias] if bias is not None else []
+        with self._device_scope(x, w.codes, w.scale, f, *extra):
+            out, _ = kernels.quantized_linear_dynamic(x, w.codes, w.bits, a_bits, w.in_features, w.out_features,
+                                                      w.scale, bias, out_dtype, a_scale_mul=f)
+        return out.div_(f)
 
     def quantized_qk(
         self, q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, out_dtype: torch.dtype
     ) -> torch.Tensor:
         """Q K^T on int8 tensor cores (mixq.kernels.attention): bit-identical to the reference's attention_qk.
-
-        Optional in the Backend protocol (mixq.ops.quantized_qk probes for it). Checks dtypes, shapes
-        (equal leading dims, head dim <= attention.MAX_HEAD_DIM) and devices, raising ValueError.
-        """
+        Checks dtypes, shapes (equal leading dims, head dim <= attention.MAX_HEAD_DIM) and devices."""
         with self._device_scope(q, q_scale, k, k_scale):
             return attention_kernels.quantized_qk(q, q_scale, k, k_scale, out_dtype)
 
     def quantized_pv(
-        self, p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str, out_dtype: torch.dtype
+        self, p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_grid: str, out_dtype: torch.dtype
     ) -> torch.Tensor:
         """softmax(.) V from uint8 probability codes on int8 tensor cores (the codes split into int8 buckets,
         combined exactly in int64): bit-identical to the reference's attention_pv. At most
         attention.MAX_PV_TOKENS tokens and a head dim <= attention.MAX_HEAD_DIM; ValueError beyond.
         """
         with self._device_scope(p, v, v_scale):
-            return attention_kernels.quantized_pv(p, v, v_scale, p_bits, p_kind, out_dtype)
+            return attention_kernels.quantized_pv(p, v, v_scale, p_bits, p_grid, out_dtype)
 
-    def quantize_probs(self, p: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+    def quantize_probs(self, p: torch.Tensor, p_bits: int, p_grid: str) -> torch.Tensor:
         """Post-softmax probabilities -> uint8 codes in one elementwise launch (mixq.kernels.attention),
-        bit-identical to ``formats.quantize_probs``. Optional in the Backend protocol."""
+        bit-identical to ``formats.quantize_probs``."""
         with self._device_scope(p):
-            return attention_kernels.quantize_probs(p, bits, kind)
+            return attention_kernels.quantize_probs(p, p_bits, p_grid)
 
 
 register_backend(TritonBackend())

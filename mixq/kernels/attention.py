@@ -264,29 +264,29 @@ def quantized_qk(q: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, k_scal
     return out
 
 
-def pv_constants(p_bits: int, p_kind: str) -> dict:
+def pv_constants(p_bits: int, p_grid: str) -> dict:
     """The P V kernel's grid constants: the reference's step (formats.prob_integer_weights) and codes."""
-    return dict(_pv_constants(p_bits, p_kind))
+    return dict(_pv_constants(p_bits, p_grid))
 
 
 @functools.lru_cache(maxsize=None)
-def _pv_constants(p_bits: int, p_kind: str) -> tuple:
+def _pv_constants(p_bits: int, p_grid: str) -> tuple:
     formats.check_bits(p_bits, "p_bits")
-    formats.check_softmax_quant(p_kind)
-    _, step = formats.prob_integer_weights(torch.zeros(1, dtype=torch.uint8), p_bits, p_kind)
-    log2 = p_kind == "log2"
+    formats.check_p_grid(p_grid)
+    _, step = formats.prob_integer_weights(torch.zeros(1, dtype=torch.uint8), p_bits, p_grid)
+    log2 = p_grid == "log2"
     cmax = formats.log2_max_code(p_bits) if log2 else 0
-    return tuple(dict(LOG2=log2, CMAX=cmax, ZERO_CODE=formats.prob_zero_code(p_bits, p_kind),
+    return tuple(dict(LOG2=log2, CMAX=cmax, ZERO_CODE=formats.prob_zero_code(p_bits, p_grid),
                       BUCKETS=cmax // LOG2_BUCKET_BITS + 1 if log2 else 2, STEP=float(step)).items())
 
 
-def quantized_pv(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_kind: str,
+def quantized_pv(p: torch.Tensor, v: torch.Tensor, v_scale: torch.Tensor, p_bits: int, p_grid: str,
                  out_dtype: torch.dtype, config: Optional[AttentionConfig] = None) -> torch.Tensor:
     """uint8 probability codes p [..., N, M] (formats.quantize_probs) x int8 v [..., M, D] with per-channel
     steps v_scale [..., D] -> [..., N, D]: ``(fp32(exact sum) * step) * v_scale[d]`` in ``out_dtype``."""
-    lead, n, m, d = formats.check_pv_operands(p, v, v_scale, p_bits, p_kind, out_dtype)
+    lead, n, m, d = formats.check_pv_operands(p, v, v_scale, p_bits, p_grid, out_dtype)
     _check_same_device(p.device, v=v, v_scale=v_scale)
-    consts = pv_constants(p_bits, p_kind)
+    consts = pv_constants(p_bits, p_grid)
     _check_head_dim(d)
     if m > MAX_PV_TOKENS:
         raise ValueError(f"quantized_pv sums over {m} tokens; the exact int32 bucket sums allow at most "
@@ -346,12 +346,12 @@ def _quantize_probs_kernel(p_ptr, out_ptr, n, LOG2: tl.constexpr, CMAX: tl.const
     tl.store(out_ptr + offs, c.to(tl.uint8), mask=mask)
 
 
-def quantize_probs(p: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+def quantize_probs(p: torch.Tensor, p_bits: int, p_grid: str) -> torch.Tensor:
     """Post-softmax probabilities (any shape; fp32/bf16/fp16 read as they are, other dtypes converted to
     fp32 first, as formats does) -> uint8 codes of the same shape, bit-identical to
     ``formats.quantize_probs``. One elementwise launch over the flattened (contiguous) tensor."""
-    formats.check_bits(bits, "softmax_bits")
-    log2 = formats.check_softmax_quant(kind) == "log2"
+    formats.check_bits(p_bits, "p_bits")
+    log2 = formats.check_p_grid(p_grid) == "log2"
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         p = p.to(torch.float32)
     flat = p.reshape(-1)
@@ -361,8 +361,8 @@ def quantize_probs(p: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
     n = flat.numel()
     if n == 0:
         return out
-    levels = 2**bits - 1
+    levels = 2**p_bits - 1
     _quantize_probs_kernel[(triton.cdiv(n, PROBS_BLOCK),)](
-        flat, out, n, LOG2=log2, CMAX=formats.log2_max_code(bits), ZERO_CODE=levels, LIM=float(levels),
+        flat, out, n, LOG2=log2, CMAX=formats.log2_max_code(p_bits), ZERO_CODE=levels, LIM=float(levels),
         BLOCK=PROBS_BLOCK, num_warps=4, enable_fp_fusion=False)
     return out

@@ -139,7 +139,7 @@ def _row_scales(a_ptr, offs_m, M, K, stride_am, stride_ak, QMAX: tl.constexpr, E
 @triton.jit
 def _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
                     stride_om, stride_on, stride_as, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    a_s_reg, A_S_IN_REG: tl.constexpr, a_mul_ptr, HAS_AMUL: tl.constexpr):
+                    a_s_reg, A_S_IN_REG: tl.constexpr, a_scale_mul_ptr, HAS_A_SCALE_MUL: tl.constexpr):
     mask_m = offs_m < M
     mask_n = offs_n < N
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -149,8 +149,8 @@ def _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, of
             a_s = a_s_reg
         else:
             a_s = tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=0.0)
-        if HAS_AMUL:  # QuantLinear's overflow headroom: a power of two times the step, as torch's a_scale * f
-            a_s = a_s * tl.load(a_mul_ptr)
+        if HAS_A_SCALE_MUL:  # QuantLinear's overflow headroom: a power of two times the step, as torch's a_scale * f
+            a_s = a_s * tl.load(a_scale_mul_ptr)
         w_s = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
         out = (acc.to(tl.float32) * a_s[:, None]) * w_s[None, :]
         if HAS_BIAS:
@@ -164,13 +164,13 @@ def _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, of
 
 @triton.jit
 def _mixed_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, a_mul_ptr,
+    a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, a_scale_mul_ptr,
     M, N, K, tiles_per_split,
     stride_am, stride_ak, stride_wn, stride_os, stride_om, stride_on, stride_as,
     W_BITS: tl.constexpr, K_TILE: tl.constexpr, SUB_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr, INT64: tl.constexpr,
-    ASM: tl.constexpr, A_FLOAT: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr, HAS_AMUL: tl.constexpr,
+    ASM: tl.constexpr, A_FLOAT: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr, HAS_A_SCALE_MUL: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -240,16 +240,16 @@ def _mixed_gemm_kernel(
         acc = tl.trans(acc)
     split_base = pid_k.to(tl.int64) * stride_os if INT64 else pid_k * stride_os
     _epilogue_store(acc, out_ptr + split_base, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n,
-                    M, N, stride_om, stride_on, stride_as, SCALED, HAS_BIAS, scale, A_FLOAT, a_mul_ptr, HAS_AMUL)
+                    M, N, stride_om, stride_on, stride_as, SCALED, HAS_BIAS, scale, A_FLOAT, a_scale_mul_ptr, HAS_A_SCALE_MUL)
 
 
 @triton.jit
 def _splitk_reduce_kernel(
-    part_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, a_mul_ptr,
+    part_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, a_scale_mul_ptr,
     M, N, SPLIT_K,
     stride_ps, stride_pm, stride_pn, stride_om, stride_on, stride_as,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_AMUL: tl.constexpr,
+    HAS_A_SCALE_MUL: tl.constexpr,
 ):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -259,7 +259,7 @@ def _splitk_reduce_kernel(
     for s in range(0, SPLIT_K):
         acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0)
     _epilogue_store(acc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
-                    stride_om, stride_on, stride_as, SCALED, HAS_BIAS, acc, False, a_mul_ptr, HAS_AMUL)
+                    stride_om, stride_on, stride_as, SCALED, HAS_BIAS, acc, False, a_scale_mul_ptr, HAS_A_SCALE_MUL)
 
 
 def mixed_gemm(
@@ -340,7 +340,7 @@ def _asm_ok(cfg: GemmConfig, w_bits: int, device: torch.device) -> bool:
     return bool(cfg.asm_unpack) and device.type == "cuda" and w_bits != 8 and per_thread >= 4 and per_thread % 4 == 0
 
 
-def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bits, a_mul) -> torch.Tensor:
+def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bits, a_scale_mul) -> torch.Tensor:
     """Shared launcher; ``a_bits`` set means ``a`` is float and quantized inside (``a_scale`` is output)."""
     formats.check_bits(w_bits, "w_bits")
     check_gpu_layout(w, w_bits, k, n)
@@ -385,7 +385,7 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
                   BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, SWAP_AB=bool(cfg.swap_ab), INT64=big,
                   ASM=_asm_ok(cfg, w_bits, a.device),
                   A_FLOAT=fused, QMAX=formats.qmax(a_bits) if fused else 127, EPS=formats.SCALE_EPS,
-                  HAS_AMUL=a_mul is not None,
+                  HAS_A_SCALE_MUL=a_scale_mul is not None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   # the contract rounds (acc * a_s) * w_s and + bias separately; left on, ptxas fuses
                   # them into one FFMA (one rounding) and the GPU drifts an ulp from the reference
@@ -393,7 +393,7 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
     if split == 1:
         _mixed_gemm_kernel[grid](
             a, w, out, a_scale if scaled or fused else dummy, w_scale if scaled else dummy,
-            bias if bias is not None else dummy, a_mul if a_mul is not None else dummy,
+            bias if bias is not None else dummy, a_scale_mul if a_scale_mul is not None else dummy,
             m, n, k, tiles_per_split,
             a.stride(0), a.stride(1), w.stride(0), 0, out.stride(0), out.stride(1), stride_as,
             SCALED=scaled, HAS_BIAS=bias is not None, **common,
@@ -409,10 +409,10 @@ def _launch(a, w, w_bits, k, n, a_scale, w_scale, bias, out_dtype, config, a_bit
     rb_m, rb_n = 32, 64
     _splitk_reduce_kernel[(triton.cdiv(m, rb_m), triton.cdiv(n, rb_n))](
         partial, out, a_scale if scaled else dummy, w_scale if scaled else dummy,
-        bias if bias is not None else dummy, a_mul if a_mul is not None else dummy,
+        bias if bias is not None else dummy, a_scale_mul if a_scale_mul is not None else dummy,
         m, n, split,
         partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0), out.stride(1), stride_as,
-        BLOCK_M=rb_m, BLOCK_N=rb_n, SCALED=scaled, HAS_BIAS=bias is not None, HAS_AMUL=a_mul is not None,
+        BLOCK_M=rb_m, BLOCK_N=rb_n, SCALED=scaled, HAS_BIAS=bias is not None, HAS_A_SCALE_MUL=a_scale_mul is not None,
         num_warps=4, enable_fp_fusion=False,
     )
     return out

@@ -68,9 +68,9 @@ def _static_quant_kernel(x_ptr, inv_ptr, q_ptr, M, K, stride_xm, stride_xk, stri
 
 
 @triton.jit
-def _layernorm_quant_kernel(x_ptr, gamma_ptr, beta_ptr, inv_ptr, q_ptr, M, K, stride_xm, stride_xk,
-                            stride_qm, stride_inv, EPS: tl.constexpr, QMAX: tl.constexpr, HAS_GAMMA: tl.constexpr,
-                            HAS_BETA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _layernorm_quant_kernel(x_ptr, norm_weight_ptr, norm_bias_ptr, inv_ptr, q_ptr, M, K, stride_xm, stride_xk,
+                            stride_qm, stride_inv, EPS: tl.constexpr, QMAX: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+                            HAS_NORM_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``formats.layer_norm_fp32`` then quantize: float64 mean and variance (two passes over the
     row in registers), rstd = fp32(1 / sqrt(var + eps)) in float64, the affine part in fp32.
 
@@ -91,10 +91,10 @@ def _layernorm_quant_kernel(x_ptr, gamma_ptr, beta_ptr, inv_ptr, q_ptr, M, K, st
     one = tl.full((BLOCK_M,), 1.0, tl.float64)
     rstd = (one / tl.sqrt(var + tl.full((BLOCK_M,), EPS, tl.float64))).to(tl.float32)
     y = (x - mean.to(tl.float32)[:, None]) * rstd[:, None]
-    if HAS_GAMMA:
-        y = y * tl.load(gamma_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-    if HAS_BETA:
-        y = y + tl.load(beta_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    if HAS_NORM_WEIGHT:
+        y = y * tl.load(norm_weight_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    if HAS_NORM_BIAS:
+        y = y + tl.load(norm_bias_ptr + cols, mask=mask_k, other=0.0).to(tl.float32)[None, :]
     inv = tl.load(inv_ptr + cols * stride_inv, mask=mask_k, other=0.0)
     q = quantize_values(y * inv[None, :], QMAX)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
@@ -168,22 +168,22 @@ def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, a_bits: int) -> to
 
 def layernorm_quantize(
     x: torch.Tensor,
-    gamma: Optional[torch.Tensor],
-    beta: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
     eps: float,
     inv_scale: torch.Tensor,
     a_bits: int,
 ) -> torch.Tensor:
     """LayerNorm over the last dim fused with static quantization: int8 [M, K] in one pass.
 
-    ``gamma``/``beta`` are the LayerNorm affine parameters with the channel factors 1/s_k already
+    ``norm_weight``/``norm_bias`` are the LayerNorm affine parameters with the channel factors 1/s_k already
     folded in (or None); ``inv_scale`` is the per-tensor inverse step (1 entry) or [K] vector.
     """
     m, k = _check_input(x, "layernorm_quantize")
     qmax = formats.qmax(a_bits)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    for name, p in (("gamma", gamma), ("beta", beta)):
+    for name, p in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         if p is not None and (p.dim() != 1 or p.shape[0] != k):
             raise ValueError(f"{name} must be a [K={k}] vector, got shape {tuple(p.shape)}")
     inv, stride_inv = _inv_scale_vector(inv_scale, k, "layernorm_quantize")
@@ -191,12 +191,12 @@ def layernorm_quantize(
     if m == 0 or k == 0:
         return q
     block_m, block_k, warps = _row_tile(k, "layernorm_quantize")
-    has_gamma, has_beta = gamma is not None, beta is not None
-    gamma = gamma.contiguous() if has_gamma else inv  # placeholders are never read
-    beta = beta.contiguous() if has_beta else inv
+    has_norm_weight, has_norm_bias = norm_weight is not None, norm_bias is not None
+    norm_weight = norm_weight.contiguous() if has_norm_weight else inv  # placeholders are never read
+    norm_bias = norm_bias.contiguous() if has_norm_bias else inv
     _layernorm_quant_kernel[(triton.cdiv(m, block_m),)](
-        x, gamma, beta, inv, q, m, k, x.stride(0), x.stride(1), q.stride(0), stride_inv,
-        EPS=float(eps), QMAX=qmax, HAS_GAMMA=has_gamma, HAS_BETA=has_beta,
+        x, norm_weight, norm_bias, inv, q, m, k, x.stride(0), x.stride(1), q.stride(0), stride_inv,
+        EPS=float(eps), QMAX=qmax, HAS_NORM_WEIGHT=has_norm_weight, HAS_NORM_BIAS=has_norm_bias,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
         enable_fp_fusion=False,  # the contract rounds every multiply and add (no FMA), as the reference does
     )
