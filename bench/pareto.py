@@ -207,7 +207,7 @@ class Sweep:
             c = self.costs(v["n_score"])
             table, per_image = cost_table(c, v["outputs"], v["n_score"])
             if v["costs"] == "measured+kl":  # the built-in KL scorer's 4^-bits costs, added with equal weight
-                from mixq.alloc import split_kl_costs
+                from mixq.scores.costs import split_kl_costs
                 from mixq.scores.kl import kl_importance
 
                 fp, x, names = copy.deepcopy(self.fp), self.score[:8], self.planner.names

@@ -236,15 +236,3 @@ def test_checkpoints_from_before_the_fold_rename_load(folded_models, tmp_path):
     assert loaded.fc1.folded_norm
     x = _data(2)
     assert torch.equal(loaded(x), q(x))
-
-
-def test_old_fuse_names_still_work_with_a_deprecation_warning():
-    from torch import nn
-
-    with pytest.warns(DeprecationWarning, match="folded_norm"):
-        layer = mixq.QuantLinear(8, 4, act_quant="channel", fused_norm=True)
-    assert layer.folded_norm and layer.fused_norm
-    plain = mixq.QuantLinear(8, 4, act_quant="channel")
-    with pytest.warns(DeprecationWarning, match="fold_layernorm"):
-        plain.fuse_layernorm(nn.LayerNorm(8))
-    assert plain.folded_norm
