@@ -33,7 +33,8 @@ from mixq.eval.dinov2_tasks import Dinov2Evaluator  # noqa: E402
 from mixq.eval.quantized import bits_summary as layer_summary  # noqa: E402
 from mixq.models import get_adapter  # noqa: E402
 from mixq.models.dinov2 import cache_dir  # noqa: E402
-from mixq.quantize import QuantConfig, quantize_, quantized_layers, set_simulate  # noqa: E402
+from mixq.config import LinearConfig, QuantConfig  # noqa: E402
+from mixq.quantize import quantize_, quantized_layers, set_simulate  # noqa: E402
 
 UNIFORM = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
 # Mixed plans: (average weight bits, BOPs budget as a fraction of uniform W8A8, scorer).
@@ -134,15 +135,14 @@ def main() -> None:
         model = copy.deepcopy(fp_model)
         if name in UNIFORM:
             w, a = UNIFORM[name]
-            config = QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter, backend=args.backend,
-                                 fold_layernorm=True)
+            config = QuantConfig(LinearConfig(w, a, fold_layernorm=True), backend=args.backend)
         else:
             plan = mixed_plan(adapter, model, calib[: args.n_score], name)
             if plan is None:
                 continue
-            config = plan.to_config(backend=args.backend, fold_layernorm=True)
+            config = plan.to_config(linear=LinearConfig(fold_layernorm=True), backend=args.backend)
         with torch.no_grad():
-            quantize_(model, config, calib, progress=False)
+            quantize_(model, config, calib, filter_fn=adapter.quant_filter, progress=False)
         t_quant = time.perf_counter() - t
         summary, wbits, abits = bits_summary(model)
         with torch.no_grad():

@@ -10,7 +10,8 @@ synergy weights in [0, 1] on execution-order neighbours; ``lam`` as in ``allocat
 import numpy as np
 import pytest
 
-from mixq.alloc import DEFAULT_CANDIDATES, AllocationProblem, noise_factor, solve_plan
+from mixq.alloc import DEFAULT_CANDIDATES, AllocationProblem, solve_plan
+from mixq.scores.costs import noise_factor
 
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out) per block: qkv, proj, fc1, fc2
 

@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,15 +60,16 @@ def build_models(uniform: list[str], plans: list[str], act_quant: str,
             copy.deepcopy(fp), {n: torch.ao.quantization.default_dynamic_qconfig for n in targets}, dtype=torch.qint8
         )
     models = {"fp32": fp, INT8: int8}
-    common = dict(fold_layernorm=True, weight_method="rtn", backend="cpu", act_quant=act_quant)
+    linear = mixq.LinearConfig(fold_layernorm=True, weight_method="rtn", act_quant=act_quant)
     for label in uniform:
         w, a = UNIFORM[label]
-        cfg = mixq.QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter, **common)
-        models[label] = mixq.quantize_(copy.deepcopy(fp), cfg, calib, progress=False).eval()
+        cfg = mixq.QuantConfig(replace(linear, w_bits=w, a_bits=a), backend="cpu")
+        models[label] = mixq.quantize_(copy.deepcopy(fp), cfg, calib, filter_fn=adapter.quant_filter,
+                                       progress=False).eval()
     for path in plans:
         plan = mixq.Plan.load(path)
         label = f"{Path(path).stem.removeprefix('plan-')} (demo plan, {plan.avg_bits_per_weight:.2f} bits)"
-        cfg = plan.to_config(**common)
+        cfg = plan.to_config(linear=linear, backend="cpu")
         models[label] = mixq.quantize_(copy.deepcopy(fp), cfg, calib, progress=False).eval()
     for label, model in models.items():
         layers = [m for m in model.modules() if isinstance(m, mixq.QuantLinear)]

@@ -115,13 +115,14 @@ def attention_jobs() -> list[dict]:
     return jobs
 
 
-def attention_config(job: dict) -> dict:
-    """QuantConfig fields for a job's attention quantization (none when the job has no "attn")."""
+def attention_config(job: dict):
+    """The AttentionConfig of a job's attention quantization (None when the job has no "attn")."""
+    from mixq.config import AttentionConfig
+
     at = job.get("attn")
     if not at:
-        return {}
-    return {"quantize_attention": True, "attn_bits": at["bits"], "softmax_bits": at["softmax_bits"],
-            "softmax_quant": at["softmax"]}
+        return None
+    return AttentionConfig(qk_bits=at["bits"], p_bits=at["softmax_bits"], p_grid=at["softmax"])
 
 
 def attention_label(job: dict) -> str:
@@ -207,7 +208,7 @@ class Sweep:
             c = self.costs(v["n_score"])
             table, per_image = cost_table(c, v["outputs"], v["n_score"])
             if v["costs"] == "measured+kl":  # the built-in KL scorer's 4^-bits costs, added with equal weight
-                from mixq.alloc import split_kl_costs
+                from mixq.scores.costs import split_kl_costs
                 from mixq.scores.kl import kl_importance
 
                 fp, x, names = copy.deepcopy(self.fp), self.score[:8], self.planner.names
@@ -226,14 +227,15 @@ class Sweep:
 
     def run_job(self, job: dict) -> None:
         from mixq.eval.quantized import bits_summary
-        from mixq.quantize import QuantConfig, quantize_
+        from mixq.config import LinearConfig, QuantConfig
+        from mixq.quantize import quantize_
 
         t0 = time.perf_counter()
         rec = {k: v for k, v in job.items() if k != "name"}
         if job["kind"] == "uniform":
             w, a = job["w"], job["a"]
-            config = QuantConfig(w_bits=w, a_bits=a, filter_fn=self.adapter.quant_filter, backend=self.args.backend,
-                                 fold_layernorm=True, act_quant=job.get("act", "auto"), **attention_config(job))
+            config = QuantConfig(LinearConfig(w, a, fold_layernorm=True, act_quant=job.get("act", "auto")),
+                                 attention=attention_config(job), backend=self.args.backend)
             rec.update(label=f"W{w}A{a}" + (" channel" if job.get("act") else "") + attention_label(job),
                        wbits=float(w), abits=float(a),
                        bops=w * a / 64)
@@ -261,11 +263,12 @@ class Sweep:
                 self.save()
                 log(f"{job['name']}: same plan as {same_key}, reusing that point")
                 return
-            config = plan.to_config(backend=self.args.backend, fold_layernorm=True, **attention_config(job))
+            config = plan.to_config(linear=LinearConfig(fold_layernorm=True), attention=attention_config(job),
+                                    backend=self.args.backend)
         model = copy.deepcopy(self.fp)
         tq = time.perf_counter()
         with torch.no_grad():
-            quantize_(model, config, self.calib, progress=False)
+            quantize_(model, config, self.calib, filter_fn=self.adapter.quant_filter, progress=False)
         rec["quantize_seconds"] = time.perf_counter() - tq
         rec["quantized"] = bits_summary(model)
         te = time.perf_counter()

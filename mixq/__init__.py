@@ -9,7 +9,10 @@ __version__ = "0.1.0"
 
 # Public names resolved lazily so `import mixq` stays light (no model libraries, no kernels).
 _LAZY = {
-    "QuantConfig": "mixq.quantize",
+    "QuantConfig": "mixq.config",
+    "LinearConfig": "mixq.config",
+    "AttentionConfig": "mixq.config",
+    "CalibrationConfig": "mixq.config",
     "quantize_": "mixq.quantize",
     "QuantLinear": "mixq.nn",
     "save": "mixq.checkpoint",
@@ -20,7 +23,7 @@ _LAZY = {
 
 
 # Submodules reachable as attributes after a bare `import mixq` (mixq.nn.QuantLinear), loaded on first use.
-_SUBMODULES = ("alloc", "checkpoint", "formats", "nn", "ops", "quantize", "scores", "models", "eval", "report")
+_SUBMODULES = ("alloc", "checkpoint", "config", "formats", "nn", "ops", "quantize", "scores", "models", "eval", "report")
 
 
 def __getattr__(name: str) -> Any:

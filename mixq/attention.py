@@ -12,8 +12,8 @@ One base arithmetic, several module kinds, each mirroring its float module's for
 * :class:`QuantSamDecoderAttention` (``"sam_decoder"``): the mask decoder's ``Attention`` (separate
   q/k/v projections, cross attention with N != M tokens).
 
-Q, K per-token dynamic at ``attn_bits`` -> ``mixq::quantized_qk`` -> (bias, mask) -> softmax in float ->
-probabilities on a log2 (or uniform) grid at ``softmax_bits``, V per channel at ``pv_bits`` ->
+Q, K per-token dynamic at ``qk_bits`` -> ``mixq::quantized_qk`` -> (bias, mask) -> softmax in float ->
+probabilities at ``p_bits`` on the ``p_grid`` grid (log2 or uniform), V per channel at ``v_bits`` ->
 ``mixq::quantized_pv``. ``float_ops`` keeps either matmul in float (an allocator perturbs one alone).
 The Linears are kept as they are (QuantLinear after ``quantize_``), under their original names, so the
 state dict keys do not change. ``simulate=True`` runs the same arithmetic in plain torch ops
@@ -86,15 +86,28 @@ def _check_float_ops(float_ops: Iterable[str]) -> tuple[str, ...]:
     ops_ = tuple(op for op in ATTENTION_OPS if op in float_ops)
     if len(ops_) == len(ATTENTION_OPS):
         raise ValueError(f"float_ops={tuple(float_ops)!r} keeps both attention matmuls in float: nothing is left "
-                         "to quantize; keep the float module instead (list it in QuantConfig.skip)")
+                         "to quantize; keep the float module instead (list it in AttentionConfig.skip)")
     return ops_
+
+
+# The constructor keywords before the one-name-per-concept rename, and what they are now.
+_RENAMED = {"attn_bits": "qk_bits", "pv_bits": "v_bits", "softmax_bits": "p_bits", "softmax_quant": "p_grid"}
+
+
+def _refuse_renamed(where: str, kwargs: dict) -> None:
+    if not kwargs:
+        return
+    hints = [f"{k}= is now {_RENAMED[k]}=" for k in kwargs if k in _RENAMED]
+    raise TypeError(f"{where}() got unexpected keyword(s) {sorted(kwargs)}" + (f": {'; '.join(hints)}" if hints else "")
+                    + "; it takes qk_bits, v_bits, p_bits, p_grid, simulate, backend, float_ops")
 
 
 class QuantAttention(nn.Module):
     """timm ``Attention`` with its matmuls on integer codes; the Linears are the wrapped ones.
 
-    Also the base of the other kinds: ``attn_bits`` are the bits of Q's and K's codes, ``pv_bits``
-    of V's (default ``attn_bits``), ``softmax_bits`` of the probabilities (default ``pv_bits``);
+    Also the base of the other kinds: ``qk_bits`` are the bits of Q's and K's codes, ``v_bits``
+    of V's (default ``qk_bits``), ``p_bits`` of the probabilities (default ``v_bits``) on the
+    ``p_grid`` grid (``"log2"`` or ``"uniform"``);
     ``float_ops`` names the matmuls ("qk", "pv") kept in float (for "pv" the probabilities stay float).
     """
 
@@ -102,20 +115,20 @@ class QuantAttention(nn.Module):
     _source_type: Callable[[], Optional[type]] = staticmethod(_timm_attention_type)
     _source_name = "timm.models.vision_transformer.Attention"
 
-    def __init__(self, attn: nn.Module, attn_bits: int = 8, softmax_bits: Optional[int] = None,
-                 softmax_quant: str = "log2", simulate: bool = False, backend: Optional[str] = None, *,
-                 pv_bits: Optional[int] = None, float_ops: Iterable[str] = ()) -> None:
+    def __init__(self, attn: nn.Module, qk_bits: int = 8, *, v_bits: Optional[int] = None,
+                 p_bits: Optional[int] = None, p_grid: str = "log2", simulate: bool = False,
+                 backend: Optional[str] = None, float_ops: Iterable[str] = (), **renamed: object) -> None:
+        _refuse_renamed(type(self).__name__, renamed)
         super().__init__()
         t = self._source_type()
         if t is None or type(attn) is not t:
             raise NotImplementedError(
                 f"{type(self).__name__} wraps {self._source_name}, not {_type_name(type(attn))}; "
                 "mixq.attention.wrap_attention picks the class for a module")
-        self.qk_bits = formats.check_bits(attn_bits, "attn_bits")
-        self.pv_bits = formats.check_bits(self.qk_bits if pv_bits is None else pv_bits, "pv_bits")
-        self.softmax_bits = formats.check_bits(self.pv_bits if softmax_bits is None else softmax_bits,
-                                               "softmax_bits")
-        self.softmax_quant = formats.check_p_grid(softmax_quant)
+        self.qk_bits = formats.check_bits(qk_bits, "qk_bits")
+        self.v_bits = formats.check_bits(self.qk_bits if v_bits is None else v_bits, "v_bits")
+        self.p_bits = formats.check_bits(self.v_bits if p_bits is None else p_bits, "p_bits")
+        self.p_grid = formats.check_p_grid(p_grid)
         self.float_ops = _check_float_ops(float_ops)
         if not isinstance(simulate, bool):
             raise TypeError(f"simulate must be True or False, got {simulate!r}")
@@ -135,11 +148,6 @@ class QuantAttention(nn.Module):
             setattr(self, name, getattr(attn, name))
         self.gate = getattr(attn, "gate", None)
 
-    @property
-    def attn_bits(self) -> int:
-        """The bits of Q's and K's codes (the name QuantConfig and phase 1 use)."""
-        return self.qk_bits
-
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         p = next(self.parameters(), None)
@@ -157,13 +165,13 @@ class QuantAttention(nn.Module):
     def extra_repr(self) -> str:
         mode = "simulate" if self.simulate else f"backend={self.backend}"
         fl = f", float_ops={self.float_ops}" if self.float_ops else ""
-        return (f"heads={self.num_heads}, qk_bits={self.qk_bits}, pv_bits={self.pv_bits}, "
-                f"softmax={self.softmax_quant}{self.softmax_bits}{fl}, {mode}")
+        return (f"heads={self.num_heads}, qk_bits={self.qk_bits}, v_bits={self.v_bits}, p_bits={self.p_bits}, "
+                f"p_grid={self.p_grid}{fl}, {mode}")
 
     def layer_config(self) -> dict:
         """What this module quantizes (reports, checkpoints): the quantized matmuls and their formats."""
-        return {"ops": self.quantized_ops(), "qk_bits": self.qk_bits, "pv_bits": self.pv_bits,
-                "softmax_bits": self.softmax_bits, "softmax_quant": self.softmax_quant}
+        return {"ops": self.quantized_ops(), "qk_bits": self.qk_bits, "v_bits": self.v_bits,
+                "p_bits": self.p_bits, "p_grid": self.p_grid}
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Q K^T in fp32 (unscaled): on integer codes, or in float when "qk" is in float_ops."""
@@ -195,19 +203,19 @@ class QuantAttention(nn.Module):
             return attn.to(torch.float32) @ v.to(torch.float32)
         # V per channel stays in formats' torch ops: through the per-token op it would need a contiguous
         # copy of V^T first, which measured no faster overall (slower at ViT-B and SAM global attention).
-        vc, vs = formats.quantize_act_dynamic(v.detach().transpose(-2, -1), self.pv_bits)
+        vc, vs = formats.quantize_act_dynamic(v.detach().transpose(-2, -1), self.v_bits)
         vc = vc.transpose(-2, -1)
         if self.simulate:
-            pc = formats.quantize_probs(attn.detach(), self.softmax_bits, self.softmax_quant)
-            out = _reference.attention_pv(pc, _ste(v / vs[..., None, :], vc), vs, self.softmax_bits,
-                                          self.softmax_quant, torch.float32)
+            pc = formats.quantize_probs(attn.detach(), self.p_bits, self.p_grid)
+            out = _reference.attention_pv(pc, _ste(v / vs[..., None, :], vc), vs, self.p_bits, self.p_grid,
+                                          torch.float32)
             if attn.requires_grad:  # straight-through for the probabilities: adds exactly 0 to the value
                 pv = attn.to(torch.float32) @ v.detach().to(torch.float32)
                 out = out + (pv - pv.detach())
             return out
         # the backend's own elementwise kernel (cpu: csrc/probs.cpp), bit-identical to formats
-        pc = ops.quantize_probs(attn.detach(), self.softmax_bits, self.softmax_quant, self.backend)
-        return ops.quantized_pv(pc, vc, vs, self.softmax_bits, self.softmax_quant, torch.float32, self.backend)
+        pc = ops.quantize_probs(attn.detach(), self.p_bits, self.p_grid, self.backend)
+        return ops.quantized_pv(pc, vc, vs, self.p_bits, self.p_grid, torch.float32, self.backend)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
                 ) -> torch.Tensor:
@@ -350,16 +358,17 @@ def is_supported_attention(m: nn.Module) -> bool:
     return _class_for(m) is not None
 
 
-def wrap_attention(module: nn.Module, attn_bits: int, softmax_bits: Optional[int] = None,
-                   softmax_quant: str = "log2", simulate: bool = False, backend: Optional[str] = None, *,
-                   pv_bits: Optional[int] = None, float_ops: Iterable[str] = ()) -> QuantAttention:
+def wrap_attention(module: nn.Module, qk_bits: int = 8, *, v_bits: Optional[int] = None,
+                   p_bits: Optional[int] = None, p_grid: str = "log2", simulate: bool = False,
+                   backend: Optional[str] = None, float_ops: Iterable[str] = (), **renamed: object) -> QuantAttention:
     """The quantized module for a float attention module of a supported type (see the module docstring)."""
     cls = _class_for(module)
     if cls is None:
         raise NotImplementedError(
             f"mixq cannot quantize the attention matmuls of {_type_name(type(module))}; supported: "
             f"{', '.join(supported_attention_names())}")
-    return cls(module, attn_bits, softmax_bits, softmax_quant, simulate, backend, pv_bits=pv_bits,
+    _refuse_renamed("wrap_attention", renamed)
+    return cls(module, qk_bits, v_bits=v_bits, p_bits=p_bits, p_grid=p_grid, simulate=simulate, backend=backend,
                float_ops=float_ops)
 
 

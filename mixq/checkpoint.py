@@ -1,5 +1,6 @@
 """Checkpoints: safetensors files holding the whole quantized model (packed integers, scales,
-float parts) plus JSON metadata (format version, per-layer config, model spec, checksum).
+float parts) plus JSON metadata (format version, per-layer config, the QuantConfig that built the
+model, model spec, checksum).
 
 Loading validates everything (version, layer config, every tensor name, shape, dtype, checksum)
 before the model is touched, so a bad file never leaves a half-loaded model behind.
@@ -20,6 +21,7 @@ from torch import nn
 
 from . import __version__
 from .attention import ATTENTION_OPS, QUANT_ATTENTION_CLASSES, QuantAttention, quantized_attention
+from .config import QuantConfig
 from .data import model_device
 from .modules import quantized_layers, set_module
 from .nn import QuantLinear
@@ -27,12 +29,20 @@ from .nn import QuantLinear
 FORMAT_NAME = "mixq"
 # 2: the checksum covers the header metadata too (version 1 covered the tensors only; still read).
 # 3: version 2 plus an "attention" entry (quantized attention modules: kind and config). A model
-#    without quantized attention is still written as version 2, byte for byte as before, so older
-#    mixq reads it; a version-3 file stops an older mixq from loading the attention as float.
+#    without quantized attention is still written as version 2, so older mixq reads it; a version-3
+#    file stops an older mixq from loading the attention as float.
+# Either may hold a "config" entry (QuantConfig.to_dict() of the config that built the model): an
+# addition older readers ignore, so it needs no new version.
 FORMAT_VERSION = 2
 ATTENTION_FORMAT_VERSION = 3
 READABLE_VERSIONS = ("1", "2", "3")
-_ATTENTION_CONFIG_KEYS = ("ops", "qk_bits", "pv_bits", "softmax_bits", "softmax_quant")
+_ATTENTION_CONFIG_KEYS = ("ops", "qk_bits", "v_bits", "p_bits", "p_grid")
+
+# Old files, today's names. read() renames the keys of every record it returns, so load, the report
+# and anyone reading the metadata see one set of names. Per QuantLinear record ("layers"):
+_LAYER_KEY_RENAMES = {"fused_norm": "folded_norm"}  # before the fold/fuse rename (format 1)
+# Per quantized-attention record ("attention" -> config), before the one-name-per-concept rename:
+_ATTENTION_KEY_RENAMES = {"pv_bits": "v_bits", "softmax_bits": "p_bits", "softmax_quant": "p_grid"}
 
 
 class CheckpointError(ValueError):
@@ -74,7 +84,8 @@ def save(
     """Write ``model`` (quantized in place by :func:`mixq.quantize_`) to a safetensors file.
 
     ``model_spec`` (e.g. ``"dinov2-s"``) lets :func:`load` rebuild the architecture without a
-    skeleton. An existing file is refused unless ``overwrite``; the write is atomic.
+    skeleton. The config that built the model (``model.mixq_config``, set by ``quantize_``) is
+    recorded when there is one. An existing file is refused unless ``overwrite``; the write is atomic.
     """
     path = Path(path)
     if path.exists() and not overwrite:  # early and friendly; the exclusive link below is the real check
@@ -94,6 +105,9 @@ def save(
     }
     if attention:
         meta["attention"] = json.dumps(attention, sort_keys=True)
+    config = getattr(model, "mixq_config", None)
+    if isinstance(config, QuantConfig):
+        meta["config"] = json.dumps(config.to_dict(), sort_keys=True)
     meta["sha256"] = _digest(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     _publish(_serialize(tensors, meta), path, overwrite)
@@ -159,7 +173,8 @@ def _publish(data: bytes, path: Path, overwrite: bool) -> None:
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and verify a checkpoint: (tensors, metadata with 'layers', 'attention' and 'extra' decoded)."""
+    """Read and verify a checkpoint: (tensors, metadata with 'layers', 'attention' and 'extra' decoded
+    and in today's names, 'config' a QuantConfig or None)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -191,19 +206,50 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
         meta["layers"] = json.loads(meta["layers"])
         meta["extra"] = json.loads(meta.get("extra") or "{}")
         meta["attention"] = json.loads(meta.get("attention") or "{}")
+        config = json.loads(meta.get("config") or "null")
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} has unreadable layer metadata: {e}") from e
+    if not isinstance(meta["layers"], dict):
+        raise CheckpointError(f"{path} has unreadable layer metadata: 'layers' must map names to records")
     if meta["attention"] and version != str(ATTENTION_FORMAT_VERSION):
         raise CheckpointError(f"{path} is a version-{version} checkpoint with an 'attention' entry, which only "
                               f"version {ATTENTION_FORMAT_VERSION} has")
+    try:
+        meta["config"] = None if config is None else QuantConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} records a QuantConfig this mixq ({__version__}) cannot read: {e}") from e
+    _upgrade(path, tensors, meta)
     return tensors, meta
+
+
+def _upgrade(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Give a file written by an earlier mixq today's names, in place: the one place that knows the
+    old names (record keys through the tables above; a renamed buffer's tensor keys belong here too,
+    so load and its checks see only today's)."""
+    meta["layers"] = {n: _renamed(path, f"layer {n!r}", c, _LAYER_KEY_RENAMES) for n, c in meta["layers"].items()}
+    if isinstance(meta["attention"], dict):
+        for name, rec in meta["attention"].items():
+            if isinstance(rec, dict) and "config" in rec:
+                rec["config"] = _renamed(path, f"attention {name!r}", rec["config"], _ATTENTION_KEY_RENAMES)
+
+
+def _renamed(path: Path, what: str, record: Any, renames: dict[str, str]) -> Any:
+    """``record`` with its old keys under today's names (a non-dict is left for the validators)."""
+    if not isinstance(record, dict):
+        return record
+    both = [(old, new) for old, new in renames.items() if old in record and new in record]
+    if both:
+        raise CheckpointError(f"{path}: {what} has both {both[0][0]!r} and {both[0][1]!r}, the old and the new "
+                              "name of one entry")
+    return {renames.get(k, k): v for k, v in record.items()}
 
 
 def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Module:
     """Load a checkpoint into ``model`` (the float architecture it was quantized from).
 
     Without ``model``, the architecture is rebuilt from the checkpoint's model spec through
-    :func:`mixq.models.get_adapter`. Returns the model, quantized and loaded.
+    :func:`mixq.models.get_adapter`. Returns the model, quantized and loaded, with
+    ``model.mixq_config`` the recorded QuantConfig (None if the file records none).
     """
     tensors, meta = read(path)
     if model is None:
@@ -213,32 +259,8 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
         from .models import get_adapter
 
         model = get_adapter(spec).build()
-    layers: dict[str, dict] = meta["layers"]
     modules = dict(model.named_modules())
-    shells: dict[str, QuantLinear] = {}
-    for name, cfg in layers.items():
-        cur = modules.get(name)
-        if not isinstance(cur, nn.Linear):
-            found = "missing" if cur is None else type(cur).__name__
-            raise CheckpointError(f"checkpoint layer {name!r} is a quantized Linear but the model has {found} there")
-        if (cur.in_features, cur.out_features) != (cfg["in_features"], cfg["out_features"]):
-            raise CheckpointError(
-                f"layer {name!r}: checkpoint has {cfg['in_features']}->{cfg['out_features']}, "
-                f"model has {cur.in_features}->{cur.out_features}"
-            )
-        try:
-            shell = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["w_bits"],
-                                cfg["a_bits"], cfg["act_quant"], device="cpu",
-                                # "fused_norm": the key before the fold/fuse rename
-                                folded_norm=cfg.get("folded_norm", cfg.get("fused_norm", False)),
-                                norm_eps=cfg.get("norm_eps", 1e-5),
-                                input_prescaled=cfg.get("input_prescaled", False))
-        except (KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"layer {name!r} has an invalid config {cfg}: {e}") from e
-        shell.norm_module = cfg.get("norm_module", "")
-        if shell.norm_module and not isinstance(modules.get(shell.norm_module), (nn.LayerNorm, nn.Identity)):
-            raise CheckpointError(f"layer {name!r} folded LayerNorm {shell.norm_module!r}, which the model lacks")
-        shells[name] = shell
+    shells = {name: _layer_shell(name, cfg, modules) for name, cfg in meta["layers"].items()}
     attention = _check_attention(meta["attention"], model)
     folded_norms = {s.norm_module for s in shells.values() if s.norm_module}
     expected: dict[str, torch.Tensor] = {}
@@ -277,7 +299,32 @@ def load(path: str | os.PathLike, model: Optional[nn.Module] = None) -> nn.Modul
     for name, (cls, kwargs) in attention.items():  # after the shells: the wrapper adopts the quantized Linears
         set_module(model, name, cls(model.get_submodule(name), **kwargs))
     model.load_state_dict(tensors, strict=True)
+    model.mixq_config = meta["config"]
     return model.to(device)
+
+
+def _layer_shell(name: str, cfg: Any, modules: dict[str, nn.Module]) -> QuantLinear:
+    """An empty QuantLinear for layer ``name``'s record (today's keys: :func:`read` renamed old
+    ones), checked against the float module it replaces; load_state_dict fills it."""
+    cur = modules.get(name)
+    if not isinstance(cur, nn.Linear):
+        found = "missing" if cur is None else type(cur).__name__
+        raise CheckpointError(f"checkpoint layer {name!r} is a quantized Linear but the model has {found} there")
+    try:
+        if (cur.in_features, cur.out_features) != (cfg["in_features"], cfg["out_features"]):
+            raise CheckpointError(f"layer {name!r}: checkpoint has {cfg['in_features']}->{cfg['out_features']}, "
+                                  f"model has {cur.in_features}->{cur.out_features}")
+        shell = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["w_bits"], cfg["a_bits"],
+                            cfg["act_quant"], device="cpu", folded_norm=cfg.get("folded_norm", False),
+                            norm_eps=cfg.get("norm_eps", 1e-5), input_prescaled=cfg.get("input_prescaled", False))
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"layer {name!r} has an invalid config {cfg}: {e}") from e
+    shell.norm_module = cfg.get("norm_module", "")
+    if shell.norm_module and not isinstance(modules.get(shell.norm_module), (nn.LayerNorm, nn.Identity)):
+        raise CheckpointError(f"layer {name!r} folded LayerNorm {shell.norm_module!r}, which the model lacks")
+    return shell
 
 
 def _check_attention(records: Any, model: nn.Module) -> dict[str, tuple[type[QuantAttention], dict]]:
@@ -305,8 +352,8 @@ def _check_attention(records: Any, model: nn.Module) -> dict[str, tuple[type[Qua
         if not isinstance(ops_, list) or not ops_ or any(op not in ATTENTION_OPS for op in ops_):
             raise CheckpointError(f"attention {name!r} has an invalid config {cfg!r}: ops must be a non-empty "
                                   f"subset of {list(ATTENTION_OPS)}")
-        kwargs = dict(attn_bits=cfg["qk_bits"], pv_bits=cfg["pv_bits"], softmax_bits=cfg["softmax_bits"],
-                      softmax_quant=cfg["softmax_quant"], float_ops=tuple(op for op in ATTENTION_OPS if op not in ops_))
+        kwargs = dict(qk_bits=cfg["qk_bits"], v_bits=cfg["v_bits"], p_bits=cfg["p_bits"], p_grid=cfg["p_grid"],
+                      float_ops=tuple(op for op in ATTENTION_OPS if op not in ops_))
         try:
             probe = cls(cur, **kwargs)  # references cur's submodules, changes nothing
         except NotImplementedError as e:

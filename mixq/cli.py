@@ -167,8 +167,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import mixq
 
+    from dataclasses import replace
+
     from .alloc import InfeasibleBudgetError, allocate
     from .checkpoint import attention_configs, layer_configs
+    from .config import AttentionConfig, LinearConfig, QuantConfig
     from .eval.quantized import bits_summary
     from collections import Counter
 
@@ -195,9 +198,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         model = adapter.build()
         calib = adapter.calibration_batches(args.n_calib)
+        linear = LinearConfig(act_quant=args.act, weight_method=args.weights, fold_layernorm=args.fold_layernorm)
         if args.uniform:
-            config = mixq.QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter,
-                                      quantize_attention=args.quantize_attention)
+            config = QuantConfig(linear=replace(linear, w_bits=w, a_bits=a),
+                                 attention=AttentionConfig() if args.quantize_attention else None)
             plan = None
         else:
             try:
@@ -207,10 +211,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                 attention=args.quantize_attention)
             except InfeasibleBudgetError as e:
                 raise CliError(str(e)) from e
-            config = plan.to_config(filter_fn=adapter.quant_filter)
-        config.fold_layernorm = args.fold_layernorm
-        config.act_quant, config.weight_method = args.act, args.weights
-        mixq.quantize_(model, config, calib)
+            config = plan.to_config(linear=linear)
+        mixq.quantize_(model, config, calib, filter_fn=adapter.quant_filter)
         mixq.save(model, out / "model.safetensors", model_spec=args.model,
                   extra={"calibration": adapter.describe().calibration, "n_calib": args.n_calib})
         if plan is not None:

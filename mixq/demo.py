@@ -107,7 +107,7 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
     from .latency import compare, torch_int8_dynamic
     from .models import get_adapter
     from .modules import quantized_layers
-    from .quantize import QuantConfig
+    from .config import LinearConfig, QuantConfig
     from .report import ReportData, write_report
 
     t_start = time.perf_counter()
@@ -140,8 +140,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
               f"saliency IoU@0.5 {row.saliency.iou_05:.4f}")
 
     for w, a in UNIFORM:
-        model = mixq.quantize_(copy.deepcopy(fp), QuantConfig(w_bits=w, a_bits=a, filter_fn=adapter.quant_filter,
-                                                              fold_layernorm=True), calib)
+        model = mixq.quantize_(copy.deepcopy(fp), QuantConfig(LinearConfig(w, a, fold_layernorm=True)), calib,
+                               filter_fn=adapter.quant_filter)
         evaluate(model, f"W{w}A{a}", "uniform", w * a / 64)
 
     mixed_models = {}
@@ -153,8 +153,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
         plan = allocate(fp, calib[:n_score], budget=size_bits, bops_budget=bops_budget,
                         filter_fn=adapter.quant_filter, output_fn=adapter.output_fn)
         plan.save(out / f"plan-{label}.json")
-        model = mixq.quantize_(copy.deepcopy(fp), plan.to_config(filter_fn=adapter.quant_filter, fold_layernorm=True),
-                               calib)
+        model = mixq.quantize_(copy.deepcopy(fp), plan.to_config(linear=LinearConfig(fold_layernorm=True)), calib,
+                               filter_fn=adapter.quant_filter)
         mixq.save(model, out / f"{label}.safetensors", model_spec="dinov2-s")
         mixed_models[label] = model
         evaluate(model, label, "mixed", plan_bops_fraction(plan.layers, plan.layer_info))

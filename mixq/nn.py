@@ -10,7 +10,6 @@ same numbers with fake-quantized float tensors (useful for scoring and on device
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Optional
 
 import torch
@@ -59,15 +58,10 @@ class QuantLinear(nn.Module):
         folded_norm: bool = False,
         norm_eps: float = 1e-5,
         input_prescaled: bool = False,
-        fused_norm: Optional[bool] = None,
     ) -> None:
         """``folded_norm``: a LayerNorm is folded in (channel mode; the layer then takes the pre-norm
-        input). ``fused_norm`` is its deprecated old name."""
+        input)."""
         super().__init__()
-        if fused_norm is not None:
-            warnings.warn("QuantLinear(fused_norm=...) is deprecated; use folded_norm=", DeprecationWarning,
-                          stacklevel=2)
-            folded_norm = folded_norm or fused_norm
         formats.check_bits(w_bits, "w_bits")
         formats.check_bits(a_bits, "a_bits")
         if act_quant not in ACT_MODES:
@@ -250,16 +244,6 @@ class QuantLinear(nn.Module):
         self.norm_bias = (beta / s).to(dev)
         self.refresh()
         return self
-
-    def fuse_layernorm(self, norm: nn.LayerNorm, norm_name: str = "") -> "QuantLinear":
-        """Deprecated name of :meth:`fold_layernorm`."""
-        warnings.warn("QuantLinear.fuse_layernorm is deprecated; use fold_layernorm", DeprecationWarning, stacklevel=2)
-        return self.fold_layernorm(norm, norm_name)
-
-    @property
-    def fused_norm(self) -> bool:
-        """Deprecated name of ``folded_norm``."""
-        return self.folded_norm
 
     def prescale_producer(self, norm: nn.LayerNorm) -> "QuantLinear":
         """Fold this smooth layer's 1/s_k into the LayerNorm that feeds it (its gamma and beta), so

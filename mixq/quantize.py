@@ -1,131 +1,44 @@
-"""``quantize_(model, config, calib_data)``: replace a model's Linears with QuantLinear, in place."""
+"""``quantize_(model, config, calib_data)``: replace a model's Linears with QuantLinear, in place.
+
+The config classes live in :mod:`mixq.config`; this module runs them.
+"""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import sys
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
-from . import formats
 from .attention import (is_attention, is_supported_attention, quantized_attention, supported_attention_names,
                         unsupported_attention, wrap_attention)
+from .config import AttentionConfig, CalibrationConfig, LinearConfig, QuantConfig
 from .data import batch_to, iter_batches, model_device, run_model, tensors_in
 from .modules import FilterFn, find_linears, quantized_layers, set_module
-from .nn import ACT_MODES, WEIGHT_METHODS, QuantLinear
+from .nn import QuantLinear
 from .progress import progress_bar
 
-__all__ = ["QuantConfig", "calibrate", "find_linears", "quantize_", "quantized_layers", "set_simulate"]
+if TYPE_CHECKING:  # for the annotation only: quantize_ never imports the allocation floor
+    from .alloc.plan import Plan
+
+__all__ = ["calibrate", "find_linears", "quantize_", "quantized_layers", "set_simulate"]
 
 
-@dataclass
-class QuantConfig:
-    """What to quantize and how.
-
-    ``layer_bits`` maps module names to (w_bits, a_bits) and overrides the defaults; ``skip`` holds
-    names or fnmatch patterns kept in float. ``act_quant="auto"`` is ``"smooth"``: calibrated
-    channel factors (``smooth_alpha``) move activation outliers into the weight columns and a dynamic
-    per-token step quantizes what is left, which holds up at 4-6 bits and on images unlike the
-    calibration set (static ranges do not: see docs/DESIGN_NOTES.md). ``fold_layernorm`` folds a
-    LayerNorm that feeds only one such Linear into it: the channel factors go into its gamma and beta
-    (smooth), or the norm runs inside the quantize kernel (channel). ``weight_method="auto"`` is GPTQ
-    when calibration data is given, else round-to-nearest.
-
-    ``quantize_attention=True`` also puts the attention matmuls (QK^T, softmax.V) of every supported
-    attention module on integer codes: Q, K, V at ``attn_bits`` (default ``a_bits``), probabilities at
-    ``softmax_bits`` on the ``softmax_quant`` grid. ``attention_layer_bits`` gives per-matmul bits instead
-    (what an allocation plan's :meth:`~mixq.alloc.Plan.to_config` sets), keyed like the plan's layers:
-    ``"<attention module>.qk": (Q bits, K bits)`` (equal: Q and K share one bit-width) and
-    ``"<attention module>.pv": (P bits, V bits)``. When it is given it is the complete list: a matmul
-    it does not name stays float, and an attention module with neither entry is left as it is.
-    """
-
-    w_bits: int = 8
-    a_bits: int = 8
-    layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
-    filter_fn: Optional[FilterFn] = None
-    skip: tuple[str, ...] = ()
-    act_quant: str = "auto"
-    simulate: bool = False
-    backend: Optional[str] = None
-    max_calib_rows: int = 2048
-    batch_size: int = 8
-    seed: int = 0
-    fold_layernorm: bool = False
-    smooth_alpha: float = 0.5
-    weight_method: str = "auto"
-    quantize_attention: bool = False
-    attn_bits: Optional[int] = None
-    softmax_bits: Optional[int] = None
-    softmax_quant: str = "log2"
-    attention_layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        formats.check_bits(self.w_bits, "w_bits")
-        formats.check_bits(self.a_bits, "a_bits")
-        if self.act_quant not in ACT_MODES + ("auto",):
-            raise ValueError(f"unknown act_quant={self.act_quant!r}; allowed: {list(ACT_MODES + ('auto',))}")
-        for name, bits in self.layer_bits.items():
-            if not (isinstance(bits, (tuple, list)) and len(bits) == 2):
-                raise ValueError(f"layer_bits[{name!r}] must be a (w_bits, a_bits) pair, got {bits!r}")
-            formats.check_bits(bits[0], f"w_bits of layer {name!r}")
-            formats.check_bits(bits[1], f"a_bits of layer {name!r}")
-        if self.weight_method not in WEIGHT_METHODS + ("auto",):
-            raise ValueError(f"unknown weight_method={self.weight_method!r}; allowed: {list(WEIGHT_METHODS + ('auto',))}")
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
-        if self.max_calib_rows < 1:
-            raise ValueError(f"max_calib_rows must be >= 1, got {self.max_calib_rows}")
-        if not isinstance(self.quantize_attention, bool):
-            raise TypeError(f"quantize_attention must be True or False, got {self.quantize_attention!r}")
-        if self.attn_bits is not None:
-            formats.check_bits(self.attn_bits, "attn_bits")
-        if self.softmax_bits is not None:
-            formats.check_bits(self.softmax_bits, "softmax_bits")
-        formats.check_p_grid(self.softmax_quant)
-        self._check_attention_layer_bits()
-        self.skip = tuple(self.skip)
-
-    def _check_attention_layer_bits(self) -> None:
-        if not isinstance(self.attention_layer_bits, dict):
-            raise TypeError(f"attention_layer_bits must be a dict '<attention module>.qk'/'.pv' -> (bits, bits), "
-                            f"got {type(self.attention_layer_bits).__name__}")
-        if self.attention_layer_bits and not self.quantize_attention:
-            raise ValueError("attention_layer_bits is given but quantize_attention=False: set quantize_attention=True "
-                             "to quantize the attention matmuls it lists")
-        for name, bits in self.attention_layer_bits.items():
-            module, _, op = str(name).rpartition(".")
-            if not module or op not in ("qk", "pv"):
-                raise ValueError(f"attention_layer_bits key {name!r} does not name an attention matmul: use "
-                                 "'<attention module>.qk' (Q, K bits) or '<attention module>.pv' (P, V bits)")
-            first, second = ("Q", "K") if op == "qk" else ("P", "V")
-            if not (isinstance(bits, (tuple, list)) and len(bits) == 2):
-                raise ValueError(f"attention_layer_bits[{name!r}] must be a ({first} bits, {second} bits) pair, got {bits!r}")
-            formats.check_bits(bits[0], f"{first} bits of {name!r}")
-            formats.check_bits(bits[1], f"{second} bits of {name!r}")
-            if op == "qk" and int(bits[0]) != int(bits[1]):
-                raise ValueError(f"attention_layer_bits[{name!r}] = {tuple(bits)}: Q and K share one bit-width (one "
-                                 "dynamic step rule for both), so the pair must be equal, e.g. (6, 6)")
-
-    def attention_bits(self) -> tuple[int, int]:
-        """(bits of Q, K, V; bits of the softmax probabilities) when quantize_attention is on."""
-        a = int(self.a_bits if self.attn_bits is None else self.attn_bits)
-        return a, int(a if self.softmax_bits is None else self.softmax_bits)
-
-    def bits_for(self, name: str) -> tuple[int, int]:
-        w, a = self.layer_bits.get(name, (self.w_bits, self.a_bits))
-        return int(w), int(a)
+def _linear_filter(linear: LinearConfig, filter_fn: Optional[FilterFn]) -> FilterFn:
+    """The Linears the config may quantize: ``filter_fn``'s, and with ``layer_bits_only`` the listed ones."""
+    listed = linear.layer_bits if linear.layer_bits_only else None
+    return lambda name, m: (filter_fn is None or bool(filter_fn(name, m))) and (listed is None or name in listed)
 
 
-def _targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
-    linears = find_linears(model, config.filter_fn)
-    targets = {n: m for n, m in linears.items() if not any(fnmatch.fnmatchcase(n, p) for p in config.skip)}
+def _targets(model: nn.Module, linear: LinearConfig, filter_fn: Optional[FilterFn]) -> dict[str, nn.Linear]:
+    linears = find_linears(model, _linear_filter(linear, filter_fn))
+    targets = {n: m for n, m in linears.items() if not any(fnmatch.fnmatchcase(n, p) for p in linear.skip)}
     all_modules = dict(model.named_modules())
-    for name in config.layer_bits:
+    for name in linear.layer_bits:
         if name in targets:
             continue
         if name not in all_modules:
@@ -166,7 +79,7 @@ def _is_layernorm(m: nn.Module) -> bool:
 
 @torch.no_grad()
 def calibrate(
-    model: nn.Module, targets: dict[str, nn.Linear], calib_data: Any, config: QuantConfig, progress: bool = True
+    model: nn.Module, targets: dict[str, nn.Linear], calib_data: Any, config: CalibrationConfig, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Run the float model on the data; return sampled input rows per target and LayerNorm producers."""
     gen = torch.Generator().manual_seed(config.seed)
@@ -218,63 +131,79 @@ def calibrate(
     return {n: s.rows for n, s in samplers.items()}, fed_by
 
 
-def quantize_(model: nn.Module, config: Any = None, calib_data: Any = None, progress: bool = True) -> nn.Module:
+def quantize_(model: nn.Module, config: "QuantConfig | Plan | None" = None, calib_data: Any = None, *,
+              filter_fn: Optional[FilterFn] = None, progress: bool = True) -> nn.Module:
     """Replace the selected Linears of ``model`` with QuantLinear, calibrated on ``calib_data``.
 
-    ``config`` is a :class:`QuantConfig` or any object with ``to_config()`` (an allocation plan).
-    Calibration data is needed unless every layer uses dynamic activation scales.
-    Returns the same model object.
+    ``config`` is a :class:`QuantConfig` (default: ``QuantConfig()``, every Linear at W8A8) or a
+    :class:`mixq.alloc.Plan` (its :meth:`~mixq.alloc.Plan.to_config`: exactly the planned layers).
+    ``filter_fn(name, module)`` selects the Linears (and, with ``config.attention``, the attention
+    modules holding a selected Linear); None: all. Calibration data is needed unless every layer
+    uses dynamic activation scales and round-to-nearest weights. Sets ``model.mixq_config`` to the
+    config used (None when the model already held quantized layers: no one config built it), which
+    :func:`mixq.save` records. Returns the same model object.
     """
-    if config is None:
-        config = QuantConfig()
-    elif hasattr(config, "to_config"):
-        config = config.to_config()
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig or a plan with to_config(), got {type(config).__name__}")
-    targets = _targets(model, config)
+    config = _as_config(config)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a callable (name, module) -> bool or None, got {filter_fn!r}")
+    built_here = not quantized_layers(model) and not quantized_attention(model)
+    linear = config.linear
+    targets = _targets(model, linear, filter_fn)
     _check_weights(targets)
     attention: dict[str, dict] = {}
-    if config.quantize_attention:
-        attention = _planned_attention(model, config) if config.attention_layer_bits else {
-            n: {} for n in _attention_targets(model, config)}
+    if config.attention is not None:
+        attention = _planned_attention(model, config.attention) if config.attention.layer_bits else {
+            n: {} for n in _attention_targets(model, config.attention, _linear_filter(linear, filter_fn))}
     samples: dict[str, torch.Tensor] = {}
     fed_by: dict[str, str] = {}
-    weight_method = config.weight_method
+    weight_method = linear.weight_method
     if weight_method == "auto":
         weight_method = "gptq" if calib_data is not None else "rtn"
-    if config.act_quant != "dynamic" or weight_method == "gptq":
+    if linear.act_quant != "dynamic" or weight_method == "gptq":
         if calib_data is None:
-            need = f"act_quant={config.act_quant!r}" if config.act_quant != "dynamic" else "weight_method='gptq'"
+            need = f"act_quant={linear.act_quant!r}" if linear.act_quant != "dynamic" else "weight_method='gptq'"
             raise ValueError(f"{need} needs calibration data; pass calib_data")
-        samples, fed_by = calibrate(model, targets, calib_data, config, progress)
+        samples, fed_by = calibrate(model, targets, calib_data, config.calibration, progress)
+    mode = "smooth" if linear.act_quant == "auto" else linear.act_quant
     for name in progress_bar(list(targets), "quantizing", progress):
-        lin = targets[name]
-        w_bits, a_bits = config.bits_for(name)
-        mode = config.act_quant
-        if mode == "auto":
-            mode = "smooth"
-        q = QuantLinear.from_float(lin, w_bits, a_bits, act_quant=mode, act_samples=samples.get(name),
+        w_bits, a_bits = linear.bits_for(name)
+        q = QuantLinear.from_float(targets[name], w_bits, a_bits, act_quant=mode, act_samples=samples.get(name),
                                    simulate=config.simulate, backend=config.backend,
-                                   smooth_alpha=config.smooth_alpha, weight_method=weight_method)
+                                   smooth_alpha=linear.smooth_alpha, weight_method=weight_method)
         set_module(model, name, q)
-    if config.fold_layernorm and fed_by:
-        check = batch_to(next(iter_batches(calib_data, config.batch_size)), model_device(model))
+    if linear.fold_layernorm and fed_by:
+        check = batch_to(next(iter_batches(calib_data, config.calibration.batch_size)), model_device(model))
         _fold_layernorms(model, fed_by, check)
-    attn_bits, softmax_bits = config.attention_bits()
-    for name, bits in attention.items():  # after the Linears: the quantized attention keeps the (now quantized) projections
-        kw = {"attn_bits": attn_bits, "softmax_bits": softmax_bits, **bits}  # per-matmul bits of attention_layer_bits
-        set_module(model, name, wrap_attention(model.get_submodule(name), softmax_quant=config.softmax_quant,
-                                               simulate=config.simulate, backend=config.backend, **kw))
+    if config.attention is not None:  # after the Linears: the wrapper keeps the (now quantized) projections
+        qk_bits, v_bits, p_bits = config.attention.bits(linear.a_bits)
+        for name, bits in attention.items():
+            kw = {"qk_bits": qk_bits, "v_bits": v_bits, "p_bits": p_bits, **bits}  # per-matmul bits of layer_bits
+            set_module(model, name, wrap_attention(model.get_submodule(name), p_grid=config.attention.p_grid,
+                                                   simulate=config.simulate, backend=config.backend, **kw))
+    model.mixq_config = config if built_here else None
     return model
 
 
-def _planned_attention(model: nn.Module, config: QuantConfig) -> dict[str, dict]:
-    """Attention module name -> wrap_attention's bit arguments, from ``config.attention_layer_bits``; every
-    name must be a supported attention module of the model that ``skip`` does not list."""
+def _as_config(config: Any) -> QuantConfig:
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    # A Plan exists only once mixq.alloc.plan is loaded; looking it up there, not importing it, keeps
+    # this floor from reaching up to the allocation floor.
+    plan_module = sys.modules.get("mixq.alloc.plan")
+    if plan_module is not None and isinstance(config, plan_module.Plan):
+        return config.to_config()
+    raise TypeError(f"config must be a mixq.QuantConfig or a mixq.Plan, got {type(config).__name__}")
+
+
+def _planned_attention(model: nn.Module, config: AttentionConfig) -> dict[str, dict]:
+    """Attention module name -> wrap_attention's bit arguments, from ``config.layer_bits``; every
+    name must be a supported attention module of the model that ``config.skip`` does not list."""
     per_module: dict[str, dict[str, tuple[int, int]]] = {}
-    for key, bits in config.attention_layer_bits.items():
+    for key, bits in config.layer_bits.items():
         module, _, op = key.rpartition(".")
-        per_module.setdefault(module, {})[op] = (int(bits[0]), int(bits[1]))
+        per_module.setdefault(module, {})[op] = bits
     modules = dict(model.named_modules())
     out: dict[str, dict] = {}
     for name, ops_bits in per_module.items():
@@ -283,35 +212,35 @@ def _planned_attention(model: nn.Module, config: QuantConfig) -> dict[str, dict]
             known = [n for n, mod in modules.items() if is_supported_attention(mod)]
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"; did you mean {[c + '.' + next(iter(ops_bits)) for c in close]}?" if close else ""
-            raise KeyError(f"attention_layer_bits names {name + '.' + next(iter(ops_bits))!r}, but the model has no module "
-                           f"{name!r}{hint}")
+            raise KeyError(f"AttentionConfig.layer_bits names {name + '.' + next(iter(ops_bits))!r}, but the model "
+                           f"has no module {name!r}{hint}")
         if not is_supported_attention(m):
-            raise KeyError(f"attention_layer_bits names {name!r} ({type(m).__module__}.{type(m).__name__}), which is not "
-                           f"an attention module mixq can quantize (supported: {', '.join(supported_attention_names())})")
+            raise KeyError(f"AttentionConfig.layer_bits names {name!r} ({type(m).__module__}.{type(m).__name__}), "
+                           "which is not an attention module mixq can quantize (supported: "
+                           f"{', '.join(supported_attention_names())})")
         if any(fnmatch.fnmatchcase(name, p) for p in config.skip):
-            raise ValueError(f"attention_layer_bits names {name!r}, which skip keeps float; remove one or the other")
+            raise ValueError(f"AttentionConfig.layer_bits names {name!r}, which AttentionConfig.skip keeps float; "
+                             "remove one or the other")
         kw: dict = {"float_ops": tuple(op for op in ("qk", "pv") if op not in ops_bits)}
         if "qk" in ops_bits:
-            kw["attn_bits"] = ops_bits["qk"][0]
+            kw["qk_bits"] = ops_bits["qk"][0]
         if "pv" in ops_bits:
-            kw["softmax_bits"], kw["pv_bits"] = ops_bits["pv"]
+            kw["p_bits"], kw["v_bits"] = ops_bits["pv"]
         out[name] = kw
     return out
 
 
-def _attention_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
-    """The attention modules quantize_attention replaces; refuses, naming them, the ones it cannot.
+def _attention_targets(model: nn.Module, config: AttentionConfig, linear_filter: FilterFn) -> dict[str, nn.Module]:
+    """The attention modules ``config`` quantizes; refuses, naming them, the ones it cannot.
 
-    An attention module is a target unless ``skip`` matches its name or ``filter_fn`` selects none of
-    its own Linears (so a filter that quantizes the SAM image encoder alone leaves the decoder's
-    attention float, and does not refuse a kind that the filter never reaches)."""
+    An attention module is a target unless ``config.skip`` matches its name or ``linear_filter``
+    selects none of its own Linears (so a filter that quantizes the SAM image encoder alone leaves
+    the decoder's attention float, and does not refuse a kind that the filter never reaches)."""
     def selected(name: str, m: nn.Module) -> bool:
         if any(fnmatch.fnmatchcase(name, p) for p in config.skip):
             return False
-        if config.filter_fn is None:
-            return True
         prefix = f"{name}." if name else ""
-        return any(isinstance(sub, nn.Linear) and config.filter_fn(prefix + sub_name, sub)
+        return any(isinstance(sub, nn.Linear) and linear_filter(prefix + sub_name, sub)
                    for sub_name, sub in m.named_modules() if sub_name)
 
     modules = dict(model.named_modules())
@@ -319,13 +248,13 @@ def _attention_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Mo
     if bad:
         first = next(iter(bad))
         raise NotImplementedError(
-            f"quantize_attention=True: {len(bad)} attention module(s) of a kind mixq cannot quantize "
+            f"QuantConfig.attention is set: {len(bad)} attention module(s) of a kind mixq cannot quantize "
             f"({first!r} is {bad[first]}; supported: {', '.join(supported_attention_names())}); "
-            "list them in skip to keep them float, or set quantize_attention=False")
+            "list them in AttentionConfig.skip to keep them float, or leave QuantConfig.attention None")
     found = {n: m for n, m in modules.items() if is_supported_attention(m) and selected(n, m)}
     if not found and not quantized_attention(model) and not any(is_attention(m) for m in model.modules()):
-        raise ValueError("quantize_attention=True but the model has no attention module: nothing for the "
-                         "flag to quantize; set quantize_attention=False")
+        raise ValueError("QuantConfig.attention is set but the model has no attention module: nothing for it to "
+                         "quantize; leave QuantConfig.attention None")
     return found
 
 

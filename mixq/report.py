@@ -456,7 +456,7 @@ def rows_from_attention_configs(attention: dict[str, dict]) -> list[LayerRow]:
     rows = []
     for module, entry in attention.items():
         c = entry.get("config", entry)
-        bits = {"qk": (c["qk_bits"], c["qk_bits"]), "pv": (c["softmax_bits"], c["pv_bits"])}
+        bits = {"qk": (c["qk_bits"], c["qk_bits"]), "pv": (c["p_bits"], c["v_bits"])}
         for op in c.get("ops", ("qk", "pv")):
             rows.append(LayerRow(f"{module}.{op}", int(bits[op][0]), int(bits[op][1]), op=op))
     return rows

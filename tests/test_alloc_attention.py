@@ -11,7 +11,7 @@ from torch import nn
 import mixq
 from mixq.alloc import AllocationProblem, InfeasibleBudgetError, Plan, solve_plan
 from mixq.attention import quantized_attention
-from mixq.quantize import QuantConfig
+from mixq.config import AttentionConfig, LinearConfig, QuantConfig
 from mixq.scores.inventory import build_inventory
 
 timm = pytest.importorskip("timm")
@@ -102,14 +102,15 @@ def test_plan_with_attention_roundtrips_and_quantizes_as_planned(tmp_path):
     assert "p_bits" in d["layers"]["blocks.1.attn.pv"] and "w_bits" not in d["layers"]["blocks.1.attn.pv"]
     again = Plan.load(tmp_path / "plan.json")
     assert again == plan
-    config = again.to_config(act_quant="dynamic", weight_method="rtn")
-    assert config.quantize_attention and config.attention_layer_bits == att
+    config = again.to_config(linear=LinearConfig(act_quant="dynamic", weight_method="rtn"))
+    assert config.attention.layer_bits == att and config.linear.layer_bits == plan.linear_layers
+    assert config.linear.layer_bits_only and config.linear.act_quant == "dynamic"
     q = mixq.quantize_(model, config, progress=False)
     for name, m in quantized_attention(q).items():
         c = m.layer_config()
-        assert c["ops"] == ["qk", "pv"] and c["softmax_quant"] == plan.softmax_quant == "log2"
+        assert c["ops"] == ["qk", "pv"] and c["p_grid"] == plan.p_grid == "log2"
         assert (c["qk_bits"], c["qk_bits"]) == att[f"{name}.qk"]
-        assert (c["softmax_bits"], c["pv_bits"]) == att[f"{name}.pv"]
+        assert (c["p_bits"], c["v_bits"]) == att[f"{name}.pv"]
     assert set(quantized_attention(q)) == {f"blocks.{b}.attn" for b in range(DEPTH)}
     with torch.no_grad():
         assert torch.isfinite(q(_x(2))).all()
@@ -131,13 +132,13 @@ def test_plan_with_attention_roundtrips_and_quantizes_as_planned(tmp_path):
 
 def test_config_quantizes_only_the_listed_matmuls():
     model = _vit()
-    cfg = QuantConfig(act_quant="dynamic", weight_method="rtn", quantize_attention=True,
-                      attention_layer_bits={"blocks.0.attn.pv": (4, 6)})
+    cfg = QuantConfig(LinearConfig(act_quant="dynamic", weight_method="rtn"),
+                      AttentionConfig(layer_bits={"blocks.0.attn.pv": (4, 6)}))
     q = mixq.quantize_(model, cfg, progress=False)
     att = quantized_attention(q)
     assert list(att) == ["blocks.0.attn"]
     c = att["blocks.0.attn"].layer_config()
-    assert c["ops"] == ["pv"] and (c["softmax_bits"], c["pv_bits"]) == (4, 6)
+    assert c["ops"] == ["pv"] and (c["p_bits"], c["v_bits"]) == (4, 6)
 
 
 @pytest.mark.parametrize("bits, match", [
@@ -148,17 +149,17 @@ def test_config_quantizes_only_the_listed_matmuls():
 ])
 def test_bad_attention_layer_bits_are_refused(bits, match):
     with pytest.raises(ValueError, match=match):
-        QuantConfig(quantize_attention=True, attention_layer_bits=bits)
+        AttentionConfig(layer_bits=bits)
 
 
-def test_attention_layer_bits_need_the_flag_and_real_modules():
-    with pytest.raises(ValueError, match="quantize_attention=True"):
-        QuantConfig(attention_layer_bits={"blocks.0.attn.qk": (8, 8)})
-    cfg = dict(act_quant="dynamic", weight_method="rtn", quantize_attention=True)
+def test_attention_layer_bits_need_real_modules():
+    def config(bits):
+        return QuantConfig(LinearConfig(act_quant="dynamic", weight_method="rtn"), AttentionConfig(layer_bits=bits))
+
     with pytest.raises(KeyError, match="did you mean"):
-        mixq.quantize_(_vit(), QuantConfig(**cfg, attention_layer_bits={"blocks.0.atn.qk": (8, 8)}), progress=False)
+        mixq.quantize_(_vit(), config({"blocks.0.atn.qk": (8, 8)}), progress=False)
     with pytest.raises(KeyError, match="not an attention module"):
-        mixq.quantize_(_vit(), QuantConfig(**cfg, attention_layer_bits={"blocks.0.mlp.qk": (8, 8)}), progress=False)
+        mixq.quantize_(_vit(), config({"blocks.0.mlp.qk": (8, 8)}), progress=False)
 
 
 def test_size_budget_unchanged_by_attention():

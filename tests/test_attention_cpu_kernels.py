@@ -275,9 +275,9 @@ def test_bad_inputs_raise_clear_errors():
 # ----------------------------------------------------------------------------- the module
 
 
-@pytest.mark.parametrize("attn_bits,softmax_bits,kind", [(8, 8, "log2"), (4, 6, "log2"), (6, 4, "uniform"),
+@pytest.mark.parametrize("qk_bits,p_bits,p_grid", [(8, 8, "log2"), (4, 6, "log2"), (6, 4, "uniform"),
                                                           (8, 8, "uniform")])
-def test_quant_attention_in_vit_cpu_equals_reference_and_simulation(attn_bits, softmax_bits, kind):
+def test_quant_attention_in_vit_cpu_equals_reference_and_simulation(qk_bits, p_bits, p_grid):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
@@ -292,7 +292,7 @@ def test_quant_attention_in_vit_cpu_equals_reference_and_simulation(attn_bits, s
 
         m = copy.deepcopy(model)
         for blk in m.blocks:
-            blk.attn = QuantAttention(blk.attn, attn_bits, softmax_bits, kind, **kw)
+            blk.attn = QuantAttention(blk.attn, qk_bits, p_bits=p_bits, p_grid=p_grid, **kw)
         with torch.no_grad():
             return m(x)
 

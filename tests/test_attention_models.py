@@ -15,7 +15,8 @@ from mixq.attention import (QuantAttention, QuantSamAttention, QuantSamDecoderAt
                             is_supported_attention, quantized_attention, wrap_attention)
 from mixq.backends import available_backends
 from mixq.checkpoint import CheckpointError, read
-from mixq.quantize import QuantConfig, quantize_, set_simulate
+from mixq.config import AttentionConfig, LinearConfig, QuantConfig
+from mixq.quantize import quantize_, set_simulate
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("segment_anything")
@@ -205,11 +206,11 @@ def test_module_matches_float64_fake_quant_simulation_and_backends(case, bits, k
     attn, args, kw = CASES[case](bits)
     with torch.no_grad():
         ref = _float64_reference(case, attn, args, kw, bits, kind)
-        qa = wrap_attention(attn, bits, softmax_quant=kind, backend="reference")
+        qa = wrap_attention(attn, bits, p_grid=kind, backend="reference")
         out = qa(*args, **kw)
         assert torch.equal(qa.set_simulate(True)(*args, **kw), out)
         for backend in available_backends("cpu"):  # cpu (native kernels or its reference fallback)
-            assert torch.equal(wrap_attention(attn, bits, softmax_quant=kind, backend=backend)(*args, **kw), out)
+            assert torch.equal(wrap_attention(attn, bits, p_grid=kind, backend=backend)(*args, **kw), out)
     # float rounding only: an ulp-moved score can flip one probability code, allow rare such elements
     err = (out - ref).abs()
     assert (err > 1e-4 * ref.abs().max()).float().mean() < 0.02, float(err.max())
@@ -220,9 +221,9 @@ def test_module_matches_float64_fake_quant_simulation_and_backends(case, bits, k
 def test_mixed_bits_and_float_ops(case):
     attn, args, kw = CASES[case](3)
     with torch.no_grad():
-        full = wrap_attention(attn, 8, pv_bits=4)(*args, **kw)
+        full = wrap_attention(attn, 8, v_bits=4)(*args, **kw)
         for float_op in ("qk", "pv"):
-            qa = wrap_attention(attn, 8, pv_bits=4, float_ops=(float_op,))
+            qa = wrap_attention(attn, 8, v_bits=4, float_ops=(float_op,))
             out = qa(*args, **kw)
             assert torch.equal(qa.set_simulate(True)(*args, **kw), out)
             assert not torch.equal(out, full)
@@ -252,7 +253,7 @@ def test_close_to_float_at_8_bits(case, kind):
     attn, args, kw = CASES[case](7)
     with torch.no_grad():
         fp = attn(*args, **kw)
-        out = wrap_attention(attn, 8, softmax_quant=kind)(*args, **kw)
+        out = wrap_attention(attn, 8, p_grid=kind)(*args, **kw)
     rel = float((out - fp).norm() / fp.norm())
     assert rel < CLOSE_AT_8[kind], rel
 
@@ -260,10 +261,10 @@ def test_close_to_float_at_8_bits(case, kind):
 # ----------------------------------------------------------------------------- whole models
 
 
-def _quantized(model: nn.Module, **kw) -> nn.Module:
-    cfg = dict(act_quant="dynamic", weight_method="rtn", quantize_attention=True)
-    cfg.update(kw)
-    return quantize_(model, QuantConfig(**cfg), progress=False)
+def _quantized(model: nn.Module, attention: AttentionConfig = AttentionConfig(), backend=None,
+               filter_fn=None) -> nn.Module:
+    config = QuantConfig(LinearConfig(act_quant="dynamic", weight_method="rtn"), attention, backend=backend)
+    return quantize_(model, config, filter_fn=filter_fn, progress=False)
 
 
 MODELS = {
@@ -293,7 +294,8 @@ def test_model_quantize_forward_save_load(name, tmp_path):
     model, x = build(0), inputs()
     fp = _run(model, x)
     heavy = name == "deit_s"  # 22M weights: one quantization only (the backends are compared on the others)
-    q = _quantized(model if heavy else copy.deepcopy(model), attn_bits=8, backend=None if heavy else "reference")
+    q = _quantized(model if heavy else copy.deepcopy(model), AttentionConfig(qk_bits=8),
+                   backend=None if heavy else "reference")
     assert _kinds(q) == kinds
     out = _run(q, x)
     assert torch.equal(_run(set_simulate(q, True), x), out)
@@ -301,7 +303,7 @@ def test_model_quantize_forward_save_load(name, tmp_path):
     # random weights: near-uniform attention, where the log2 grid costs most (see DESIGN_NOTES)
     assert float((out - fp).norm() / fp.norm()) < 0.3
     for backend in [] if heavy else available_backends("cpu"):
-        assert torch.equal(_run(_quantized(copy.deepcopy(model), attn_bits=8, backend=backend), x), out)
+        assert torch.equal(_run(_quantized(copy.deepcopy(model), AttentionConfig(qk_bits=8), backend=backend), x), out)
     path = mixq.save(q, tmp_path / f"{name}.safetensors")
     _, meta = read(path)
     assert meta["format_version"] == "3"
@@ -325,12 +327,12 @@ def test_swin_model_exercises_the_shift_mask():
 def test_mixed_per_matmul_bits_round_trip(tmp_path):
     """Per-module settings, as an allocator would set them, survive save/load."""
     model, x = _tiny_sam(), _sam_inputs()
-    q = quantize_(model, QuantConfig(act_quant="dynamic", weight_method="rtn"), progress=False)
+    q = quantize_(model, QuantConfig(LinearConfig(act_quant="dynamic", weight_method="rtn")), progress=False)
     names = [n for n, m in q.named_modules() if is_supported_attention(m)]
     assert len(names) == 6
     for i, n in enumerate(names):
-        q.set_submodule(n, wrap_attention(q.get_submodule(n), (4, 6, 8)[i % 3], pv_bits=(8, 4, 6)[i % 3],
-                                          softmax_quant=("log2", "uniform")[i % 2],
+        q.set_submodule(n, wrap_attention(q.get_submodule(n), (4, 6, 8)[i % 3], v_bits=(8, 4, 6)[i % 3],
+                                          p_grid=("log2", "uniform")[i % 2],
                                           float_ops=((), ("qk",), ("pv",))[i % 3]))
     out = _run(q, x)
     loaded = mixq.load(mixq.save(q, tmp_path / "m.safetensors"), _tiny_sam(2))
@@ -346,7 +348,7 @@ def test_sam_encoder_alone_by_filter_or_skip():
     enc_only = lambda n, m: isinstance(m, nn.Linear) and n.startswith("image_encoder.blocks.")  # noqa: E731
     q = _quantized(_tiny_sam(), filter_fn=enc_only)
     assert _kinds(q) == {QuantSamAttention: 2}
-    q = _quantized(_tiny_sam(), skip=("mask_decoder.*",))
+    q = _quantized(_tiny_sam(), AttentionConfig(skip=("mask_decoder.*",)))
     assert _kinds(q) == {QuantSamAttention: 2}
     q = _quantized(_tiny_sam(), filter_fn=lambda n, m: adapter_filter(None, n, m))
     assert _kinds(q) == {QuantSamAttention: 2, QuantSamDecoderAttention: 4}
@@ -391,8 +393,9 @@ def _edited(records, name, **cfg_changes):
 @pytest.mark.parametrize("change, match", [
     (dict(kind="timm_flash"), r"kind 'timm_flash'.*known kinds: \['sam_decoder', 'sam_encoder', 'timm_swin'"),
     (dict(kind="timm_swin"), r"is timm_swin .*WindowAttention\) but the model has timm\S*\.Attention there"),
-    (dict(qk_bits=5), r"invalid config .*attn_bits=5"),
-    (dict(softmax_quant="log_sqrt2"), r"invalid config .*p_grid='log_sqrt2'"),
+    (dict(qk_bits=5), r"invalid config .*qk_bits=5"),
+    (dict(p_grid="log_sqrt2"), r"invalid config .*p_grid='log_sqrt2'"),
+    (dict(softmax_quant="log2"), r"has both 'softmax_quant' and 'p_grid', the old and the new name"),
     (dict(ops=[]), r"ops must be a non-empty subset"),
     (dict(ops=["pv", "qk"]), r"does not round-trip"),
 ])
@@ -418,14 +421,14 @@ def test_load_refuses_attention_at_a_missing_or_wrong_module(deit_file, tmp_path
 
 def test_version_2_files_are_unchanged_and_cannot_carry_attention(deit_file, tmp_path):
     model, path, records = deit_file
-    plain = mixq.save(quantize_(copy.deepcopy(model), QuantConfig(act_quant="dynamic", weight_method="rtn"),
-                                progress=False), tmp_path / "plain.safetensors")
-    _, meta = read(plain)  # a model without quantized attention: the version-2 file of before
+    linear_only = QuantConfig(LinearConfig(act_quant="dynamic", weight_method="rtn"))
+    plain = mixq.save(quantize_(copy.deepcopy(model), linear_only, progress=False), tmp_path / "plain.safetensors")
+    _, meta = read(plain)  # a model without quantized attention: the version-2 file of before, plus its config
     assert meta["format_version"] == "2" and meta["attention"] == {}
     from safetensors import safe_open
 
     with safe_open(str(plain), framework="pt") as f:
-        assert sorted(f.metadata()) == ["extra", "format", "format_version", "layers", "mixq_version",
+        assert sorted(f.metadata()) == ["config", "extra", "format", "format_version", "layers", "mixq_version",
                                         "model_spec", "sha256"]
     assert not quantized_attention(mixq.load(plain, copy.deepcopy(model)))
     bad = tmp_path / "v2attn.safetensors"

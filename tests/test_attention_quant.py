@@ -10,9 +10,11 @@ from torch import nn
 from mixq import formats, ops
 from mixq.attention import QuantAttention, quantized_attention, wrap_attention
 from mixq.backends import available_backends
-from mixq.quantize import QuantConfig, quantize_, set_simulate
+from mixq.config import AttentionConfig, LinearConfig, QuantConfig
+from mixq.quantize import quantize_, set_simulate
 
 timm = pytest.importorskip("timm")
+_DYNAMIC = LinearConfig(act_quant="dynamic", weight_method="rtn")
 
 BITS = (4, 6, 8)
 # (batch, heads, N query tokens, M key tokens, head dim): odd sizes on purpose
@@ -61,15 +63,17 @@ def test_uniform_codes_match_float64(bits):
     assert (v - p.to(torch.float64)).abs().max() <= 0.5 / lim + 1e-7
 
 
-def test_softmax_quant_names_are_checked():
+def test_grid_and_bit_names_are_checked():
     with pytest.raises(ValueError, match="p_grid='log'.*log2"):
         formats.quantize_probs(torch.rand(3), 8, "log")
-    with pytest.raises(ValueError, match="softmax_bits=5"):
-        QuantConfig(quantize_attention=True, softmax_bits=5)
-    with pytest.raises(ValueError, match="attn_bits=3"):
-        QuantConfig(quantize_attention=True, attn_bits=3)
-    with pytest.raises(ValueError, match="p_grid"):
-        QuantConfig(quantize_attention=True, softmax_quant="log_sqrt2")
+    with pytest.raises(ValueError, match="p_bits=5"):
+        AttentionConfig(p_bits=5)
+    with pytest.raises(ValueError, match="qk_bits=3"):
+        AttentionConfig(qk_bits=3)
+    with pytest.raises(ValueError, match="v_bits=7"):
+        AttentionConfig(v_bits=7)
+    with pytest.raises(ValueError, match="unknown probability grid p_grid='log_sqrt2'"):
+        AttentionConfig(p_grid="log_sqrt2")
 
 
 # ----------------------------------------------------------------------------- ops, fuzzed
@@ -169,7 +173,7 @@ def test_module_matches_float64_fake_quant_and_simulation(bits, kind):
     x = torch.randn(2, 11, 48)
     with torch.no_grad():
         ref = _float64_attention(attn, x, bits, bits, kind)
-        qa = QuantAttention(attn, bits, softmax_quant=kind)
+        qa = QuantAttention(attn, bits, p_grid=kind)
         out = qa(x)
         sim = qa.set_simulate(True)(x)
     assert torch.equal(out, sim)
@@ -203,9 +207,9 @@ def test_deit_tiny_end_to_end(tmp_path):
     with torch.no_grad():
         fp = model(x)
 
-    def run(**kw):
-        m = quantize_(copy.deepcopy(model), QuantConfig(act_quant="dynamic", weight_method="rtn", **kw),
-                      progress=False)
+    def run(attention=None):
+        m = quantize_(copy.deepcopy(model), QuantConfig(LinearConfig(act_quant="dynamic", weight_method="rtn"),
+                                                        attention), progress=False)
         with torch.no_grad():
             return m, m(x)
 
@@ -213,9 +217,10 @@ def test_deit_tiny_end_to_end(tmp_path):
     assert quantized_attention(lin) == {}  # default off: every existing result unchanged
     rel = {}
     for bits in (8, 4):
-        m, out = run(quantize_attention=True, attn_bits=bits)
+        m, out = run(AttentionConfig(qk_bits=bits))
         assert len(quantized_attention(m)) == 12
-        assert all(a.softmax_quant == "log2" and a.attn_bits == bits for a in quantized_attention(m).values())
+        assert all((a.p_grid, a.qk_bits, a.v_bits, a.p_bits) == ("log2", bits, bits, bits)
+                   for a in quantized_attention(m).values())
         rel[bits] = float((out - fp).norm() / fp.norm())
         assert not torch.equal(out, out_lin)  # the attention matmuls really are quantized
         path = mixq.save(m, tmp_path / f"deit{bits}.safetensors")  # the checkpoint records the attention
@@ -234,8 +239,7 @@ def test_deit_tiny_end_to_end(tmp_path):
 
 def test_compile_fullgraph_traces_quantized_attention():
     model = _deit(depth=2)
-    quantize_(model, QuantConfig(act_quant="dynamic", weight_method="rtn", quantize_attention=True, attn_bits=6),
-              progress=False)
+    quantize_(model, QuantConfig(_DYNAMIC, AttentionConfig(qk_bits=6)), progress=False)
     x = torch.randn(1, 3, 224, 224)
     graphs = []
 
@@ -253,8 +257,7 @@ def test_compile_fullgraph_traces_quantized_attention():
 
 def test_skip_keeps_attention_float():
     model = _deit(depth=2)
-    quantize_(model, QuantConfig(act_quant="dynamic", weight_method="rtn", quantize_attention=True,
-                                 skip=("blocks.1.attn",)), progress=False)
+    quantize_(model, QuantConfig(_DYNAMIC, AttentionConfig(skip=("blocks.1.attn",))), progress=False)
     assert list(quantized_attention(model)) == ["blocks.0.attn"]
 
 
@@ -275,23 +278,24 @@ class _MHA(nn.Module):
 def test_unsupported_attention_is_refused_by_name(cls, name, kind):
     model = cls()
     with pytest.raises(NotImplementedError, match=rf"'{name}' is .*{kind}.*supported: timm"):
-        quantize_(model, QuantConfig(act_quant="dynamic", quantize_attention=True), progress=False)
+        quantize_(model, QuantConfig(LinearConfig(act_quant="dynamic"), AttentionConfig()), progress=False)
     assert isinstance(model.head, nn.Linear)  # refused before anything was replaced
     with pytest.raises(NotImplementedError, match=rf"{kind}; supported: .*WindowAttention"):
         wrap_attention(model.get_submodule(name), 8)
     # a filter_fn that selects none of the module's Linears leaves it float, unrefused
-    kept = quantize_(cls(), QuantConfig(act_quant="dynamic", quantize_attention=True,
-                                        filter_fn=lambda n, m: n == "head"), progress=False)
+    kept = quantize_(cls(), QuantConfig(LinearConfig(act_quant="dynamic"), AttentionConfig()),
+                     filter_fn=lambda n, m: n == "head", progress=False)
     assert type(kept.get_submodule(name)).__name__ == kind
-    # skip keeps it float on purpose; without the flag nothing is checked
-    kept = quantize_(cls(), QuantConfig(act_quant="dynamic", quantize_attention=True, skip=(name,)), progress=False)
+    # skip keeps it float on purpose; without an attention part nothing is checked
+    kept = quantize_(cls(), QuantConfig(LinearConfig(act_quant="dynamic"), AttentionConfig(skip=(name,))),
+                     progress=False)
     assert type(kept.get_submodule(name)).__name__ == kind
-    quantize_(cls(), QuantConfig(act_quant="dynamic"), progress=False)
+    quantize_(cls(), QuantConfig(LinearConfig(act_quant="dynamic")), progress=False)
 
 
 def test_no_attention_to_quantize_is_an_error():  # the flag would silently do nothing
     with pytest.raises(ValueError, match="no attention module"):
-        quantize_(nn.Sequential(nn.Linear(4, 4)), QuantConfig(act_quant="dynamic", quantize_attention=True),
+        quantize_(nn.Sequential(nn.Linear(4, 4)), QuantConfig(LinearConfig(act_quant="dynamic"), AttentionConfig()),
                   progress=False)
 
 
@@ -310,7 +314,7 @@ def test_dinov2_architecture_with_smooth_linears_and_folding():
     calib, x = torch.randn(4, 3, 56, 56), torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         fp = model(x)
-    quantize_(model, QuantConfig(quantize_attention=True, fold_layernorm=True), calib, progress=False)
+    quantize_(model, QuantConfig(LinearConfig(fold_layernorm=True), AttentionConfig()), calib, progress=False)
     assert sorted(quantized_attention(model)) == ["backbone.vit.blocks.0.attn", "backbone.vit.blocks.1.attn"]
     with torch.no_grad():
         out = model(x)
@@ -336,24 +340,37 @@ def test_masks_mean_what_timm_means():
 # ----------------------------------------------------------------------------- the phase-2 interface
 
 
-def test_interface_keeps_phase1_calls_and_reports_per_matmul_bits():
+def test_interface_names_each_operand_and_reports_per_matmul_bits():
     from timm.models.vision_transformer import Attention
 
     attn = Attention(dim=32, num_heads=2)
-    qa = QuantAttention(attn, 6, None, "uniform", False, "reference")  # phase 1's positional form
-    assert (qa.attn_bits, qa.qk_bits, qa.pv_bits, qa.softmax_bits) == (6, 6, 6, 6)
-    assert qa.layer_config() == {"ops": ["qk", "pv"], "qk_bits": 6, "pv_bits": 6, "softmax_bits": 6,
-                                 "softmax_quant": "uniform"}
-    qa = QuantAttention(attn, 8, pv_bits=4)  # softmax_bits follows pv_bits
-    assert (qa.qk_bits, qa.pv_bits, qa.softmax_bits) == (8, 4, 4)
-    qa = wrap_attention(attn, 4, 8, pv_bits=6, float_ops=["qk"])
+    qa = QuantAttention(attn, 6, p_grid="uniform", backend="reference")
+    assert (qa.qk_bits, qa.v_bits, qa.p_bits, qa.p_grid) == (6, 6, 6, "uniform")
+    assert qa.layer_config() == {"ops": ["qk", "pv"], "qk_bits": 6, "v_bits": 6, "p_bits": 6, "p_grid": "uniform"}
+    qa = QuantAttention(attn, 8, v_bits=4)  # p_bits follows v_bits
+    assert (qa.qk_bits, qa.v_bits, qa.p_bits) == (8, 4, 4)
+    qa = wrap_attention(attn, 4, p_bits=8, v_bits=6, float_ops=["qk"])
     assert type(qa) is QuantAttention
-    assert qa.layer_config() == {"ops": ["pv"], "qk_bits": 4, "pv_bits": 6, "softmax_bits": 8,
-                                 "softmax_quant": "log2"}
+    assert qa.layer_config() == {"ops": ["pv"], "qk_bits": 4, "v_bits": 6, "p_bits": 8, "p_grid": "log2"}
+
+
+@pytest.mark.parametrize("old, new", [("attn_bits", "qk_bits"), ("pv_bits", "v_bits"), ("softmax_bits", "p_bits"),
+                                      ("softmax_quant", "p_grid")])
+def test_the_old_keywords_fail_naming_the_new_ones(old, new):
+    from timm.models.vision_transformer import Attention
+
+    value = "log2" if old == "softmax_quant" else 8
+    for make in (QuantAttention, wrap_attention):
+        with pytest.raises(TypeError, match=f"{old}= is now {new}="):
+            make(Attention(dim=16, num_heads=2), **{old: value})
+    with pytest.raises(TypeError, match="positional"):  # the old positional (bits, softmax_bits, ...) form
+        QuantAttention(Attention(dim=16, num_heads=2), 6, None, "uniform")
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    (dict(pv_bits=5), ValueError, "pv_bits=5"),
+    (dict(v_bits=5), ValueError, "v_bits=5"),
+    (dict(p_bits=2), ValueError, "p_bits=2"),
+    (dict(p_grid="log10"), ValueError, "unknown probability grid p_grid='log10'"),
     (dict(float_ops="qk"), TypeError, "float_ops must be a tuple"),
     (dict(float_ops=("qk", "softmax")), ValueError, r"unknown op\(s\) \['softmax'\]"),
     (dict(float_ops=("pv", "qk")), ValueError, "nothing is left to quantize"),
@@ -365,7 +382,7 @@ def test_interface_validates_its_arguments(kwargs, err, match):
 
     with pytest.raises(err, match=match):
         QuantAttention(Attention(dim=16, num_heads=2), 8, **kwargs)
-    with pytest.raises(ValueError, match="attn_bits=7"):
+    with pytest.raises(ValueError, match="qk_bits=7"):
         wrap_attention(Attention(dim=16, num_heads=2), 7)
     with pytest.raises(NotImplementedError, match="wrap_attention picks"):
         QuantAttention(nn.MultiheadAttention(16, 2))
@@ -381,10 +398,10 @@ def test_float_ops_keep_one_matmul_float(float_op):
     attn = Attention(dim=32, num_heads=2, qkv_bias=True).eval()
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
-        qa = QuantAttention(attn, 6, pv_bits=4, float_ops=(float_op,))
+        qa = QuantAttention(attn, 6, v_bits=4, float_ops=(float_op,))
         out = qa(x)
         assert torch.equal(qa.set_simulate(True)(x), out)
-        full = QuantAttention(attn, 6, pv_bits=4)(x)
+        full = QuantAttention(attn, 6, v_bits=4)(x)
         b, n, _ = x.shape
         q, k, v = attn.qkv(x).reshape(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
         if float_op == "qk":

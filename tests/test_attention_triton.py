@@ -215,8 +215,8 @@ def test_quant_attention_on_the_triton_backend_equals_the_reference():
     attn = timm.models.vision_transformer.Attention(dim=48, num_heads=2).to(DEVICE)  # head dim 24
     x = torch.randn(2, 13, 48, generator=g).to(DEVICE)
     for bits, kind in ((8, "log2"), (4, "uniform")):
-        fast = QuantAttention(attn, attn_bits=bits, softmax_quant=kind, backend="triton")
-        slow = QuantAttention(attn, attn_bits=bits, softmax_quant=kind, backend="reference")
+        fast = QuantAttention(attn, qk_bits=bits, p_grid=kind, backend="triton")
+        slow = QuantAttention(attn, qk_bits=bits, p_grid=kind, backend="reference")
         with torch.no_grad():
             assert torch.equal(fast(x), slow(x)), f"seed={seed} {bits} {kind}"
 

@@ -8,7 +8,8 @@ import torch
 
 import mixq
 from mixq.checkpoint import CheckpointError
-from mixq.quantize import QuantConfig, quantize_
+from mixq.config import LinearConfig, QuantConfig
+from mixq.quantize import quantize_
 from test_quantize import TinyBlock, _data
 
 
@@ -16,8 +17,8 @@ from test_quantize import TinyBlock, _data
 def models():
     torch.manual_seed(0)
     float_model = TinyBlock().eval()
-    q = quantize_(copy.deepcopy(float_model), QuantConfig(layer_bits={"fc1": (4, 8), "fc2": (6, 6)},
-                                                          act_quant="channel"), _data(), progress=False)
+    q = quantize_(copy.deepcopy(float_model), QuantConfig(LinearConfig(layer_bits={"fc1": (4, 8), "fc2": (6, 6)},
+                                                                       act_quant="channel")), _data(), progress=False)
     return float_model, q
 
 
@@ -103,8 +104,8 @@ def test_mismatched_architecture_names_the_layer(models, tmp_path):
 def folded_models():
     torch.manual_seed(0)
     float_model = TinyBlock().eval()
-    q = quantize_(copy.deepcopy(float_model), QuantConfig(act_quant="channel", fold_layernorm=True), _data(),
-                  progress=False)
+    q = quantize_(copy.deepcopy(float_model), QuantConfig(LinearConfig(act_quant="channel", fold_layernorm=True)),
+                  _data(), progress=False)
     return float_model, q
 
 
@@ -124,7 +125,7 @@ def test_roundtrip_with_scalar_and_integer_buffers(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)).eval()
     model[1].weight.data = model[1].weight.data.bfloat16().float()
     float_model = copy.deepcopy(model)
-    q = quantize_(model, QuantConfig(act_quant="dynamic", layer_bits={"2": (4, 4)}), None, progress=False)
+    q = quantize_(model, QuantConfig(LinearConfig(act_quant="dynamic", layer_bits={"2": (4, 4)})), None, progress=False)
     q.register_buffer("extra_bf16", torch.ones(3, dtype=torch.bfloat16))
     float_model.register_buffer("extra_bf16", torch.zeros(3, dtype=torch.bfloat16))
     loaded = mixq.load(mixq.save(q, tmp_path / "m.safetensors"), float_model)
@@ -236,15 +237,3 @@ def test_checkpoints_from_before_the_fold_rename_load(folded_models, tmp_path):
     assert loaded.fc1.folded_norm
     x = _data(2)
     assert torch.equal(loaded(x), q(x))
-
-
-def test_old_fuse_names_still_work_with_a_deprecation_warning():
-    from torch import nn
-
-    with pytest.warns(DeprecationWarning, match="folded_norm"):
-        layer = mixq.QuantLinear(8, 4, act_quant="channel", fused_norm=True)
-    assert layer.folded_norm and layer.fused_norm
-    plain = mixq.QuantLinear(8, 4, act_quant="channel")
-    with pytest.warns(DeprecationWarning, match="fold_layernorm"):
-        plain.fuse_layernorm(nn.LayerNorm(8))
-    assert plain.folded_norm

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from mixq.nn import QuantLinear
-from mixq.quantize import QuantConfig, quantize_
+from mixq.config import LinearConfig, QuantConfig
+from mixq.quantize import quantize_
 
 
 @pytest.mark.parametrize("mode", ["channel", "smooth"])
@@ -12,7 +13,7 @@ def test_torch_compile_fullgraph_traces_quantlinear_model(fold, mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 8)).eval()
     x = torch.randn(5, 16)
-    cfg = QuantConfig(layer_bits={"0": (4, 8), "3": (6, 6)}, fold_layernorm=fold, act_quant=mode)
+    cfg = QuantConfig(LinearConfig(layer_bits={"0": (4, 8), "3": (6, 6)}, fold_layernorm=fold, act_quant=mode))
     quantize_(model, cfg, torch.randn(20, 16), progress=False)
     assert isinstance(model[3], QuantLinear) and model[3].act_quant == mode
     assert model[3].folded_norm == (fold and mode == "channel")
@@ -42,8 +43,9 @@ def test_inductor_compiles_with_grad_enabled_and_changes_only_float_rounding():
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 8),
                           nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 8)).eval()
     calib = torch.randn(64, 16)
-    quantize_(model, QuantConfig(layer_bits={"0": (4, 8), "3": (6, 6)}, skip=("6",)), calib, progress=False)
-    quantize_(model, QuantConfig(w_bits=8, a_bits=8, act_quant="channel", fold_layernorm=True), calib,
+    quantize_(model, QuantConfig(LinearConfig(layer_bits={"0": (4, 8), "3": (6, 6)}, skip=("6",))), calib,
+              progress=False)
+    quantize_(model, QuantConfig(LinearConfig(8, 8, act_quant="channel", fold_layernorm=True)), calib,
               progress=False)
     assert model[3].act_quant == "smooth" and model[6].folded_norm
     assert model[2].weight.requires_grad and torch.is_grad_enabled()

@@ -10,14 +10,8 @@ import torch
 from torch import nn
 
 from mixq.eval.classification import evaluate_classification, scan_image_folder
-from mixq.eval.coco_sam import (
-    SamBoxPredictor,
-    comparison_table,
-    evaluate_sam_coco,
-    load_coco,
-    load_detections,
-    voc_sample_to_coco,
-)
+from mixq.coco import load_coco, load_detections, voc_sample_to_coco
+from mixq.eval.coco_sam import SamBoxPredictor, comparison_table, evaluate_sam_coco
 from mixq.eval.dinov2_tasks import saliency_agreement, train_linear_probe
 
 pytest.importorskip("pycocotools")

@@ -9,7 +9,8 @@ import mixq.gptq as gptq
 from mixq import formats
 from mixq.gptq import hessian, quantize_weight_gptq
 from mixq.nn import QuantLinear
-from mixq.quantize import QuantConfig, quantize_
+from mixq.config import LinearConfig, QuantConfig
+from mixq.quantize import quantize_
 
 
 def _correlated(rows: int, k: int, seed: int, outliers: int = 3) -> torch.Tensor:
@@ -237,7 +238,7 @@ def test_quantize_auto_uses_gptq_with_calibration_data():
     def run(**kw):
         model = _Tiny()
         model.load_state_dict(base.state_dict())
-        cfg = QuantConfig(w_bits=4, a_bits=8, **{k: v for k, v in kw.items() if k != "calib"})
+        cfg = QuantConfig(LinearConfig(4, 8, **{k: v for k, v in kw.items() if k != "calib"}))
         return quantize_(model, cfg, kw.get("calib"), progress=False)
 
     auto = run(weight_method="auto", calib=x)
@@ -258,7 +259,7 @@ def test_quantize_auto_without_data_is_rtn():
     model = _Tiny()
     lins = {"fc1": model.fc1, "fc2": model.fc2}
     expect = {n: QuantLinear.from_float(m, 4, 8, act_quant="dynamic", weight_method="rtn").qweight for n, m in lins.items()}
-    quantize_(model, QuantConfig(w_bits=4, a_bits=8, act_quant="dynamic", weight_method="auto"), None, progress=False)
+    quantize_(model, QuantConfig(LinearConfig(4, 8, act_quant="dynamic", weight_method="auto")), None, progress=False)
     got = _qweights(model)
     assert set(got) == set(expect)
     for name in expect:
@@ -267,12 +268,12 @@ def test_quantize_auto_without_data_is_rtn():
         assert torch.isfinite(model(torch.randn(4, 48))).all()
     # explicit GPTQ without data is refused, naming what is missing
     with pytest.raises(ValueError, match="calib"):
-        quantize_(_Tiny(), QuantConfig(w_bits=4, a_bits=8, act_quant="dynamic", weight_method="gptq"), None,
+        quantize_(_Tiny(), QuantConfig(LinearConfig(4, 8, act_quant="dynamic", weight_method="gptq")), None,
                   progress=False)
 
 
 def test_quant_config_rejects_unknown_weight_method():
     with pytest.raises(ValueError, match="weight_method"):
-        QuantConfig(weight_method="x")
+        LinearConfig(weight_method="x")
     for ok in ("auto", "gptq", "rtn"):
-        assert QuantConfig(weight_method=ok).weight_method == ok
+        assert LinearConfig(weight_method=ok).weight_method == ok

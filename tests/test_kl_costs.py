@@ -8,7 +8,8 @@ from torch import nn
 
 import mixq
 from mixq import formats
-from mixq.alloc import DEFAULT_CANDIDATES, split_kl_costs
+from mixq.alloc import DEFAULT_CANDIDATES
+from mixq.scores.costs import split_kl_costs
 from mixq.nn import QuantLinear
 from mixq.scores.perturb import input_amax, perturbed
 

@@ -10,7 +10,8 @@ from torch import nn
 from mixq.models import get_adapter, list_models
 from mixq.models.base import ModelAdapter
 from mixq.models.checkpoints import load_state_dict_file
-from mixq.quantize import QuantConfig, quantize_, quantized_layers
+from mixq.config import LinearConfig, QuantConfig
+from mixq.quantize import quantize_, quantized_layers
 
 TINY_SAM = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), img_size=64, window_size=2,
                 prompt_dim=32, decoder_heads=2, decoder_mlp_dim=64, mask_in_chans=4)
@@ -120,7 +121,8 @@ def test_sam_quantizes_with_adapter_filter(tmp_path):
     batches = adapter.calibration_batches(n=2)
     with torch.no_grad():
         ref = adapter.output_fn(model, batches[0])
-        quantize_(model, QuantConfig(8, 8, filter_fn=adapter.quant_filter, simulate=True), batches, progress=False)
+        quantize_(model, QuantConfig(LinearConfig(8, 8), simulate=True), batches, filter_fn=adapter.quant_filter,
+                  progress=False)
         out = adapter.output_fn(model, batches[0])
     assert set(quantized_layers(model)) == set(adapter.quantizable_linears(tiny_sam_adapter().build()))
     assert (out - ref).abs().sum() < 0.05  # W8A8 keeps the mask distribution (total variation x2)
@@ -143,7 +145,8 @@ def test_timm_tiny_families(arch, tmp_path):
     assert calib.shape == (2, 3, 32, 32)
     with torch.no_grad():
         ref = adapter.output_fn(model, calib)
-        quantize_(model, QuantConfig(8, 8, filter_fn=adapter.quant_filter, simulate=True), calib, progress=False)
+        quantize_(model, QuantConfig(LinearConfig(8, 8), simulate=True), calib, filter_fn=adapter.quant_filter,
+                  progress=False)
         out = adapter.output_fn(model, calib)
     assert ref.shape == (2, 5)
     torch.testing.assert_close(ref.sum(-1), torch.ones(2, dtype=ref.dtype), rtol=0, atol=1e-5)

@@ -116,14 +116,15 @@ def test_fused_layernorm_kernel_and_simulation_agree_on_every_row():
     statistics overflow."""
     import copy
 
-    from mixq.quantize import QuantConfig, quantize_
+    from mixq.config import LinearConfig, QuantConfig
+    from mixq.quantize import quantize_
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.LayerNorm(48), torch.nn.Linear(48, 16)).eval()
     with torch.no_grad():
         model[0].weight.uniform_(0.5, 1.5)
         model[0].bias.normal_(0, 0.1)
-    quantize_(model, QuantConfig(act_quant="channel", fold_layernorm=True, weight_method="rtn"),
+    quantize_(model, QuantConfig(LinearConfig(act_quant="channel", fold_layernorm=True, weight_method="rtn")),
               torch.randn(256, 48), progress=False)
     assert model[1].folded_norm
     sim = copy.deepcopy(model)

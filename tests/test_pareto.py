@@ -37,7 +37,8 @@ def test_uniform_budget_is_exact():
 def test_measured_costs_equal_a_full_forward(tiny, tmp_path):
     """Starting at the perturbed block on cached FP inputs gives exactly the full model's numbers."""
     from mixq.nn import QuantLinear
-    from mixq.quantize import QuantConfig, calibrate, find_linears
+    from mixq.config import CalibrationConfig
+    from mixq.quantize import calibrate, find_linears
 
     model, calib, score, probe, names = tiny
     cands = [(4, 4), (8, 8)]
@@ -46,7 +47,7 @@ def test_measured_costs_equal_a_full_forward(tiny, tmp_path):
     li = names.index("backbone.vit.blocks.1.attn.proj")
     keep = set(names)
     samples, _ = calibrate(model, find_linears(model, lambda n, m: n in keep), calib,
-                           QuantConfig(filter_fn=lambda n, m: n in keep), progress=False)
+                           CalibrationConfig(), progress=False)
     original = model.get_submodule(names[li])
     with torch.no_grad():
         ref = model.backbone(score)
@@ -102,15 +103,17 @@ def test_memoized_quantization_is_exact(tiny):
     import copy
 
     from mixq.eval.pareto import memoized_quantization
-    from mixq.quantize import QuantConfig, quantize_
+    from mixq.config import LinearConfig, QuantConfig
+    from mixq.quantize import quantize_
 
     model, calib, score, probe, names = tiny
     keep = set(names)
-    cfg = QuantConfig(w_bits=4, a_bits=6, filter_fn=lambda n, m: n in keep, fold_layernorm=True)
-    plain = quantize_(copy.deepcopy(model), cfg, calib, progress=False)
+    cfg = QuantConfig(LinearConfig(4, 6, fold_layernorm=True))
+    only = dict(filter_fn=lambda n, m: n in keep, progress=False)
+    plain = quantize_(copy.deepcopy(model), cfg, calib, **only)
     with memoized_quantization() as memo:
-        first = quantize_(copy.deepcopy(model), cfg, calib, progress=False)
-        again = quantize_(copy.deepcopy(model), cfg, calib, progress=False)
+        first = quantize_(copy.deepcopy(model), cfg, calib, **only)
+        again = quantize_(copy.deepcopy(model), cfg, calib, **only)
     assert memo["gptq_hits"] == len(names) and memo["calib_hits"] == 1
     with torch.no_grad():
         ref = plain(score)

@@ -4,7 +4,8 @@ from torch import nn
 
 import mixq
 from mixq.nn import QuantLinear
-from mixq.quantize import QuantConfig, find_linears, quantize_
+from mixq.config import LinearConfig, QuantConfig
+from mixq.quantize import find_linears, quantize_
 
 
 class TinyBlock(nn.Module):
@@ -33,7 +34,7 @@ def test_quantize_in_place_with_per_layer_bits_and_auto_modes():
     model = _model()
     x = _data(4)
     ref = model(x)
-    cfg = QuantConfig(w_bits=8, a_bits=8, layer_bits={"fc2": (4, 6)}, skip=("head",))
+    cfg = QuantConfig(LinearConfig(8, 8, layer_bits={"fc2": (4, 6)}, skip=("head",)))
     out = quantize_(model, cfg, _data(), progress=False)
     assert out is model
     assert isinstance(model.fc1, QuantLinear) and isinstance(model.fc2, QuantLinear)
@@ -43,18 +44,34 @@ def test_quantize_in_place_with_per_layer_bits_and_auto_modes():
     torch.testing.assert_close(model(x), ref, rtol=0.1, atol=0.1)
 
 
-def test_plan_like_config_and_filter_fn():
-    class Plan:
-        def to_config(self):
-            return QuantConfig(w_bits=6, a_bits=8, filter_fn=lambda n, m: n.startswith("fc"))
-
-    model = quantize_(_model(), Plan(), _data(), progress=False)
+def test_filter_fn_selects_the_linears():
+    model = quantize_(_model(), QuantConfig(LinearConfig(6, 8)), _data(), filter_fn=lambda n, m: n.startswith("fc"),
+                      progress=False)
     assert [n for n, m in model.named_modules() if isinstance(m, QuantLinear)] == ["fc1", "fc2"]
     assert model.fc1.w_bits == 6
 
 
+def test_a_plan_quantizes_exactly_its_layers():
+    from mixq.alloc import Plan
+
+    plan = Plan(layers={"fc1": (4, 8), "fc2": (6, 6)}, size_bits=0, weight_bits=0, weight_params=0, bops=0)
+    model = quantize_(_model(), plan, _data(), progress=False)
+    assert type(model.head) is nn.Linear
+    assert {n: (m.w_bits, m.a_bits) for n, m in model.named_modules() if isinstance(m, QuantLinear)} == plan.layers
+    assert model.mixq_config == plan.to_config() and model.mixq_config.linear.layer_bits_only
+
+
+def test_an_object_with_to_config_is_not_a_plan():
+    class PlanLike:
+        def to_config(self):
+            return QuantConfig()
+
+    with pytest.raises(TypeError, match="QuantConfig or a mixq.Plan, got PlanLike"):
+        quantize_(_model(), PlanLike(), _data(), progress=False)
+
+
 def test_dynamic_needs_no_calibration_data():
-    model = quantize_(_model(), QuantConfig(act_quant="dynamic"), None, progress=False)
+    model = quantize_(_model(), QuantConfig(LinearConfig(act_quant="dynamic")), None, progress=False)
     assert isinstance(model.head, QuantLinear)
 
 
@@ -77,11 +94,11 @@ def test_bad_calibration_data(data, match):
 
 def test_unknown_layer_names_are_named():
     with pytest.raises(KeyError, match="'fc3'.*did you mean"):
-        quantize_(_model(), QuantConfig(layer_bits={"fc3": (8, 8)}), _data(), progress=False)
+        quantize_(_model(), QuantConfig(LinearConfig(layer_bits={"fc3": (8, 8)})), _data(), progress=False)
     with pytest.raises(KeyError, match="not a quantizable"):
-        quantize_(_model(), QuantConfig(layer_bits={"norm": (8, 8)}), _data(), progress=False)
+        quantize_(_model(), QuantConfig(LinearConfig(layer_bits={"norm": (8, 8)})), _data(), progress=False)
     with pytest.raises(ValueError, match="supports"):
-        QuantConfig(layer_bits={"fc1": (5, 8)})
+        LinearConfig(layer_bits={"fc1": (5, 8)})
 
 
 def test_layers_that_never_run_are_reported():
@@ -98,8 +115,9 @@ def test_find_linears_and_lazy_public_api():
 
 def test_fold_layernorm_fuses_and_matches_unfused():
     x = _data(4)
-    unfused = quantize_(_model(), QuantConfig(act_quant="channel"), _data(), progress=False)
-    folded = quantize_(_model(), QuantConfig(act_quant="channel", fold_layernorm=True), _data(), progress=False)
+    unfused = quantize_(_model(), QuantConfig(LinearConfig(act_quant="channel")), _data(), progress=False)
+    folded = quantize_(_model(), QuantConfig(LinearConfig(act_quant="channel", fold_layernorm=True)), _data(),
+                       progress=False)
     assert isinstance(folded.norm, nn.Identity) and folded.fc1.folded_norm
     assert folded.fc1.static_inv_scale.shape == (1,)
     torch.testing.assert_close(folded(x), unfused(x), rtol=2e-2, atol=2e-2)
@@ -119,7 +137,7 @@ def test_fold_layernorm_is_skipped_when_output_has_another_consumer(mode):
     fp = Shared().eval()
     gamma = fp.norm.weight.detach().clone()
     with pytest.warns(UserWarning, match="not folded: \\['norm'\\]"):
-        model = quantize_(fp, QuantConfig(act_quant=mode, fold_layernorm=True), _data(), progress=False)
+        model = quantize_(fp, QuantConfig(LinearConfig(act_quant=mode, fold_layernorm=True)), _data(), progress=False)
     assert isinstance(model.norm, nn.LayerNorm) and torch.equal(model.norm.weight, gamma)
     assert not model.fc1.folded_norm and not model.fc1.input_prescaled
 
@@ -135,7 +153,7 @@ def test_whole_model_simulation_is_bit_identical_to_kernels(fold):
     model = timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7).eval()
     x = torch.randn(6, 3, 32, 32)
-    cfg = QuantConfig(w_bits=6, a_bits=6, layer_bits={"blocks.1.mlp.fc2": (4, 8)}, fold_layernorm=fold)
+    cfg = QuantConfig(LinearConfig(6, 6, layer_bits={"blocks.1.mlp.fc2": (4, 8)}, fold_layernorm=fold))
     quantize_(model, cfg, x, progress=False)
     y_kernel = model(x)
     y_sim = set_simulate(model, True)(x)
@@ -161,5 +179,5 @@ def test_fold_layernorm_through_a_container():
             return x + self.mlp(self.norm(x))
 
     torch.manual_seed(0)
-    model = quantize_(Block().eval(), QuantConfig(fold_layernorm=True), _data(), progress=False)
+    model = quantize_(Block().eval(), QuantConfig(LinearConfig(fold_layernorm=True)), _data(), progress=False)
     assert model.mlp.fc1.input_prescaled and isinstance(model.norm, nn.LayerNorm)

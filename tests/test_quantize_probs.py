@@ -192,7 +192,7 @@ def test_quant_attention_uses_the_op(monkeypatch):
     attn = timm.models.vision_transformer.Attention(32, num_heads=4, qkv_bias=True).eval()
     x = torch.randn(2, 9, 32)
     for kind in KINDS:
-        q = QuantAttention(attn, 8, 6, kind, backend="cpu")
+        q = QuantAttention(attn, 8, p_bits=6, p_grid=kind, backend="cpu")
         with torch.no_grad():
             out = q(x)
             sim = q.set_simulate(True)(x)

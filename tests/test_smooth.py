@@ -10,7 +10,8 @@ from torch import nn
 import mixq
 from mixq import formats
 from mixq.nn import QuantLinear
-from mixq.quantize import QuantConfig, quantize_
+from mixq.config import LinearConfig, QuantConfig
+from mixq.quantize import quantize_
 
 BITS = [4, 6, 8]
 K, N, M = 37, 19, 13
@@ -248,7 +249,7 @@ def _calib(seed=1):
 
 def _quantized(fold, seed=0, **kw):
     m = _model(seed)
-    cfg = QuantConfig(act_quant="smooth", fold_layernorm=fold, **kw)
+    cfg = QuantConfig(LinearConfig(act_quant="smooth", fold_layernorm=fold, **kw))
     return quantize_(m, cfg, _calib(), progress=False)
 
 
@@ -293,7 +294,7 @@ def test_quantize_smooth_folded_simulate_matches_integer():
 
 def test_smooth_alpha_config():
     with pytest.raises(ValueError):
-        QuantConfig(act_quant="smooth", smooth_alpha=1.5)
+        LinearConfig(act_quant="smooth", smooth_alpha=1.5)
     a = _quantized(False, smooth_alpha=0.2)
     b = _quantized(False, smooth_alpha=0.8)
     assert not torch.equal(a[1].act_channel_factor, b[1].act_channel_factor)
@@ -333,7 +334,7 @@ def test_second_consumer_not_folded():
     m = _TwoConsumers().eval()
     orig_w = m.ln.weight.detach().clone()
     with pytest.warns(UserWarning, match="LayerNorm"):
-        quantize_(m, QuantConfig(act_quant="smooth", fold_layernorm=True), _calib(), progress=False)
+        quantize_(m, QuantConfig(LinearConfig(act_quant="smooth", fold_layernorm=True)), _calib(), progress=False)
     assert isinstance(m.ln, nn.LayerNorm)
     assert torch.equal(m.ln.weight.detach(), orig_w)
     assert isinstance(m.fc, QuantLinear) and m.fc.act_quant == "smooth"
@@ -350,5 +351,5 @@ def test_single_consumer_folds_without_warning():
 def test_fold_skips_layernorm_without_affine():
     torch.manual_seed(0)
     m = nn.Sequential(nn.LayerNorm(37, elementwise_affine=False), nn.Linear(37, 11)).eval()
-    quantize_(m, QuantConfig(act_quant="smooth", fold_layernorm=True), _calib(), progress=False)
+    quantize_(m, QuantConfig(LinearConfig(act_quant="smooth", fold_layernorm=True)), _calib(), progress=False)
     assert isinstance(m[0], nn.LayerNorm) and not m[1].input_prescaled

@@ -10,7 +10,8 @@ from torch import nn
 
 import mixq
 from mixq.nn import QuantLinear
-from mixq.quantize import QuantConfig, quantize_
+from mixq.config import LinearConfig, QuantConfig
+from mixq.quantize import quantize_
 
 
 def test_mixq_nn_is_reachable_after_a_bare_import():
@@ -26,8 +27,8 @@ def test_float64_model_runs_as_float32_and_returns_float64(mode):
     model64 = copy.deepcopy(model32).double()
     calib = torch.randn(32, 16)
     cfg = dict(act_quant=mode, weight_method="rtn")
-    quantize_(model32, QuantConfig(**cfg), calib, progress=False)
-    quantize_(model64, QuantConfig(**cfg), calib.double(), progress=False)
+    quantize_(model32, QuantConfig(LinearConfig(**cfg)), calib, progress=False)
+    quantize_(model64, QuantConfig(LinearConfig(**cfg)), calib.double(), progress=False)
     x = torch.randn(6, 16)
     out = model64(x.double())
     assert out.dtype == torch.float64
@@ -49,7 +50,7 @@ def test_meta_device_model_gets_a_clear_error():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(16, 8))
     with pytest.raises(ValueError, match="meta device.*load its weights"):
-        quantize_(model, QuantConfig(act_quant="dynamic"), None, progress=False)
+        quantize_(model, QuantConfig(LinearConfig(act_quant="dynamic")), None, progress=False)
 
 
 @pytest.mark.parametrize("simulate", [False, True])

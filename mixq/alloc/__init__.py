@@ -50,7 +50,6 @@ Layout: :mod:`.problem` (the numbers in), :mod:`.budgets` (user budgets to integ
 
 from __future__ import annotations
 
-from ..scores.costs import noise_factor, split_kl_costs
 from .api import SCORERS, Scorer, allocate
 from .budgets import SizeBudget, check_bops_budget, parse_bops_budget, parse_size_budget
 from .milp import solve_milp
@@ -63,6 +62,5 @@ from .problem import (
 __all__ = [
     "BIAS_BITS", "BITS", "BITS_PER_WEIGHT_MAX", "DEFAULT_CANDIDATES", "SCALE_BITS", "SCORERS", "AllocationProblem",
     "Budget", "InfeasibleBudgetError", "KnapsackRow", "Plan", "Scorer", "SizeBudget", "Solution", "allocate",
-    "check_bops_budget", "noise_factor", "parse_bops_budget", "parse_size_budget", "solve_milp", "solve_plan",
-    "split_kl_costs",
+    "check_bops_budget", "parse_bops_budget", "parse_size_budget", "solve_milp", "solve_plan",
 ]

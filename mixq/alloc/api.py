@@ -187,5 +187,5 @@ def allocate(
     problem = AllocationProblem(costs=costs, pairs=pairs, synergy=syn, lam=lam if synergy else 0.0, **layer_args)
     label = "+".join(k if v == 1 else f"{v:g}*{k}" for k, v in weights.items())
     plan = solve_plan(problem, budget, bops_budget, synergy=synergy, time_limit=time_limit, scorer=label)
-    plan.softmax_quant = softmax_quant if att_names else None
+    plan.p_grid = softmax_quant if att_names else None
     return plan

@@ -8,13 +8,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
 from .budgets import parse_bops_budget, parse_size_budget
 from .milp import solve_milp
 from .problem import AllocationProblem, Budget, InfeasibleBudgetError, KnapsackRow
+
+if TYPE_CHECKING:
+    from ..config import QuantConfig
 
 
 
@@ -25,7 +28,7 @@ class Plan:
     ``layers`` maps each Linear to (w_bits, a_bits) and, in a plan made with ``attention=True``, each
     attention matmul ``<module>.qk`` to (Q bits, K bits) and ``<module>.pv`` to (P bits, V bits);
     ``layer_info[name]["op"]`` says which ("qk" / "pv"; absent for a Linear). ``bops`` counts every
-    planned layer, attention matmuls included; ``softmax_quant`` is the probability grid the attention
+    planned layer, attention matmuls included; ``p_grid`` is the probability grid the attention
     matmuls were scored with (None: no attention planned).
 
     ``quantize_(model, plan, calib_data)`` accepts it directly (through :meth:`to_config`). It is
@@ -47,7 +50,7 @@ class Plan:
     lam: float = 0.0
     synergy: bool = False
     layer_info: dict[str, dict] = field(default_factory=dict)  # name -> params, macs, out_features, bias, cost[, op]
-    softmax_quant: Optional[str] = None  # the attention matmuls' probability grid; None: Linears only
+    p_grid: Optional[str] = None  # the attention matmuls' probability grid; None: Linears only
 
     @property
     def size_bytes(self) -> float:
@@ -93,24 +96,26 @@ class Plan:
                 bits, weight = bits + macs * (b1 + b2), weight + 2 * macs
         return bits / weight if weight else float("nan")
 
-    def to_config(self, **overrides: Any):
-        """A :class:`mixq.quantize.QuantConfig` quantizing exactly the planned layers at their bits:
-        the Linears through ``layer_bits`` and ``filter_fn``, the attention matmuls (if planned)
-        through ``quantize_attention=True`` and ``attention_layer_bits`` at the plan's ``softmax_quant``."""
-        from ..quantize import QuantConfig
+    def to_config(self, **fields: Any) -> "QuantConfig":
+        """A :class:`mixq.QuantConfig` quantizing exactly the planned layers at their bits.
 
-        linear = self.linear_layers
-        names = set(linear)
-        kwargs: dict[str, Any] = {
-            "layer_bits": {n: tuple(b) for n, b in linear.items()},
-            "filter_fn": lambda name, module: name in names,
-        }
-        attention = self.attention_layers
-        if attention:
-            kwargs.update(quantize_attention=True, attention_layer_bits={n: tuple(b) for n, b in attention.items()},
-                          softmax_quant=self.softmax_quant or "log2")
-        kwargs.update(overrides)
-        return QuantConfig(**kwargs)
+        ``fields`` are QuantConfig's own (``linear=LinearConfig(fold_layernorm=True)``,
+        ``backend="cpu"``, ``attention=AttentionConfig(...)``); the plan then sets the bits it chose:
+        ``linear.layer_bits`` to the planned Linears with ``layer_bits_only=True`` (every other
+        Linear stays float) and, when it planned attention matmuls, ``attention.layer_bits`` to them
+        at the plan's ``p_grid``. A plan of Linears only keeps the ``attention`` given (uniform bits
+        for the attention matmuls on top of planned Linears)."""
+        from dataclasses import replace
+
+        from ..config import AttentionConfig, QuantConfig
+
+        base = QuantConfig(**fields)
+        linear = replace(base.linear, layer_bits=dict(self.linear_layers), layer_bits_only=True)
+        attention = base.attention
+        if self.attention_layers:
+            attention = replace(attention or AttentionConfig(), layer_bits=dict(self.attention_layers),
+                                p_grid=self.p_grid or "log2")
+        return replace(base, linear=linear, attention=attention)
 
     @property
     def size_budget_bits(self) -> Optional[int]:
@@ -140,6 +145,8 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         d = {k: v for k, v in d.items() if k not in _DERIVED}
+        if "softmax_quant" in d:  # plans written before the one-name-per-concept rename
+            d["p_grid"] = d.pop("softmax_quant")
         layers, info = {}, dict(d.pop("layer_info", {}) or {})
         for name, entry in d.pop("layers").items():
             if isinstance(entry, dict):
@@ -175,7 +182,7 @@ class Plan:
                    f"{self.bops / 1e9:.3f} GBOPs/input"
                    + (f" (attention matmuls {self.attention_bops / max(self.bops, 1):.1%} of it; average activation "
                       f"bits {self.avg_act_bits:.3f}, MAC-weighted over Linear inputs and both operands of each "
-                      f"attention matmul; softmax {self.softmax_quant})" if attention else "")
+                      f"attention matmul; probabilities on the {self.p_grid} grid)" if attention else "")
                    + f", {self.status}" + (f" (gap {self.gap:.2%})" if self.status != "optimal" else ""))
         table = Table()
         cols = ("layer", "op", "W", "A", "params", "MACs/input", "BOPs share", "cost") if attention else \

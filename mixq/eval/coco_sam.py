@@ -22,10 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..coco import (  # noqa: F401  (re-exported: the COCO loaders' old home)
-    ANNOTATION_FIELDS, DETECTION_FIELDS, IMAGE_FIELDS, CocoData, encode_mask, load_coco, load_detections,
-    voc_sample_to_coco,
-)
+from ..coco import CocoData, encode_mask, load_coco, load_detections
 
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

@@ -181,7 +181,8 @@ def measured_costs(model: nn.Module, calib: torch.Tensor, score: torch.Tensor, n
     """
     from mixq.nn import QuantLinear
     import mixq.quantize as quant_mod
-    from mixq.quantize import QuantConfig, find_linears
+    from mixq.config import CalibrationConfig
+    from mixq.quantize import find_linears
 
     if calib.dim() != 4 or score.dim() != 4 or len(calib) == 0 or len(score) == 0:
         raise ValueError("calib and score must be non-empty image batches [N, 3, H, W]")
@@ -193,7 +194,7 @@ def measured_costs(model: nn.Module, calib: torch.Tensor, score: torch.Tensor, n
     t0 = time.perf_counter()
     model.eval()
     linears = find_linears(model, lambda n, m: n in set(names))
-    samples, _ = quant_mod.calibrate(model, linears, calib, QuantConfig(filter_fn=lambda n, m: n in set(names)), progress=False)
+    samples, _ = quant_mod.calibrate(model, linears, calib, CalibrationConfig(), progress=False)
     # FP block inputs on the scoring images (the prefix of every perturbed pass), and FP tokens
     block_in: list[list[torch.Tensor]] = [[] for _ in blocks.blocks]
     ref_tok = []

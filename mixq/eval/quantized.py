@@ -49,12 +49,13 @@ def bits_summary(model: nn.Module) -> str:
 
 def quantized_copy(adapter: ModelAdapter, fp_model: nn.Module, config: Any, calib_data: Any,
                    simulate: bool = False, backend: Optional[str] = None) -> nn.Module:
-    """A deep copy of ``fp_model`` quantized by ``mixq.quantize_`` (``config``: QuantSpec, QuantConfig or Plan)."""
-    from mixq.quantize import QuantConfig, quantize_
+    """A deep copy of ``fp_model`` quantized by ``mixq.quantize_`` with the adapter's filter
+    (``config``: QuantSpec, QuantConfig or Plan; ``simulate``, ``backend``: for a QuantSpec)."""
+    from mixq.config import LinearConfig, QuantConfig
+    from mixq.quantize import quantize_
 
     if isinstance(config, QuantSpec):
-        config = QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits, filter_fn=adapter.quant_filter,
-                             simulate=simulate, backend=backend)
+        config = QuantConfig(LinearConfig(config.w_bits, config.a_bits), simulate=simulate, backend=backend)
     model = copy.deepcopy(fp_model)
-    quantize_(model, config, calib_data, progress=False)
+    quantize_(model, config, calib_data, filter_fn=adapter.quant_filter, progress=False)
     return model.eval()

@@ -39,7 +39,8 @@ def run_task(task: str, adapter: ModelAdapter, fp_model: nn.Module, qmodel: nn.M
         return TaskResult(task, ev.result.markdown(), {"probe_top1": row.probe_top1,
                                                        "fp_probe_top1": ev.result.rows[0].probe_top1})
     if task == "coco":
-        from .coco_sam import SamBoxPredictor, comparison_table, evaluate_sam_coco, load_coco, load_detections
+        from ..coco import load_coco, load_detections
+        from .coco_sam import SamBoxPredictor, comparison_table, evaluate_sam_coco
 
         if not images or not ann:
             raise ValueError("task 'coco' needs --images (the image folder) and --ann (COCO instances JSON)")

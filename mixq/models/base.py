@@ -53,7 +53,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def quant_filter(self, name: str, module: nn.Module) -> bool:
-        """True for the ``nn.Linear`` layers this family quantizes (use as ``QuantConfig.filter_fn``)."""
+        """True for the ``nn.Linear`` layers this family quantizes (pass as ``quantize_(..., filter_fn=...)``)."""
 
     @abstractmethod
     def output_fn(self, model: nn.Module, batch: Any) -> torch.Tensor:

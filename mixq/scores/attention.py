@@ -110,7 +110,7 @@ def counting_attention(model: nn.Module, modules: dict[str, nn.Module]) -> Itera
 
 
 @contextlib.contextmanager
-def perturbed_attention(model: nn.Module, name: str, bits: tuple[int, int], softmax_quant: str = "log2"
+def perturbed_attention(model: nn.Module, name: str, bits: tuple[int, int], p_grid: str = "log2"
                         ) -> Iterator[None]:
     """Within the block only the attention matmul ``name`` (``<module>.qk`` or ``.pv``) runs on codes at
     ``bits`` (Q, K bits or P, V bits), simulated; the module's other matmul and everything else stay
@@ -123,9 +123,9 @@ def perturbed_attention(model: nn.Module, name: str, bits: tuple[int, int], soft
     if op == "qk":
         if b1 != b2:
             raise ValueError(f"{name}: Q and K share one bit-width, got {(b1, b2)}")
-        wrapper = wrap_attention(original, b1, None, softmax_quant, True, float_ops=("pv",))
+        wrapper = wrap_attention(original, b1, p_grid=p_grid, simulate=True, float_ops=("pv",))
     else:
-        wrapper = wrap_attention(original, 8, b1, softmax_quant, True, pv_bits=b2, float_ops=("qk",))
+        wrapper = wrap_attention(original, 8, p_bits=b1, v_bits=b2, p_grid=p_grid, simulate=True, float_ops=("qk",))
     set_module(model, module_name, wrapper)
     try:
         yield
@@ -138,7 +138,7 @@ def _kl_run(model: nn.Module, batches: list, reference: list[torch.Tensor], outp
 
 
 def attention_scores(model: nn.Module, calib_data: Any, names: Sequence[str], candidates: Sequence[tuple[int, int]],
-                     output_fn: Optional[OutputFn] = None, softmax_quant: str = "log2", batch_size: int = 8,
+                     output_fn: Optional[OutputFn] = None, p_grid: str = "log2", batch_size: int = 8,
                      progress: bool = True, cache_dir: cache.CacheDir = None) -> dict:
     """KL(P_fp || P) per image with one attention matmul alone at each of ``candidates`` (bit pairs).
 
@@ -152,7 +152,7 @@ def attention_scores(model: nn.Module, calib_data: Any, names: Sequence[str], ca
     for n in names:
         split_name(n)
     params = {"kind": "attention", "names": names, "cands": [list(map(int, c)) for c in candidates],
-              "bs": batch_size, "softmax": softmax_quant, "how": ATTENTION_PERTURBATION,
+              "bs": batch_size, "softmax": p_grid, "how": ATTENTION_PERTURBATION,
               "out": cache.callable_key(output_fn)}
 
     def compute() -> dict:
@@ -162,7 +162,7 @@ def attention_scores(model: nn.Module, calib_data: Any, names: Sequence[str], ca
             for name in progress_bar(names, "attention matmul costs", progress):
                 row = []
                 for bits in candidates:
-                    with perturbed_attention(model, name, bits, softmax_quant):
+                    with perturbed_attention(model, name, bits, p_grid):
                         row.append(_kl_run(model, batches, reference, output_fn))
                 per_image.append(row)
         return {"names": names, "candidates": [list(map(int, c)) for c in candidates], "per_image": per_image,

@@ -283,7 +283,8 @@ def measured_scores(model: nn.Module, calib_data: Any, names: list[str], candida
 
     Returns ``{"names", "candidates", "per_image": [L][C][N], "kl": [L][C]}`` (``kl``: the mean over images).
     """
-    from ..quantize import QuantConfig, calibrate
+    from ..config import CalibrationConfig
+    from ..quantize import calibrate
 
     output_fn = output_fn or softmax_probs
     if weight_method not in ("gptq", "rtn"):
@@ -315,8 +316,7 @@ def measured_scores(model: nn.Module, calib_data: Any, names: list[str], candida
             elif prefix_cache and prefix.overflow:
                 log.warning("mixq: measured costs: prefix cache off (%s; limit max_prefix_mb or "
                             "$MIXQ_PREFIX_CACHE_MB); every pass is a full forward", prefix.why)
-            config = QuantConfig(filter_fn=lambda n, m: n in wanted, max_calib_rows=max_calib_rows,
-                                 batch_size=batch_size)
+            config = CalibrationConfig(max_calib_rows=max_calib_rows, batch_size=batch_size)
             samples, _ = calibrate(model, targets, calib_data, config, progress=False)
             per_image: list[list[list[float]]] = [[] for _ in names]
             jobs = [(li, ci) for li in range(len(names)) for ci in range(len(candidates))]
