@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
@@ -12,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from . import timing
 from .data import run_model
 
 
@@ -28,29 +27,16 @@ class Latency:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def measure(
     name: str, fn: Callable[[], Any], device: torch.device | str = "cpu", warmup: int = 2, iters: int = 10,
     min_seconds: float = 0.0,
 ) -> Latency:
-    """Median over ``iters`` timed calls (more if ``min_seconds`` is not reached), after ``warmup`` calls."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < iters or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Latency(name, statistics.median(times), min(times), len(times), str(device), torch.get_num_threads())
+    """``mixq.timing``'s median over ``iters`` rounds (each >= ``min_seconds / iters`` long)."""
+    t = timing.time_callable(fn, rounds=iters, min_round_s=min_seconds / max(iters, 1), device=device,
+                             warmup=warmup)
+    return Latency(name, t.median_ms, t.min_s * 1e3, t.rounds * t.calls_per_round, str(torch.device(device)),
+                   torch.get_num_threads())
 
 
 def torch_int8_dynamic(model: nn.Module, layer_names: list[str]) -> nn.Module:
