@@ -1,4 +1,10 @@
-"""Checkpoints written by earlier mixq code (tests/fixtures, formats 2 and 3) keep loading, bit for bit."""
+"""Checkpoints written by earlier mixq code (tests/fixtures, formats 2 and 3) keep loading and reproduce
+their recorded outputs.
+
+The integer kernels are bit-exact on every machine (test_cpu_backend), but the float parts around them
+(torch's LayerNorm, GELU, softmax, the fp32 epilogue) round differently on AVX2, AVX-512 and AMX CPUs, so
+the recorded outputs are matched to 1e-6: a migration that misreads a scale or a code moves an output by
+a quantization step (about 1e-2), four orders above that."""
 
 from pathlib import Path
 
@@ -23,7 +29,7 @@ def test_old_checkpoint_loads_and_reproduces_its_outputs(case: str, recorded: di
     model = mixq.load(FIXTURES / f"{case}.safetensors")
     with torch.no_grad():
         out = model(recorded["probe_input"])
-    assert torch.equal(out, recorded[case])
+    torch.testing.assert_close(out, recorded[case], rtol=0.0, atol=1e-6)
 
 
 def test_a_legacy_buffer_that_disagrees_with_its_derivation_is_refused(tmp_path) -> None:
