@@ -92,6 +92,35 @@ def run(args) -> None:
               flush=True)
 
 
+SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}
+
+
+def timing(args) -> None:
+    """The online rotation's cost: rotated vs plain W4A4 QuantLinear (cpu kernels) on DINOv2-S shapes, one
+    image (257 tokens), interleaved medians (mixq.timing), and the Hadamard op alone."""
+    from torch import nn
+
+    from mixq import ops, timing as timer
+    from mixq.nn import QuantLinear
+
+    store = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    rows = {}
+    torch.manual_seed(0)
+    for name, (k, n) in SHAPES.items():
+        lin = nn.Linear(k, n)
+        x = torch.randn(257, k)
+        plain = QuantLinear.from_float(lin, 4, 4, "dynamic", backend=args.backend)
+        rot = QuantLinear.from_float(lin, 4, 4, "dynamic", backend=args.backend, rotation_seed=0)
+        t = timer.interleaved_times({
+            "plain": lambda: plain(x), "rotated": lambda: rot(x),
+            "hadamard": lambda: ops.hadamard_transform(x, rot.rot_signs, rot.rot_block, args.backend)}, rounds=9)
+        rows[name] = {key: v.median_ms for key, v in t.items()}
+        print(name, {key: f"{v:.3f} ms" for key, v in rows[name].items()}, flush=True)
+    store.setdefault("timing", {})[args.backend] = {"machine": timer.machine() + " (shared, loaded by other jobs)",
+                                                    "rows": rows}
+    args.json.write_text(json.dumps(store))
+
+
 def baseline_of(name: str) -> str | None:
     """The same bits without the last extra step (rec before rot), for the paired difference."""
     if name.endswith("-rec"):
@@ -132,6 +161,16 @@ def render(args) -> None:
         pt = points[name]
         lines.append(f"| {name.upper()} | " + " | ".join(cells) + f" | {d_fp} | {d_base} | "
                      f"{pt['calibration_seconds'] / 60:.1f} | {pt['kernel_vs_sim_max_abs']:.3g} |")
+    tm = store.get("timing", {}).get("cpu")
+    if tm:
+        lines += ["", "Online rotation cost (W4A4 QuantLinear on the cpu kernels, one 224x224 image = 257 tokens, "
+                  "interleaved medians; `bench/w4a4.py --timing`). Machine: " + tm["machine"] + ".", "",
+                  "| layer (K -> N) | plain (ms) | rotated (ms) | ratio | Hadamard op alone (ms) |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, r in tm["rows"].items():
+            k, n = SHAPES[name]
+            lines.append(f"| {name} ({k} -> {n}) | {r['plain']:.3f} | {r['rotated']:.3f} | "
+                         f"{r['rotated'] / r['plain']:.2f}x | {r['hadamard']:.3f} |")
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out.read_text())
 
@@ -145,10 +184,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/w4a4.md")
     ap.add_argument("--redo", action="store_true", help="re-measure configs already in the json")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--timing", action="store_true", help="only time the online rotation (cpu kernels)")
     args = ap.parse_args()
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in args.configs:
         parse(c)
+    if args.timing:
+        timing(args)
+        return
     if not args.render_only:
         run(args)
     render(args)
