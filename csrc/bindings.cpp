@@ -54,4 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_probs", &mixq::quantize_probs, py::arg("p"), py::arg("bits"), py::arg("log2"),
         "post-softmax probabilities (fp32/bf16/fp16, any shape) -> uint8 codes, log2 or uniform grid",
         py::call_guard<py::gil_scoped_release>());
+  // --- rotations (issue 23; csrc/hadamard.cpp)
+  m.def("hadamard_transform", &mixq::hadamard_transform, py::arg("x"), py::arg("signs"), py::arg("block"),
+        py::arg("scale"), "randomized block Walsh-Hadamard transform of x [M, K] -> fp32 [M, K]",
+        py::call_guard<py::gil_scoped_release>());
 }

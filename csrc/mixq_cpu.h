@@ -82,3 +82,11 @@ at::Tensor attention_pv_log2(const at::Tensor& p, const at::Tensor& v, const at:
 namespace mixq {
 at::Tensor quantize_probs(const at::Tensor& p, int64_t bits, bool log2);
 }  // namespace mixq
+
+// ----------------------------------------------------------------------------- rotations (issue 23)
+// Randomized Walsh-Hadamard transform of x [M, K] (fp32 / bf16 / fp16) -> fp32 [M, K], bit-exact
+// with mixq/rotation.py's hadamard_fp32: signs [K] fp32, butterflies inside blocks of `block`
+// (a power of two dividing K), then one multiply by `scale` (fp32(1/sqrt(block))). See hadamard.cpp.
+namespace mixq {
+at::Tensor hadamard_transform(const at::Tensor& x, const at::Tensor& signs, int64_t block, double scale);
+}  // namespace mixq

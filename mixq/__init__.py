@@ -13,6 +13,7 @@ _LAZY = {
     "LinearConfig": "mixq.config",
     "AttentionConfig": "mixq.config",
     "CalibrationConfig": "mixq.config",
+    "RotationConfig": "mixq.config",
     "quantize_": "mixq.quantize",
     "QuantLinear": "mixq.nn",
     "save": "mixq.checkpoint",

@@ -316,7 +316,8 @@ def _layer_shell(name: str, cfg: Any, modules: dict[str, nn.Module]) -> QuantLin
                                   f"model has {cur.in_features}->{cur.out_features}")
         shell = QuantLinear(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["w_bits"], cfg["a_bits"],
                             cfg["act_quant"], device="cpu", folded_norm=cfg.get("folded_norm", False),
-                            norm_eps=cfg.get("norm_eps", 1e-5), input_prescaled=cfg.get("input_prescaled", False))
+                            norm_eps=cfg.get("norm_eps", 1e-5), input_prescaled=cfg.get("input_prescaled", False),
+                            rotated=cfg.get("rotated", False))
     except CheckpointError:
         raise
     except (KeyError, ValueError, TypeError) as e:

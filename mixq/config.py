@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Optional, TypeVar
 from . import __version__, formats
 from .nn import ACT_MODES, WEIGHT_METHODS
 
-__all__ = ["AttentionConfig", "CalibrationConfig", "ConfigBase", "LinearConfig", "QuantConfig"]
+__all__ = ["AttentionConfig", "CalibrationConfig", "ConfigBase", "LinearConfig", "QuantConfig", "RotationConfig"]
 
 C = TypeVar("C", bound="ConfigBase")
 
@@ -293,6 +293,37 @@ class CalibrationConfig(ConfigBase):
         _check_int(self.seed, "seed")
 
 
+@dataclass(frozen=True)
+class RotationConfig(ConfigBase):
+    """Rotate the input space of the quantized Linears by a randomized Hadamard transform
+    (:mod:`mixq.rotation`) before their activation quantize: outliers spread over the Hadamard
+    block, the weights take W R^T offline, the transform runs online (one cheap op per input).
+
+    Every quantized Linear is rotated unless ``skip`` (names or fnmatch patterns) lists it; with
+    ``layers`` given, only the Linears it matches are. The random signs of the i-th quantized Linear
+    (in model order) are drawn from ``seed + i``. Needs act_quant "smooth" (auto) or "dynamic".
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    seed: int = 0
+    layers: Optional[tuple[str, ...]] = None
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_int(self.seed, "RotationConfig.seed")
+        layers = None if self.layers is None else _check_names(self.layers, "RotationConfig.layers")
+        _set(self, layers=layers, skip=_check_names(self.skip, "RotationConfig.skip"))
+
+    def rotates(self, name: str) -> bool:
+        """True when Linear ``name`` is rotated under this config."""
+        import fnmatch
+
+        if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
+            return False
+        return self.layers is None or any(fnmatch.fnmatchcase(name, p) for p in self.layers)
+
+
 _LINEAR_FIELDS = ("w_bits", "a_bits", "layer_bits", "skip", "act_quant", "smooth_alpha", "weight_method",
                   "fold_layernorm")
 
@@ -301,14 +332,16 @@ _LINEAR_FIELDS = ("w_bits", "a_bits", "layer_bits", "skip", "act_quant", "smooth
 class QuantConfig(ConfigBase):
     """What :func:`mixq.quantize_` quantizes and how: the Linears (``linear``), optionally the
     attention matmuls (``attention``; None: they stay float), the calibration sampling
-    (``calibration``), and how the result runs: ``backend`` (None: the fastest for the device) and
+    (``calibration``), the input rotations (``rotation``; None: none), and how the result runs: ``backend`` (None: the fastest for the device) and
     ``simulate`` (float simulation instead of the integer kernels, bit-identical).
 
     ``quantize_`` sets ``model.mixq_config`` to the config it used and :func:`mixq.save` records it
     (``to_dict``), so :func:`mixq.load` gives it back.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
+    # 1 -> 2: the rotation part (absent in version 1: no rotation, its default).
+    _MIGRATIONS: ClassVar[dict[int, Callable[[dict], dict]]] = {1: lambda d: d}
     _MOVED: ClassVar[dict[str, str]] = {
         **{k: f"QuantConfig(linear=LinearConfig({k}=...))" for k in _LINEAR_FIELDS},
         **{k: f"QuantConfig(calibration=CalibrationConfig({k}=...))" for k in ("max_calib_rows", "batch_size", "seed")},
@@ -325,10 +358,11 @@ class QuantConfig(ConfigBase):
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     backend: Optional[str] = None
     simulate: bool = False
+    rotation: Optional[RotationConfig] = None
 
     def __post_init__(self) -> None:
         for name, cls, optional in (("linear", LinearConfig, False), ("attention", AttentionConfig, True),
-                                    ("calibration", CalibrationConfig, False)):
+                                    ("calibration", CalibrationConfig, False), ("rotation", RotationConfig, True)):
             value = getattr(self, name)
             if not (isinstance(value, cls) or (optional and value is None)):
                 hint = (" (QuantConfig(8, 8) is now QuantConfig(LinearConfig(8, 8)), or "

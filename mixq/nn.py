@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import formats, ops
+from . import formats, ops, rotation
 from .backends import PackedWeight, get_backend, select_backend
 
 log = logging.getLogger("mixq")
@@ -58,9 +58,11 @@ class QuantLinear(nn.Module):
         folded_norm: bool = False,
         norm_eps: float = 1e-5,
         input_prescaled: bool = False,
+        rotated: bool = False,
     ) -> None:
         """``folded_norm``: a LayerNorm is folded in (channel mode; the layer then takes the pre-norm
-        input)."""
+        input). ``rotated``: the (smoothed) input is rotated by mixq.rotation's randomized Hadamard
+        transform before the quantize (dynamic and smooth modes; the weights hold W R^T)."""
         super().__init__()
         formats.check_bits(w_bits, "w_bits")
         formats.check_bits(a_bits, "a_bits")
@@ -82,6 +84,11 @@ class QuantLinear(nn.Module):
         self.folded_norm, self.norm_eps = folded_norm, float(norm_eps)
         self.norm_module = ""  # qualified name of the folded LayerNorm (now an Identity) in the model
         self.input_prescaled = input_prescaled
+        if rotated and act_quant not in ("dynamic", "smooth"):
+            raise ValueError(f"a rotated QuantLinear needs act_quant 'dynamic' or 'smooth', got {act_quant!r}")
+        # The rotation's random signs D (persistent; None: not rotated) and its Hadamard block size.
+        self.register_buffer("rot_signs", torch.ones(k, dtype=torch.float32, **kw) if rotated else None)
+        self.rot_block = rotation.hadamard_block(k) if k else 1
         # Persistent: the static per-tensor step t and the channel factors s_k folded into the weight
         # columns (ones unless smooth/channel mode); the multipliers the kernels take are derived
         # from them in refresh(), so a checkpoint holds each number once.
@@ -115,10 +122,12 @@ class QuantLinear(nn.Module):
         clip_search: bool = True,
         smooth_alpha: float = 0.5,
         weight_method: str = "rtn",
+        rotation_seed: Optional[int] = None,
     ) -> "QuantLinear":
         """Quantize ``linear``; ``act_samples`` [R, in_features] calibrates static/channel scales, or
         the smooth factors (from its per-channel amax), and GPTQ's Hessian (``weight_method="gptq"``;
-        "rtn" rounds to nearest)."""
+        "rtn" rounds to nearest). ``rotation_seed``: rotate the input space (signs drawn from it),
+        after the smooth factors: the weights become W diag(s) R^T."""
         if weight_method not in WEIGHT_METHODS:
             raise ValueError(f"unknown weight_method={weight_method!r}; allowed: {list(WEIGHT_METHODS)}")
         if not isinstance(linear, nn.Linear):
@@ -127,7 +136,7 @@ class QuantLinear(nn.Module):
             raise ValueError("the float layer's weights contain NaN/Inf; fix the model before quantizing")
         device = linear.weight.device
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, w_bits, a_bits,
-                act_quant, simulate, backend, device="cpu")
+                act_quant, simulate, backend, device="cpu", rotated=rotation_seed is not None)
         w = linear.weight.detach().to("cpu", torch.float32)
         if act_quant == "smooth":
             samples = _check_act_samples(act_samples, linear.in_features, act_quant).cpu()
@@ -143,11 +152,17 @@ class QuantLinear(nn.Module):
             else:
                 t = formats.calibrate_per_tensor(samples, a_bits)
             m.act_scale.copy_(t.reshape(1))
+        if m.rot_signs is not None:
+            m.rot_signs.copy_(rotation.random_signs(linear.in_features, rotation_seed))
+            w = rotation.rotate_weight(w, m.rot_signs, m.rot_block)
         if weight_method == "gptq":
             from .gptq import hessian, quantize_weight_gptq
 
             samples = _check_act_samples(act_samples, linear.in_features, "dynamic (with GPTQ)").cpu()
-            h = hessian(samples / m.act_channel_factor)  # in the basis the folded weights see
+            samples = samples / m.act_channel_factor  # in the basis the folded weights see
+            if m.rot_signs is not None:
+                samples = rotation.hadamard_fp32(samples, m.rot_signs, m.rot_block)
+            h = hessian(samples)
             q, scale = quantize_weight_gptq(w, w_bits, h, clip_search=clip_search)
         else:
             q, scale = formats.quantize_weight(w, w_bits, clip_search=clip_search)
@@ -168,6 +183,8 @@ class QuantLinear(nn.Module):
         self.backend = name
         self.static_inv_scale, self.smooth_inv = self._input_multipliers()
         smooth_inv = self.smooth_inv if self.act_quant == "smooth" and not self.input_prescaled else None
+        if self.rot_signs is not None:
+            smooth_inv = None  # a rotated layer smooths, then rotates, before the kernel (forward)
         self.packed = get_backend(name).pack(self.qweight, self.w_scale, self.bias, self.w_bits, self.in_features,
                                              self.out_features, smooth_inv)
         if self.simulate:
@@ -268,7 +285,10 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The effective float weight in the input's original basis (channel factors unfolded)."""
         q = formats.unpack_weight(self.qweight, self.w_bits, self.in_features)
-        return q.to(torch.float32) * self.w_scale[:, None] / self.act_channel_factor[None, :]
+        w = q.to(torch.float32) * self.w_scale[:, None]
+        if self.rot_signs is not None:
+            w = rotation.unrotate_weight(w, self.rot_signs, self.rot_block)
+        return w / self.act_channel_factor[None, :]
 
     def layer_config(self) -> dict:
         return {
@@ -282,11 +302,13 @@ class QuantLinear(nn.Module):
             "norm_eps": self.norm_eps,
             "norm_module": self.norm_module,
             "input_prescaled": self.input_prescaled,
+            "rotated": self.rot_signs is not None,
         }
 
     def extra_repr(self) -> str:
         mode = "simulate" if self.simulate else f"backend={self.backend}"
         norm = ", folded LayerNorm" if self.folded_norm else ", prescaled by producer" if self.input_prescaled else ""
+        norm += ", rotated" if self.rot_signs is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, W{self.w_bits}A{self.a_bits}, act={self.act_quant}{norm}, {mode}")
 
@@ -295,6 +317,11 @@ class QuantLinear(nn.Module):
     def _smoothed(self, x2: torch.Tensor) -> torch.Tensor:
         """Smooth mode's input in the folded basis, x / s_k (one fp32 multiply, the same on every path)."""
         return x2 if self.input_prescaled else x2.to(torch.float32) * self.smooth_inv
+
+    def _rotated(self, x2: torch.Tensor) -> torch.Tensor:
+        """A rotated layer's kernel input: smoothed (smooth mode), then the backend's Hadamard transform (fp32)."""
+        x2 = self._smoothed(x2) if self.act_quant == "smooth" else x2
+        return ops.hadamard_transform(x2.contiguous(), self.rot_signs, self.rot_block, self.backend)
 
     def _quantize_static_input(self, x2: torch.Tensor) -> torch.Tensor:
         """Static and channel modes: codes with the calibrated step (a folded LayerNorm in the same pass)."""
@@ -322,7 +349,9 @@ class QuantLinear(nn.Module):
             x2 = x2.detach()
         dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
         xk = (x2 if dtype == x.dtype else x2.to(dtype)).contiguous()
-        if self.act_quant == "dynamic" or self.act_quant == "smooth":
+        if self.rot_signs is not None:
+            out = ops.linear_dynamic(self._rotated(xk), self.packed, self.a_bits, dtype)
+        elif self.act_quant == "dynamic" or self.act_quant == "smooth":
             out = ops.linear_dynamic(xk, self.packed, self.a_bits, dtype)
         else:
             out = ops.linear(self._quantize_static_input(xk), self.act_scale, self.packed, dtype)
@@ -341,6 +370,10 @@ class QuantLinear(nn.Module):
         if self.folded_norm:
             xf = formats.layer_norm_fp32(xf, self.norm_weight, self.norm_bias, self.norm_eps)
             q, a_scale = formats.quantize_with_inv_scale(xf, self.static_inv_scale, self.a_bits), self.act_scale
+        elif self.rot_signs is not None:
+            xf = rotation.hadamard_fp32(self._smoothed(xf) if self.act_quant == "smooth" else xf, self.rot_signs,
+                                        self.rot_block)
+            q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
         elif self.act_quant == "dynamic":
             q, a_scale = formats.quantize_act_dynamic(xf, self.a_bits)
         elif self.act_quant == "smooth":

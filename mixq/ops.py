@@ -15,8 +15,8 @@ import torch
 
 from .backends import PackedWeight, get_backend
 
-__all__ = ["PackedWeight", "int_gemm", "layernorm_quantize", "linear", "linear_dynamic", "quantize_act_dynamic",
-           "quantize_act_static", "quantize_probs", "quantized_pv", "quantized_qk"]
+__all__ = ["PackedWeight", "hadamard_transform", "int_gemm", "layernorm_quantize", "linear", "linear_dynamic",
+           "quantize_act_dynamic", "quantize_act_static", "quantize_probs", "quantized_pv", "quantized_qk"]
 
 
 @torch.library.custom_op("mixq::quantize_act_dynamic", mutates_args=())
@@ -148,3 +148,14 @@ def quantize_probs(p: torch.Tensor, p_bits: int, p_grid: str, backend: str) -> t
 @quantize_probs.register_fake
 def _(p, p_bits, p_grid, backend):
     return p.new_empty(p.shape, dtype=torch.uint8)
+
+
+@torch.library.custom_op("mixq::hadamard_transform", mutates_args=())
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int, backend: str) -> torch.Tensor:
+    """Randomized block Walsh-Hadamard transform of x [M, K] -> fp32 [M, K] (mixq.rotation's contract)."""
+    return get_backend(backend).hadamard_transform(x, signs, block)
+
+
+@hadamard_transform.register_fake
+def _(x, signs, block, backend):
+    return x.new_empty(x.shape, dtype=torch.float32)

@@ -165,11 +165,17 @@ def quantize_(model: nn.Module, config: "QuantConfig | Plan | None" = None, cali
             raise ValueError(f"{need} needs calibration data; pass calib_data")
         samples, fed_by = calibrate(model, targets, calib_data, config.calibration, progress)
     mode = "smooth" if linear.act_quant == "auto" else linear.act_quant
-    for name in progress_bar(list(targets), "quantizing", progress):
+    rot = config.rotation
+    if rot is not None and mode not in ("smooth", "dynamic"):
+        raise ValueError(f"QuantConfig.rotation needs LinearConfig.act_quant 'auto', 'smooth' or 'dynamic' (the "
+                         f"rotation precedes a per-token quantize), got {linear.act_quant!r}")
+    for i, name in enumerate(progress_bar(list(targets), "quantizing", progress)):
         w_bits, a_bits = linear.bits_for(name)
+        seed = rot.seed + i if rot is not None and rot.rotates(name) else None
         q = QuantLinear.from_float(targets[name], w_bits, a_bits, act_quant=mode, act_samples=samples.get(name),
                                    simulate=config.simulate, backend=config.backend,
-                                   smooth_alpha=linear.smooth_alpha, weight_method=weight_method)
+                                   smooth_alpha=linear.smooth_alpha, weight_method=weight_method,
+                                   rotation_seed=seed)
         set_module(model, name, q)
     if linear.fold_layernorm and fed_by:
         check = batch_to(next(iter_batches(calib_data, config.calibration.batch_size)), model_device(model))

@@ -44,7 +44,7 @@ def test_to_dict_is_json_and_round_trips(config):
 
 def test_the_dict_form_is_nested_and_names_each_operand():
     d = FULL.to_dict()
-    assert sorted(d) == ["attention", "backend", "calibration", "linear", "simulate", "version"]
+    assert sorted(d) == ["attention", "backend", "calibration", "linear", "rotation", "simulate", "version"]
     assert d["attention"] == {"version": 1, "qk_bits": 6, "v_bits": 8, "p_bits": 4, "p_grid": "uniform",
                               "layer_bits": {"b.attn.pv": [4, 8]}, "skip": ["c.*"]}
     assert d["linear"]["layer_bits"] == {"fc1": [4, 8]} and QuantConfig().to_dict()["attention"] is None
@@ -56,11 +56,11 @@ def test_a_hand_written_dict_takes_defaults():
 
 
 @pytest.mark.parametrize("d, match", [
-    ({"version": 2}, r"QuantConfig dict has version 2, but this mixq .* reads QuantConfig versions up to 1"),
+    ({"version": 3}, r"QuantConfig dict has version 3, but this mixq .* reads QuantConfig versions up to 2"),
     ({"linear": {"version": 9}}, r"LinearConfig dict has version 9.*newer mixq"),
-    ({"version": 0}, "versions are whole numbers 1 to 1"),
+    ({"version": 0}, "versions are whole numbers 1 to 2"),
     ({"version": "1"}, "versions are whole numbers"),
-    ({"rotation": None}, r"QuantConfig has no dict key 'rotation'\. QuantConfig's dict keys: linear, attention"),
+    ({"spin": None}, r"QuantConfig has no dict key 'spin'\. QuantConfig's dict keys: linear, attention"),
     ({"w_bits": 4}, r"no dict key 'w_bits'; write QuantConfig\(linear=LinearConfig\(w_bits=\.\.\.\)\)"),
     ({"linear": {"bits": 4}}, "LinearConfig has no dict key 'bits'"),
     ({"attention": {"softmax_quant": "log2"}}, r"write AttentionConfig\(p_grid=\.\.\.\)"),
@@ -247,9 +247,9 @@ def test_a_config_from_a_newer_mixq_is_refused_before_the_model_is_touched(tmp_p
     q = quantize_(_model(), QuantConfig(), _data(), progress=False)
     raw = mixq.save(q, tmp_path / "m.safetensors").read_bytes()
     bad = tmp_path / "newer.safetensors"
-    bad.write_bytes(_with_config(raw, {**QuantConfig().to_dict(), "version": 2, "rotation": {}}))
+    bad.write_bytes(_with_config(raw, {**QuantConfig().to_dict(), "version": 3, "spin": {}}))
     target = _model()
-    with pytest.raises(CheckpointError, match=r"records a QuantConfig .* version 2.*upgrade mixq"):
+    with pytest.raises(CheckpointError, match=r"records a QuantConfig .* version 3.*upgrade mixq"):
         mixq.load(bad, target)
     assert not any(isinstance(m, mixq.QuantLinear) for m in target.modules())
 

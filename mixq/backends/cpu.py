@@ -181,3 +181,18 @@ def _check_all_cpu(**tensors: torch.Tensor) -> None:
 
 
 register_backend(CpuBackend())
+
+
+def _cpu_hadamard_transform(self: CpuBackend, x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """The randomized block Walsh-Hadamard transform in C++ (csrc/hadamard.cpp), bit-exact with
+    rotation.hadamard_fp32 (a method attached here, after the class, to keep this file's edits appends)."""
+    from .. import rotation
+
+    _require_ext()
+    _check_float_2d(x, "x")
+    rotation.check_transform_args(x, signs, block)
+    _check_cpu(signs, "signs")
+    return _C.hadamard_transform(x, signs, block, rotation.hadamard_scale(block))
+
+
+CpuBackend.hadamard_transform = _cpu_hadamard_transform  # type: ignore[attr-defined]

@@ -150,3 +150,13 @@ def attention_pv(
 
 
 register_backend(ReferenceBackend())
+
+
+def _hadamard_transform(self: ReferenceBackend, x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """Randomized block Walsh-Hadamard transform x [M, K] -> fp32 [M, K] (mixq.rotation's contract)."""
+    from .. import rotation
+
+    return rotation.hadamard_fp32(x, signs, block)
+
+
+ReferenceBackend.hadamard_transform = _hadamard_transform  # type: ignore[attr-defined]

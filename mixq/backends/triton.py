@@ -158,3 +158,15 @@ class TritonBackend(ReferenceBackend):
 
 
 register_backend(TritonBackend())
+
+
+def _triton_hadamard_transform(self: TritonBackend, x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """The randomized block Walsh-Hadamard transform in one launch (mixq.kernels.hadamard), bit-exact with
+    rotation.hadamard_fp32 (a method attached here, after the class, to keep this file's edits appends)."""
+    from mixq.kernels import hadamard as hadamard_kernels
+
+    with self._device_scope(x, signs):
+        return hadamard_kernels.hadamard_transform(x, signs, block)
+
+
+TritonBackend.hadamard_transform = _triton_hadamard_transform  # type: ignore[attr-defined]
