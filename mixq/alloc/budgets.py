@@ -141,7 +141,7 @@ def parse_latency_budget(budget: Union[str, float, None]) -> Optional[LatencyBud
     if budget is None:
         return None
     if isinstance(budget, str):
-        s = budget.strip().lower().replace(" ", "").replace("-", "")
+        s = budget.strip().lower().replace(" ", "").replace("x-", "x")
         m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(x|xfp32|xw8a8|s|ms|us|µs)", s)
         if m and math.isfinite(float(m.group(1))) and float(m.group(1)) > 0:
             value, unit = float(m.group(1)), m.group(2)

@@ -188,8 +188,6 @@ class Plan:
                       f"bits {self.avg_act_bits:.3f}, MAC-weighted over Linear inputs and both operands of each "
                       f"attention matmul; probabilities on the {self.p_grid} grid)" if attention else "")
                    + f", {self.status}" + (f" (gap {self.gap:.2%})" if self.status != "optimal" else ""))
-        if self.latency:
-            summary += "\n" + latency_line(self.latency)
         table = Table()
         cols = ("layer", "op", "W", "A", "params", "MACs/input", "BOPs share", "cost") if attention else \
             ("layer", "W", "A", "params", "MACs/input", "cost")
@@ -210,6 +208,8 @@ class Plan:
                           "" if cost is None else f"{cost:.4g}")
         console = Console(file=io.StringIO(), width=200, record=True)
         console.print(summary)
+        if self.latency:
+            console.print(latency_line(self.latency), soft_wrap=True)
         console.print(table)
         return console.export_text()
 

@@ -176,7 +176,7 @@ def _quant_linear(shape: Shape, bits: tuple[int, int], act_quant: str, backend: 
 
 
 def time_shape(shape: Shape, candidates: Sequence[tuple[int, int]], key: dict, act_quant: str = "smooth",
-               device: torch.device | str = "cpu", rounds: int = 5, min_round_s: float = 0.01,
+               device: torch.device | str = "cpu", rounds: int = 7, min_round_s: float = 0.02,
                with_fp32: bool = True) -> dict[str, float]:
     """Seconds per call of the fp32 Linear and of QuantLinear at each candidate, timed interleaved."""
     device = torch.device(device)
@@ -210,7 +210,7 @@ def profile_latency(
     backend: Optional[str] = None,
     cache_dir: CacheDir = None,
     progress: bool = True,
-    rounds: int = 5,
+    rounds: int = 7,
     log: Optional[Callable[[str], None]] = None,
 ) -> LatencyTable:
     """Measure (or read from the cache) the latency table of ``model`` on its current device.
