@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scorer", default="kl", help="allocate's scorer (default kl; measured is slower)")
     p.add_argument("--batch", type=int, default=1, help="images per inference call timed (default 1)")
+    p.add_argument("--n-score", type=int, default=32,
+                   help="calibration images the scorer runs on (default all 32; fewer is faster)")
     p.add_argument("--n-test", type=int, default=None, help="test images (default: the whole test split)")
     p.add_argument("--uniform", default=",".join(_label(b) for b in UNIFORM),
                    help="uniform points, comma-separated (default W8A8,W6A8,W4A8,W8A4,W4A4)")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
         f"budget {budget_ms:.2f} ms")
 
     t0 = time.perf_counter()
-    plan = allocate(fp, calib, budget=None, scorer=args.scorer, filter_fn=adapter.quant_filter,
+    plan = allocate(fp, calib[: args.n_score], budget=None, scorer=args.scorer, filter_fn=adapter.quant_filter,
                     output_fn=adapter.output_fn, latency_budget=f"{budget_ms!r}ms", latency_batch=args.batch)
     alloc_s = time.perf_counter() - t0
     log(f"plan ({alloc_s:.0f} s): predicted {plan.latency['predicted_ms']:.2f} ms")
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
         "",
         f"Command: `PYTHONPATH=. .venv/bin/python bench/latency_budget.py"
         + (f" --scorer {args.scorer}" if args.scorer != "kl" else "")
-        + (f" --n-test {args.n_test}" if args.n_test else "") + (f" --batch {args.batch}" if args.batch != 1 else "")
+        + (f" --n-test {args.n_test}" if args.n_test else "") + (f" --n-score {args.n_score}" if args.n_score != 32 else "") + (f" --batch {args.batch}" if args.batch != 1 else "")
         + "`",
         "",
         f"- latency table: {len(table.shapes)} Linear shapes x (fp32 + {len(table.times[next(iter(table.times))]) - 1} "
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
         f"{table.model_s * 1e3:.2f} ms",
         f"- budget: halfway between uniform W8A8 ({measured_or(first, 'W8A8')}) and the fastest uniform point "
         f"{fastest} ({first[fastest]:.2f} ms), measured in the first timing pass: **{budget_ms:.2f} ms**",
-        f"- plan ({args.scorer} scores, latency budget alone; allocation {alloc_s:.0f} s): "
+        f"- plan ({args.scorer} scores on {min(args.n_score, len(calib))} calibration images, latency budget alone; "
+        f"allocation {alloc_s:.0f} s): "
         + ", ".join(f"{k} x{v}" for k, v in sorted(choices.items()))
         + f"; {plan.avg_bits_per_weight:.2f} average weight bits",
         f"- plan latency: predicted {predicted['plan']:.2f} ms, measured {measured['plan']:.2f} ms; "

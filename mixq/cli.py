@@ -368,7 +368,7 @@ def cmd_profile_latency(args: argparse.Namespace) -> int:
            ["bits"] + [f"{label} x{count}" for label, count, _ in shapes] + [f"all {len(table.layers)} Linears"], rows)
     _table("mixq profile-latency", ["item", "value"], [
         ("float model, end to end", f"{table.model_s * 1e3:.3f} ms"),
-        ("non-Linear time (constant)", f"{table.other_s * 1e3:.3f} ms (float model minus its Linears at fp32)"),
+        ("non-Linear time (constant)", f"{table.other_s * 1e3:.3f} ms (the float model with its Linears stubbed out)"),
         ("shapes measured / from cache", f"{table.measured} / {table.reused}"),
         ("machine", machine()),
         ("time", f"{table.profile_s:.1f} s"),

@@ -147,7 +147,7 @@ def _counting(monkeypatch):
         return {**out, **({lat.FP32: 1e-4} if with_fp32 else {})}
 
     monkeypatch.setattr(lat, "time_shape", fake_time_shape)
-    monkeypatch.setattr(lat, "float_model_seconds", lambda *a, **k: 5e-3)
+    monkeypatch.setattr(lat, "float_model_seconds", lambda *a, **k: (5e-3, 1e-3))
     return calls
 
 
@@ -162,7 +162,7 @@ def test_identical_shapes_are_measured_once_and_cached(toy, tmp_path, monkeypatc
     again = lat.profile_latency(model, calib, cache_dir=tmp_path, progress=False)
     assert len(calls) == n_shapes and again.reused == n_shapes  # the same machine key reuses
     assert again.times == table.times
-    assert table.other_s == pytest.approx(5e-3 - table.layer_total(None))
+    assert (table.model_s, table.other_s) == (5e-3, 1e-3)
 
 
 def test_another_kernel_family_or_thread_count_measures_again(toy, tmp_path, monkeypatch):
@@ -186,6 +186,26 @@ def test_another_kernel_family_or_thread_count_measures_again(toy, tmp_path, mon
     lat.profile_latency(model, calib, candidates=[(8, 8)], cache_dir=tmp_path, progress=False)
     assert len(calls) == 3 * n
     assert set(table.times[next(iter(table.times))]) >= {lat.FP32, "W4A4", "W8A8"}
+
+
+def test_non_linear_time_runs_the_model_with_its_linears_stubbed(toy, tmp_path):
+    from mixq.modules import find_linears
+
+    model, calib = toy
+    x = calib[:1]
+    before = model(x)
+    linears = find_linears(model)
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in linears.values()]
+    model_s, other_s = lat.float_model_seconds(model, x, list(linears), lat.device_key(), tmp_path, rounds=1)
+    for h in handles:
+        h.remove()
+    assert model_s > 0 and other_s > 0
+    assert all("forward" not in m.__dict__ for m in linears.values())  # restored
+    assert torch.equal(model(x), before)
+    assert len(calls) > 0  # the hooks saw the recorded and the timed full passes
+    again = lat.float_model_seconds(model, x, list(linears), lat.device_key(), tmp_path, rounds=1)
+    assert again == (model_s, other_s)  # cached
 
 
 def test_device_key_names_what_changes_a_kernels_speed():

@@ -8,8 +8,8 @@ For each Linear shape (M = tokens of one inference batch, K, N) the median time 
 qkv Linears of a ViT share one). Results are cached on disk per shape, keyed by everything that
 changes a kernel's speed: device, CPU model and kernel family (``mixq._C.kernel_path()``) or GPU
 name, backend, torch threads, shape, bits, activation mode. The model's non-Linear time (norms,
-attention, GELU...) is measured once per model as whole float model time minus the sum of its
-Linears' fp32 times, and added to every prediction as a constant.
+attention, GELU...) is measured once per model, as the float model with its Linears stubbed out
+(each returns a recorded output), and added to every prediction as a constant.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ class LatencyTable:
 
     ``times[label]`` maps "fp32" and "W8A8"-style labels to seconds for shape ``shapes[label]``;
     ``layers`` maps each Linear name to its shape's label. ``model_s``: the whole float model on one
-    inference batch (``batch`` images); ``other_s``: that minus the fp32 time of the listed Linears.
+    inference batch (``batch`` images); ``other_s``: the same model with the listed Linears stubbed
+    out (:func:`float_model_seconds`), the time no choice of bits changes.
     """
 
     key: dict
@@ -274,12 +275,12 @@ def profile_latency(
         times[label] = entry
         if log is not None:
             log(f"{label}: fp32 {entry[FP32] * 1e3:.3f} ms, W8A8 {entry['W8A8'] * 1e3:.3f} ms")
-    model_s = float_model_seconds(model, inputs, key, root, rounds)
+    model_s, other_s = float_model_seconds(model, inputs, list(table_layers), key, root, rounds)
     fp32_layers = sum(times[table_layers[n]][FP32] for n in table_layers)
     return LatencyTable(key=key, batch=n_images, act_quant=act_quant, layers=table_layers, shapes=shapes,
-                        times=times, model_s=model_s, other_s=max(model_s - fp32_layers, 0.0),
-                        reused=reused, measured=measured, profile_s=time.perf_counter() - t0,
-                        extra={"raw_other_s": model_s - fp32_layers})
+                        times=times, model_s=model_s, other_s=other_s, reused=reused, measured=measured,
+                        profile_s=time.perf_counter() - t0,
+                        extra={"model_minus_fp32_linears_s": model_s - fp32_layers})
 
 
 def _tensors(batch: Any) -> list[torch.Tensor]:
@@ -288,21 +289,57 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     return tensors_in(batch)
 
 
-def float_model_seconds(model: nn.Module, inputs: Any, key: dict, root: Any = None, rounds: int = 5) -> float:
-    """The whole float model on ``inputs`` (cached per model, inputs and machine key)."""
-    mkey = fingerprint(model, [inputs], {"kind": "float-model-latency", **key, "rounds": rounds})
+def float_model_seconds(model: nn.Module, inputs: Any, names: Sequence[str], key: dict, root: Any = None,
+                        rounds: int = 7) -> tuple[float, float]:
+    """(whole float model, the model with the Linears ``names`` stubbed out) in seconds on ``inputs``.
+
+    The second is the non-Linear time measured directly: each listed Linear returns the output it
+    produced in a recorded pass instead of computing it, so what is timed is everything else (norms,
+    attention, activations, the other Linears). Both are timed interleaved; cached per model,
+    inputs, Linears and machine key."""
+    mkey = fingerprint(model, [inputs], {"kind": "float-model-latency", **key, "rounds": rounds,
+                                         "names": sorted(names)})
     hit = load(root, "latency-model", mkey)
     if hit is not None:
-        return float(hit["model_s"])
+        return float(hit["model_s"]), float(hit["other_s"])
+    modules = dict(model.named_modules())
+    state = {"mode": "run"}
+    recorded: dict[str, torch.Tensor] = {}
+
+    def stub(name: str, forward: Callable) -> Callable:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            if state["mode"] == "stub":
+                return recorded[name]
+            out = forward(x)
+            if state["mode"] == "record":
+                recorded[name] = out
+            return out
+        return fn
+
     was_training = model.training
     model.eval()
+    for n in names:
+        modules[n].forward = stub(n, modules[n].forward)
     try:
-        t = timing.time_callable(lambda: run_model(model, inputs), rounds=rounds, min_round_s=0.05,
-                                 device=model_device(model))
+        with torch.inference_mode():
+            state["mode"] = "record"
+            run_model(model, inputs)
+
+        def run(mode: str) -> Callable[[], Any]:
+            def fn() -> Any:
+                state["mode"] = mode
+                return run_model(model, inputs)
+            return fn
+
+        t = timing.interleaved_times({"model": run("run"), "other": run("stub")}, rounds=rounds, min_round_s=0.05,
+                                     device=model_device(model))
     finally:
+        for n in names:
+            del modules[n].forward
         model.train(was_training)
-    store(root, "latency-model", mkey, {"model_s": t.median_s})
-    return t.median_s
+    result = {"model_s": t["model"].median_s, "other_s": t["other"].median_s}
+    store(root, "latency-model", mkey, result)
+    return result["model_s"], result["other_s"]
 
 
 def measure_model_seconds(model: nn.Module, calib_data: Any, batch: int = 1, rounds: int = 5) -> float:
