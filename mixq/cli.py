@@ -24,6 +24,8 @@ EPILOG = """examples:
   mixq quantize sam-vit-b:/ckpt/sam_vit_b.pth --calib coco/val2017 --budget 5 --bops 2e12 --out runs/sam5
   mixq eval runs/d6/model.safetensors --task dinov2
   mixq bench runs/d6/model.safetensors
+  mixq profile-latency dinov2-s               # the measured latency table the allocator budgets with
+  mixq quantize dinov2-s --budget 8 --latency-budget 0.8xw8a8 --scorer kl --out runs/fast
   mixq report runs/d6/plan.json --out runs/d6/report
   mixq report --pareto bench/results/pareto.json --out runs/pareto_report
 """
@@ -152,6 +154,19 @@ def _bops_check(bops: Optional[str]) -> None:
         raise CliError(f"--bops: {e}") from e
 
 
+def _latency_check(latency_budget: Optional[str], attention: bool) -> None:
+    from .alloc import parse_latency_budget
+
+    if latency_budget is None:
+        return
+    if attention:
+        raise CliError("--latency-budget covers the Linears only; it cannot be combined with --quantize-attention")
+    try:
+        parse_latency_budget(latency_budget)
+    except ValueError as e:
+        raise CliError(f"--latency-budget: {e}") from e
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -175,6 +190,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .eval.quantized import bits_summary
     from collections import Counter
 
+    from .alloc.plan import latency_line
     from .report import ReportData, rows_from_attention_configs, rows_from_layer_configs
 
     # Every argument is checked before anything is built or any old output is touched.
@@ -189,9 +205,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 raise CliError(f"--quantize-attention with --scorer {args.scorer}: {e}") from e
     if args.uniform:
         w, a = _parse_uniform(args.uniform)
+        if args.latency_budget:
+            raise CliError("--latency-budget allocates bits; it cannot be combined with --uniform")
     else:
         _budget_check(args.budget)
         _bops_check(args.bops)
+        _latency_check(args.latency_budget, args.quantize_attention)
     final = Path(args.out)
     with _staged_output(final, args.force) as out:
         adapter = _adapter(args.model, args.calib)
@@ -208,11 +227,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 plan = allocate(model, calib, budget=args.budget, bops_budget=args.bops,
                                 scorer=SCORER_CHOICES[args.scorer], synergy=False if args.no_synergy else None,
                                 filter_fn=adapter.quant_filter, output_fn=adapter.output_fn,
-                                attention=args.quantize_attention)
+                                attention=args.quantize_attention, latency_budget=args.latency_budget,
+                                latency_batch=args.latency_batch)
             except InfeasibleBudgetError as e:
                 raise CliError(str(e)) from e
             config = plan.to_config(linear=linear)
         mixq.quantize_(model, config, calib, filter_fn=adapter.quant_filter)
+        if plan is not None and plan.latency is not None:
+            from .scores.latency import measure_model_seconds
+
+            plan.latency["measured_ms"] = measure_model_seconds(model, calib, plan.latency["batch"]) * 1e3
         mixq.save(model, out / "model.safetensors", model_spec=args.model,
                   extra={"calibration": adapter.describe().calibration, "n_calib": args.n_calib})
         if plan is not None:
@@ -228,6 +252,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ("average weight bits", f"{data.avg_w_bits:.3f}"),
         ("checkpoint", str(final / "model.safetensors")),
         ("plan", str(final / "plan.json") if plan is not None else "uniform (no plan)"),
+        *([("latency", latency_line(plan.latency))] if plan is not None and plan.latency else []),
         ("time", f"{time.perf_counter() - t0:.1f} s"),
     ])
     return 0
@@ -313,6 +338,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _table(f"mixq bench ({device}, batch {args.batch}, {torch.get_num_threads()} threads, "
            f"mixq backend: {', '.join(backends)})", ["model", "median ms", "min ms", "speedup vs float32"],
            [(r["name"], r["median_ms"], r["min_ms"], f"{r['speedup']:.2f}x") for r in rows])
+    return 0
+
+
+def cmd_profile_latency(args: argparse.Namespace) -> int:
+    import torch
+
+    from .scores.latency import FP32, bits_label, profile_latency
+    from .timing import machine
+
+    if args.threads < 0:
+        raise CliError(f"--threads must be >= 0 (0: torch's choice), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapter = _adapter(args.model, args.calib)
+    model = adapter.build()
+    calib = adapter.calibration_batches(args.batch)
+    table = profile_latency(model, calib, batch=args.batch, act_quant=args.act,
+                            cache_dir=False if args.no_cache else None, progress=True)
+    from .formats import SUPPORTED_BITS
+
+    cands = [(w, a) for w in SUPPORTED_BITS for a in SUPPORTED_BITS]
+    shapes = table.rows()
+    rows = [(bits_label(b) if b else FP32, *(f"{table.times[label].get(bits_label(b) if b else FP32, float('nan')) * 1e3:.3f}"
+                                             for label, _, _ in shapes), f"{table.layer_total(b) * 1e3:.3f}")
+            for b in [None] + cands]
+    _table(f"mixq latency table for {args.model}: ms per call, batch {table.batch}, {table.key['backend']} backend "
+           f"({table.key.get('kernel_family') or table.key.get('gpu')}), {table.key['threads']} threads",
+           ["bits"] + [f"{label} x{count}" for label, count, _ in shapes] + [f"all {len(table.layers)} Linears"], rows)
+    _table("mixq profile-latency", ["item", "value"], [
+        ("float model, end to end", f"{table.model_s * 1e3:.3f} ms"),
+        ("non-Linear time (constant)", f"{table.other_s * 1e3:.3f} ms (the float model with its Linears stubbed out)"),
+        ("shapes measured / from cache", f"{table.measured} / {table.reused}"),
+        ("machine", machine()),
+        ("time", f"{table.profile_s:.1f} s"),
+    ])
+    if args.out:
+        with _staged_output(Path(args.out), args.force, is_dir=False) as tmp:
+            tmp.write_text(json.dumps({"machine": machine(), **table.to_dict()}, indent=2))
     return 0
 
 
@@ -468,6 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "does it and its KL measured, the Pareto sweep's winner and the slowest; kl = two probes per "
                    "layer extrapolated with 4^-bits, about 3x faster; combined = the sum of kl, lrp and "
                    "sensitivity, each normalized)")
+    s.add_argument("--latency-budget", default=None, metavar="BUDGET",
+                   help="measured-latency budget (the table of mixq profile-latency, measured or cached first): "
+                   "'45ms' = predicted end-to-end time of one inference call (the Linears plus the measured "
+                   "non-Linear time), '0.6x' = the quantized Linears at most 0.6x their fp32 time, '0.8xw8a8' = at "
+                   "most 0.8x their uniform-W8A8 time. The checkpoint is timed after quantizing (measured vs predicted "
+                   "in plan.json)")
+    s.add_argument("--latency-batch", type=_positive_int, default=1,
+                   help="images per inference call the latency is measured for (default 1)")
     s.add_argument("--no-synergy", action="store_true",
                    help="drop the cross-layer synergy term (always off with --scorer measured)")
     s.add_argument("--uniform", metavar="WxAy", help="skip allocation: every layer at these bits, e.g. W8A8 or 4/8")
@@ -510,6 +581,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=_positive_int, default=10, help="timed iterations (default 10)")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("profile-latency", help="measure the per-layer latency table the allocator budgets with",
+                       description="Time every Linear shape of MODEL at fp32 and at every (w, a) through mixq's own "
+                       "kernels on this machine, plus the float model end to end (its non-Linear time is the "
+                       "difference). Cached per shape, keyed by device, kernel family or GPU name, backend, threads "
+                       "and bits; allocate(latency_budget=...) and mixq quantize --latency-budget reuse it.")
+    s.add_argument("model", nargs="?", default="dinov2-s", help="a model spec as for mixq quantize (default dinov2-s)")
+    s.add_argument("--calib", help="folder of images (default: the model's shipped images; sets the input size)")
+    s.add_argument("--batch", type=_positive_int, default=1, help="images per inference call (default 1)")
+    s.add_argument("--act", choices=["smooth", "dynamic", "static", "channel"], default="smooth",
+                   help="the activation mode timed (default smooth, what quantize uses by default)")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--no-cache", action="store_true", help="measure everything again and store nothing")
+    s.add_argument("--out", help="also write the table as JSON here")
+    s.add_argument("--force", action="store_true", help="replace --out if it exists")
+    s.set_defaults(fn=cmd_profile_latency)
 
     s = sub.add_parser("report", help="Markdown/HTML report with plots from a plan JSON or a checkpoint",
                        description="Per-layer bits across depth, scores, size and BOPs against budget, "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from .alloc.plan import latency_line
 from .alloc.problem import stored_bits
 from .formats import SUPPORTED_BITS
 
@@ -81,6 +82,7 @@ class ReportData:
     frontier: list[dict] = field(default_factory=list)
     frontier_metrics: dict[str, str] = field(default_factory=dict)
     frontier_caption: str = ""
+    latency: Optional[dict] = None  # a plan's predicted (and, where timed, measured) latency
 
     @property
     def size_bits(self) -> int:
@@ -131,7 +133,8 @@ class ReportData:
     def from_plan(cls, title: str, plan: dict, **kwargs: Any) -> "ReportData":
         """A report of a plan's JSON (:meth:`mixq.alloc.Plan.to_dict`), its budget in the plan's own measure."""
         return cls(title, rows_from_plan(plan), plan.get("size_budget_bits"), plan.get("bops_budget"),
-                   budget_kind=(plan.get("budget") or {}).get("kind", "bits_per_weight"), **kwargs)
+                   budget_kind=(plan.get("budget") or {}).get("kind", "bits_per_weight"),
+                   latency=plan.get("latency"), **kwargs)
 
 
 def _fig_bits(data: ReportData, path: Path) -> None:
@@ -385,6 +388,8 @@ def write_report(data: ReportData, out_dir: str | Path) -> Path:
             md.append(f"- average activation bits: {data.avg_a_bits:.3f} (MAC-weighted over "
                       + ("the Linears' inputs and both operands of each attention matmul)" if attention
                          else "the Linears' inputs)"))
+    if data.latency:
+        md.append("- " + latency_line(data.latency))
     md += [f"- {n}" for n in data.notes]
     md.append("")
     for t in data.tables:

@@ -3,7 +3,8 @@
 The problem (shared/DESIGN.md, "Scores and allocation"): binary ``x[i,c]`` picks candidate ``c`` for layer
 ``i``; minimize ``sum cost[i,c] x[i,c] + lam * sum_{(l,m) adjacent} S[l,m] * D(c_l, c_m)`` with
 ``D = (w_l - w_m)^2 + (a_l - a_m)^2`` (the Mix-QSAM synergy term, on both bit-widths), subject to one
-choice per layer, a model-size budget, an optional BOPs budget and pinned layers.
+choice per layer, a model-size budget, an optional BOPs budget, an optional latency budget (measured
+per-layer times, :mod:`mixq.scores.latency`) and pinned layers.
 
 Formulation (exact). ``x[i,c]`` binary, one-hot per layer (pinned layers fixed by bounds). For each
 adjacent pair with S > 0, continuous product variables ``y[a,b] = x[l,a] x[m,b]`` with both
@@ -51,16 +52,17 @@ Layout: :mod:`.problem` (the numbers in), :mod:`.budgets` (user budgets to integ
 from __future__ import annotations
 
 from .api import SCORERS, Scorer, allocate
-from .budgets import SizeBudget, check_bops_budget, parse_bops_budget, parse_size_budget
+from .budgets import (LatencyBudget, SizeBudget, check_bops_budget, parse_bops_budget, parse_latency_budget,
+                      parse_size_budget)
 from .milp import solve_milp
 from .plan import Plan, solve_plan
 from .problem import (
     BIAS_BITS, BITS, BITS_PER_WEIGHT_MAX, DEFAULT_CANDIDATES, SCALE_BITS, AllocationProblem, Budget,
-    InfeasibleBudgetError, KnapsackRow, Solution,
+    InfeasibleBudgetError, KnapsackRow, LayerLatency, Solution,
 )
 
 __all__ = [
     "BIAS_BITS", "BITS", "BITS_PER_WEIGHT_MAX", "DEFAULT_CANDIDATES", "SCALE_BITS", "SCORERS", "AllocationProblem",
-    "Budget", "InfeasibleBudgetError", "KnapsackRow", "Plan", "Scorer", "SizeBudget", "Solution", "allocate",
-    "check_bops_budget", "parse_bops_budget", "parse_size_budget", "solve_milp", "solve_plan",
+    "Budget", "InfeasibleBudgetError", "KnapsackRow", "LatencyBudget", "LayerLatency", "Plan", "Scorer", "SizeBudget", "Solution", "allocate",
+    "check_bops_budget", "parse_bops_budget", "parse_latency_budget", "parse_size_budget", "solve_milp", "solve_plan",
 ]

@@ -1,4 +1,5 @@
-"""Size and BOPs budgets: what a user writes ("6.0", "12MB", "0.5x") to exact integer knapsack rows."""
+"""Size, BOPs and latency budgets: what a user writes ("6.0", "12MB", "0.5x", "45ms") to exact integer
+knapsack rows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .problem import BITS_PER_WEIGHT_MAX, AllocationProblem, Budget, KnapsackRow
+from .problem import BITS_PER_WEIGHT_MAX, AllocationProblem, Budget, KnapsackRow, LayerLatency
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -96,3 +97,59 @@ def parse_bops_budget(bops_budget: Union[float, int, str, None], problem: Alloca
     if relative:
         value *= int(np.asarray(problem.macs, dtype=np.int64).sum()) * 64
     return math.floor(value)
+
+
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+_LATENCY_RELATIVE = {"x": "fp32", "xfp32": "fp32", "xw8a8": "w8a8"}
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """A latency budget. ``kind`` "seconds": the predicted end-to-end time of one inference call
+    (``value`` seconds: the planned layers plus the measured constant); "fp32" / "w8a8": the planned
+    layers' summed time at most ``value`` times their fp32 / uniform-W8A8 sum (the constant adds
+    nothing a plan can change, so a fraction is of the layers alone)."""
+
+    kind: str
+    value: float
+    text: str
+
+    def layer_seconds(self, latency: LayerLatency) -> float:
+        """The planned layers' allowed total in seconds (negative: not even zero-time layers fit)."""
+        if self.kind == "fp32":
+            return self.value * float(latency.fp32.sum())
+        if self.kind == "w8a8":
+            return self.value * float(latency.w8a8.sum())
+        return self.value - latency.other_s
+
+    def end_to_end_seconds(self, latency: LayerLatency) -> float:
+        return self.layer_seconds(latency) + latency.other_s
+
+    def row(self, latency: LayerLatency) -> KnapsackRow:
+        return KnapsackRow("latency", latency.nanoseconds(), math.floor(self.layer_seconds(latency) * 1e9))
+
+    def describe(self) -> str:
+        if self.kind == "seconds":
+            return f"{self.value * 1e3:g} ms end to end"
+        return f"{self.value:g}x the {'fp32' if self.kind == 'fp32' else 'uniform W8A8'} Linears' time"
+
+
+def parse_latency_budget(budget: Union[str, float, None]) -> Optional[LatencyBudget]:
+    """``"45ms"`` / ``"0.045s"`` / ``"45000us"``: predicted end-to-end time of one inference call;
+    ``"0.6x"``: the planned Linears at most 0.6 x their fp32 time; ``"0.8xw8a8"``: at most 0.8 x their
+    uniform-W8A8 time. None: no latency budget."""
+    if budget is None:
+        return None
+    if isinstance(budget, str):
+        s = budget.strip().lower().replace(" ", "").replace("x-", "x")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(x|xfp32|xw8a8|s|ms|us|µs)", s)
+        if m and math.isfinite(float(m.group(1))) and float(m.group(1)) > 0:
+            value, unit = float(m.group(1)), m.group(2)
+            if unit in _LATENCY_RELATIVE:
+                return LatencyBudget(_LATENCY_RELATIVE[unit], value, budget.strip())
+            return LatencyBudget("seconds", value * _TIME_UNITS[unit], budget.strip())
+    raise ValueError(
+        f"cannot read latency budget {budget!r}; use a time with a unit ('45ms', '0.05s', '800us': predicted "
+        "end-to-end time of one inference call) or a fraction of the Linears' measured time: '0.6x' (of fp32) "
+        "or '0.8xw8a8' (of uniform W8A8)"
+    )

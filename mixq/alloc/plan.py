@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from .budgets import parse_bops_budget, parse_size_budget
+from .budgets import LatencyBudget, parse_bops_budget, parse_latency_budget, parse_size_budget
 from .milp import solve_milp
-from .problem import AllocationProblem, Budget, InfeasibleBudgetError, KnapsackRow
+from .problem import AllocationProblem, Budget, InfeasibleBudgetError, KnapsackRow, LayerLatency
 
 if TYPE_CHECKING:
     from ..config import QuantConfig
@@ -51,6 +51,10 @@ class Plan:
     synergy: bool = False
     layer_info: dict[str, dict] = field(default_factory=dict)  # name -> params, macs, out_features, bias, cost[, op]
     p_grid: Optional[str] = None  # the attention matmuls' probability grid; None: Linears only
+    # Predicted latency from the measured table (allocate(latency_budget=...)): ms end to end and
+    # its parts, the budget, the fp32 and W8A8 references; "measured_ms" once the quantized model
+    # was timed (mixq quantize, bench/latency_budget.py). None: no latency table was used.
+    latency: Optional[dict] = None
 
     @property
     def size_bytes(self) -> float:
@@ -204,6 +208,8 @@ class Plan:
                           "" if cost is None else f"{cost:.4g}")
         console = Console(file=io.StringIO(), width=200, record=True)
         console.print(summary)
+        if self.latency:
+            console.print(latency_line(self.latency), soft_wrap=True)
         console.print(table)
         return console.export_text()
 
@@ -217,6 +223,40 @@ _DERIVED = ("size_bytes", "avg_bits_per_weight", "size_budget_bits", "quantized_
 def _bits_keys(op: str, b1: int, b2: int) -> dict:
     k1, k2 = _BIT_KEYS[op]
     return {k1: b1, k2: b2}
+
+
+def latency_line(latency: dict) -> str:
+    """One line: predicted latency against its budget and the references, measured where known."""
+    lat = latency
+    text = (f"latency (batch {lat.get('batch', 1)}): predicted {lat['predicted_ms']:.3f} ms end to end "
+            f"(Linears {lat['layers_ms']:.3f} ms + non-Linear {lat['other_ms']:.3f} ms)")
+    if lat.get("budget_ms") is not None:
+        text += f", budget {lat['budget_ms']:.3f} ms ({lat.get('budget', '')})"
+    text += f"; fp32 {lat['fp32_ms']:.3f} ms, uniform W8A8 {lat['w8a8_ms']:.3f} ms predicted"
+    if lat.get("measured_ms") is not None:
+        text += (f"; measured {lat['measured_ms']:.3f} ms (measured / predicted "
+                 f"{lat['measured_ms'] / lat['predicted_ms']:.3f}"
+                 + (f", measured / budget {lat['measured_ms'] / lat['budget_ms']:.3f}" if lat.get("budget_ms") else "")
+                 + ")")
+    return text
+
+
+def latency_summary(latency: LayerLatency, choice: np.ndarray, budget: Optional[LatencyBudget]) -> dict:
+    """The plan's ``latency`` dict: predicted ms end to end and its parts, budget and references."""
+    layers = float(latency.seconds[np.arange(len(choice)), choice].sum())
+    return {
+        "batch": int(latency.batch),
+        "predicted_ms": (layers + latency.other_s) * 1e3,
+        "layers_ms": layers * 1e3,
+        "other_ms": latency.other_s * 1e3,
+        "fp32_ms": (float(latency.fp32.sum()) + latency.other_s) * 1e3,
+        "w8a8_ms": (float(latency.w8a8.sum()) + latency.other_s) * 1e3,
+        "fastest_ms": (float(latency.seconds.min(axis=1).sum()) + latency.other_s) * 1e3,
+        "budget": None if budget is None else budget.text,
+        "budget_ms": None if budget is None else budget.end_to_end_seconds(latency) * 1e3,
+        "measured_ms": None,
+        "machine": dict(latency.key),
+    }
 
 
 def _smallest_feasible(problem: AllocationProblem, rows: list[KnapsackRow], which: int) -> Optional[int]:
@@ -238,19 +278,31 @@ def solve_plan(
     synergy: bool = True,
     time_limit: Optional[float] = None,
     scorer: str = "",
+    latency_budget: Union[str, None] = None,
+    latency: Optional[LayerLatency] = None,
 ) -> Plan:
     """Solve ``problem`` under the budgets and wrap the answer as a :class:`Plan`.
 
+    ``latency_budget`` (:func:`~mixq.alloc.budgets.parse_latency_budget`) needs ``latency``, the
+    measured table of the problem's layers; with ``latency`` alone the plan carries its prediction.
     Raises :class:`InfeasibleBudgetError` naming the smallest feasible budget when none fits.
     """
     size = parse_size_budget(budget) if budget is not None else None
     bops_rhs = parse_bops_budget(bops_budget, problem)
+    lat_budget = parse_latency_budget(latency_budget)
+    if lat_budget is not None and latency is None:
+        raise ValueError("a latency budget needs the measured latency table (latency=LayerLatency(...))")
+    if latency is not None and latency.seconds.shape != (len(problem.names), len(problem.candidates)):
+        raise ValueError(f"latency table has shape {latency.seconds.shape}; the problem has "
+                         f"{(len(problem.names), len(problem.candidates))} layers x candidates")
     rows: list[KnapsackRow] = []
     if size is not None:
         rows.append(size.row(problem))
     if bops_rhs is not None:
         rows.append(KnapsackRow("bops", problem.bops(), bops_rhs))
-    sol = solve_milp(problem, rows, synergy=synergy, time_limit=time_limit)
+    if lat_budget is not None:
+        rows.append(lat_budget.row(latency))
+    sol = solve_milp(problem, rows, synergy=synergy, time_limit=time_limit) if all(r.rhs >= 0 for r in rows) else None
     if sol is None:
         parts = []
         smallest_value: Optional[float] = None
@@ -267,6 +319,13 @@ def solve_plan(
                 value = float(math.ceil(least / 8))
                 parts.append(f"size budget {size.describe()} is below the smallest feasible {value:,.0f} bytes "
                              f"({value / 1e6:.6f} MB)")
+            elif row.label == "latency" and lat_budget is not None and latency is not None:
+                value = (least / 1e9 + latency.other_s) * 1e3
+                parts.append(f"latency budget {lat_budget.describe()} ({lat_budget.end_to_end_seconds(latency) * 1e3:.3f} ms "
+                             f"predicted end to end) is below the fastest reachable {value:.3f} ms (Linears "
+                             f"{least / 1e6:.3f} ms + non-Linear {latency.other_s * 1e3:.3f} ms; "
+                             f"{least / 1e9 / max(float(latency.fp32.sum()), 1e-12):.3f}x the fp32 Linears, "
+                             f"{least / 1e9 / max(float(latency.w8a8.sum()), 1e-12):.3f}x uniform W8A8)")
             else:
                 value = float(least)
                 parts.append(f"BOPs budget {row.rhs:,} is below the smallest feasible {least:,} BOPs")
@@ -284,7 +343,8 @@ def solve_plan(
         n: {"params": int(problem.weight_params[i]), "macs": int(problem.macs[i]),
             "out_features": int(problem.out_features[i]), "bias": bool(problem.has_bias[i]),
             "cost": float(problem.costs[i, sol.choice[i]]),
-            **({"op": problem.ops[i]} if problem.ops[i] != "linear" else {})}
+            **({"op": problem.ops[i]} if problem.ops[i] != "linear" else {}),
+            **({"latency_ms": float(latency.seconds[i, sol.choice[i]]) * 1e3} if latency is not None else {})}
         for i, n in enumerate(problem.names)
     }
     return Plan(
@@ -303,4 +363,5 @@ def solve_plan(
         lam=problem.lam,
         synergy=bool(synergy and problem.lam > 0 and problem.pairs),
         layer_info=info,
+        latency=None if latency is None else latency_summary(latency, choice, lat_budget),
     )

@@ -139,6 +139,37 @@ class AllocationProblem:
 
 
 @dataclass
+class LayerLatency:
+    """Measured seconds per layer and candidate [L, C] (the latency budget's row), each layer's fp32
+    and W8A8 seconds [L] (what "0.6x" and "0.6xw8a8" are relative to), and ``other_s``: the time
+    no choice changes (the model's non-Linear work and its Linears outside the problem, at fp32)."""
+
+    seconds: np.ndarray
+    fp32: np.ndarray
+    w8a8: np.ndarray
+    other_s: float
+    batch: int = 1  # images per inference call the times are for
+    key: dict = field(default_factory=dict)  # the machine the table was measured on
+
+    def __post_init__(self) -> None:
+        self.seconds = np.asarray(self.seconds, dtype=np.float64)
+        self.fp32 = np.asarray(self.fp32, dtype=np.float64)
+        self.w8a8 = np.asarray(self.w8a8, dtype=np.float64)
+        if self.seconds.ndim != 2 or self.fp32.shape != self.seconds.shape[:1] or self.w8a8.shape != self.fp32.shape:
+            raise ValueError(f"latency tables must be [L, C], [L], [L]; got {self.seconds.shape}, {self.fp32.shape}, "
+                             f"{self.w8a8.shape}")
+        for what, arr in (("seconds", self.seconds), ("fp32", self.fp32), ("w8a8", self.w8a8)):
+            if not (np.isfinite(arr).all() and (arr >= 0).all()):
+                raise ValueError(f"latency {what} must be finite and >= 0")
+        if not (self.other_s >= 0 and math.isfinite(self.other_s)):
+            raise ValueError(f"latency other_s must be finite and >= 0, got {self.other_s}")
+
+    def nanoseconds(self) -> np.ndarray:
+        """[L, C] int64: the integer table the budget row uses."""
+        return np.rint(self.seconds * 1e9).astype(np.int64)
+
+
+@dataclass
 class KnapsackRow:
     """``sum_i table[i, choice_i] <= rhs`` in exact integers; ``label`` names it in messages."""
 
