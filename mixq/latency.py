@@ -90,12 +90,13 @@ def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
 
 
 class CastInputs(nn.Module):
-    """A model cast to ``dtype`` whose float inputs are cast to it too (the bfloat16 row: what a user
-    gets from ``model.to(torch.bfloat16)``)."""
+    """A model whose float inputs are cast to ``dtype``; with ``cast_model`` the model is cast too (the
+    bfloat16 row: what a user gets from ``model.to(torch.bfloat16)``). A quantized model whose float
+    parts were cast by ``mixq.nn.cast_float_parts`` takes ``cast_model=False``."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, cast_model: bool = True) -> None:
         super().__init__()
-        self.model, self.dtype = model.to(dtype), dtype
+        self.model, self.dtype = (model.to(dtype) if cast_model else model), dtype
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*_cast_floats(args, self.dtype), **_cast_floats(kwargs, self.dtype))
