@@ -3,7 +3,8 @@
 Every row in the same interleaved rounds (``mixq.latency.compare``, i.e. ``mixq.timing``): the
 baselines float32, bfloat16 (``model.to(torch.bfloat16)``), and PyTorch's int8 dynamic Linear
 (``quantize_dynamic`` on the same Linears) packed for fbgemm and for oneDNN; then mixq uniform
-W8A8 and W4A8 and a mixed plan. Ratios are against float32 and against the fastest baseline of the
+W8A8 and W4A8 and a mixed plan, each also with its float parts in bf16 (``mixq.nn.cast_float_parts``,
+by default where the CPU has AVX512-BF16/AMX-BF16; its effect on the output is printed). Ratios are against float32 and against the fastest baseline of the
 same run. mixq runs on its ``cpu`` backend with the demo's recipe: round-to-nearest weights (GPTQ
 ones run at the same speed), smooth activations with 1/s folded into the LayerNorms, so every
 quantized Linear is one fused C++ call.
@@ -32,10 +33,12 @@ from torch import nn
 
 import mixq
 from mixq import latency, timing
+from mixq.nn import bf16_preferred, cast_float_parts
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIFORM = {"mixq W8A8": (8, 8), "mixq W4A8": (4, 8)}
 STANDIN = "mixq mixed (fc W4A8, attn W6A8)"
+BF16_PARTS = ", bf16 float parts"
 MODELS = ("dinov2-s", "vit-b")
 
 
@@ -67,8 +70,8 @@ def float_model(name: str, n_calib: int = 8) -> tuple[nn.Module, torch.Tensor, c
     raise SystemExit(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
 
 
-def build_models(name: str, plans: list[str], act_quant: str = "auto",
-                 n_calib: int = 8) -> tuple[dict[str, nn.Module], list[str], torch.Tensor]:
+def build_models(name: str, plans: list[str], act_quant: str = "auto", n_calib: int = 8,
+                 bf16_parts: bool = False) -> tuple[dict[str, nn.Module], list[str], torch.Tensor]:
     """(every row's model, the mixq rows' names, calibration images) for one float model."""
     fp, calib, filter_fn = float_model(name, n_calib)
     targets = [n for n, m in fp.named_modules() if isinstance(m, nn.Linear) and filter_fn(n, m)]
@@ -92,7 +95,27 @@ def build_models(name: str, plans: list[str], act_quant: str = "auto",
         layers = [m for m in model.modules() if isinstance(m, mixq.QuantLinear)]
         if not layers or not all(q.backend == "cpu" for q in layers):
             raise SystemExit(f"{label}: not every QuantLinear runs the cpu backend's fused call (is mixq._C built?)")
+    if bf16_parts:
+        for label in list(quant):
+            quant[label + BF16_PARTS] = latency.CastInputs(cast_float_parts(copy.deepcopy(quant[label])),
+                                                           torch.bfloat16, cast_model=False)
     return {**models, **quant}, list(quant), calib
+
+
+@torch.inference_mode()
+def bf16_parts_effect(models: dict[str, nn.Module], calib: torch.Tensor) -> list[str]:
+    """How far bf16 float parts move each mixq model's output: relative L2 distance to the float32
+    model's output, with fp32 and with bf16 float parts, on the calibration images."""
+    ref = models["float32"](calib).float()
+    lines = []
+    for label, m in models.items():
+        if label.endswith(BF16_PARTS):
+            base = label[: -len(BF16_PARTS)]
+            d32 = ((models[base](calib).float() - ref).norm() / ref.norm()).item()
+            d16 = ((m(calib).float() - ref).norm() / ref.norm()).item()
+            lines.append(f"- {base}: output distance to float32 {d32:.4f} with fp32 float parts, {d16:.4f} with "
+                         "bf16 float parts (relative L2)")
+    return lines
 
 
 def batch_of(calib: torch.Tensor, b: int) -> torch.Tensor:
@@ -109,6 +132,9 @@ def main() -> None:
     parser.add_argument("--plans", nargs="*", default=None,
                         help="DINOv2 mixq Plan JSON files (default: the newest runs/demo-*/plan-mixed-4.5b.json)")
     parser.add_argument("--act-quant", default="auto", choices=["auto", "smooth", "dynamic"])
+    parser.add_argument("--bf16-parts", choices=["auto", "on", "off"], default="auto",
+                        help="add each mixq model with its float parts in bf16 (mixq.nn.cast_float_parts); auto: "
+                             "where the CPU has AVX512-BF16/AMX-BF16")
     parser.add_argument("--quick", action="store_true", help="DINOv2-S, batch 1, 3 rounds, stand-in plan")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_model.md"),
                         help="Markdown file to write ('' to skip)")
@@ -127,17 +153,24 @@ def main() -> None:
            f"{rounds} rounds); ratios: time of the reference / time of the row (above 1: the row is faster). "
            "'vs best baseline': against the fastest of float32, bfloat16 and torch int8 dynamic (fbgemm, oneDNN) "
            "of the same run.", ""]
-    summary = ["| model | batch | " + " | ".join(f"{q} vs best baseline" for q in ("W8A8", "W4A8", "mixed")) + " |",
-               "|---|---:|---:|---:|---:|"]
+    kinds = ("W8A8", "W4A8", "mixed")
+    summary = ["| model | batch | " + " | ".join(f"{q} vs best baseline" for q in kinds) + " | "
+               + " | ".join(f"{q} bf16 parts vs best baseline" for q in kinds) + " |", "|---|---:|" + "---:|" * 6]
     for name in names:
-        models, quant, calib = build_models(name, plans, args.act_quant)
+        bf16_parts = args.bf16_parts == "on" or (args.bf16_parts == "auto" and bf16_preferred())
+        models, quant, calib = build_models(name, plans, args.act_quant, bf16_parts=bf16_parts)
+        effect = bf16_parts_effect(models, calib) if bf16_parts else []
         for b in batches:
             rows = latency.compare(models, batch_of(calib, b), "cpu", iters=rounds)
             table = latency.markdown_table(rows, quant, caption=f" (batch {b})", backends=["cpu"])
             out += [f"## {name}, batch {b}", "", table, ""]
+            if effect and b == batches[0]:
+                out += [f"Accuracy effect of bf16 float parts ({name}, {calib.shape[0]} calibration images):"] + effect + [""]
             print(f"\n## {name}, batch {b}\n\n{table}", flush=True)
             by = {r["name"]: r for r in rows}
             cells = [f"{by[q]['vs_best_baseline']:.2f}x" for q in quant[:3]]
+            cells += [f"{by[q + BF16_PARTS]['vs_best_baseline']:.2f}x" if q + BF16_PARTS in by else "–"
+                      for q in quant[:3]]
             summary.append(f"| {name} | {b} | " + " | ".join(cells) + " |")
         del models
     load = os.getloadavg()[0]

@@ -2,7 +2,8 @@
 
 For DINOv2-S (mixq's ``dinov2-s``: the ViT-S/14 backbone and its saliency decoder) and ViT-B/16
 (timm, random weights), at batch 1 and 8: float32, bfloat16, and mixq W8A8, W4A8, the stand-in
-mixed plan of bench_cpu_model.py, and W8A8 with quantized attention matmuls. Each op's self CPU time
+mixed plan of bench_cpu_model.py, W8A8 with quantized attention matmuls, and W8A8 with its float
+parts in bf16 (``mixq.nn.cast_float_parts``). Each op's self CPU time
 is put in one family (Linear, convolution, attention, GELU, LayerNorm, quantize passes, copies and
 reshapes, elementwise, other), in ms per forward and as a share of the forward.
 
@@ -24,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import mixq
 from mixq import latency, timing
+from mixq.nn import cast_float_parts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu_model import MODELS, STANDIN, batch_of, float_model, standin_bits  # noqa: E402
@@ -71,6 +73,8 @@ def variants(name: str) -> dict[str, torch.nn.Module]:
                                                          attention=mixq.AttentionConfig(), backend="cpu")}
     for label, cfg in cfgs.items():
         out[label] = mixq.quantize_(copy.deepcopy(fp), cfg, calib, filter_fn=filter_fn, progress=False).eval()
+    out["mixq W8A8, bf16 float parts"] = latency.CastInputs(cast_float_parts(copy.deepcopy(out["mixq W8A8"])),
+                                                            torch.bfloat16, cast_model=False)
     return out, calib
 
 
