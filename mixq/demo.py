@@ -4,7 +4,8 @@ Calibrate on 32 shipped images, score the 48 backbone Linears (allocate's defaul
 per-candidate costs on 8 of them, synergy off), allocate bits at two budgets between
 uniform points (5 average weight bits at W6A6's BOPs, 4.5 bits at W4A8's BOPs), quantize, evaluate
 probe accuracy and saliency agreement against FP next to uniform baselines, time CPU latency through
-the kernels against float and PyTorch's int8 dynamic Linear, and write checkpoints, plans, results
+the kernels against float32, bfloat16 and PyTorch's int8 dynamic Linear on fbgemm and on oneDNN (every
+row in the same interleaved rounds, mixq.latency), and write checkpoints, plans, results
 and a report with plots, the frontier of the evaluated points among them.
 """
 

@@ -68,3 +68,16 @@ def test_no_footnote_when_mixq_is_faster():
             {"name": "mixq", "median_ms": 4.0, "min_ms": 3.9, "iters": 3, "speedup": 2.5, "vs_best_baseline": 1.25}]
     md = latency.markdown_table(rows, ["mixq"])
     assert "[1]" not in md and "| mixq | 4.0 |" in md
+
+
+def test_mixq_bench_prints_every_baseline_and_the_kernel_family(tmp_path, capsys):
+    from mixq.cli import main
+
+    out = tmp_path / "u"
+    assert main(["quantize", "toy-vit", "--uniform", "W8A8", "--n-calib", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(out / "model.safetensors"), "--iters", "2"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"CPU kernel family: {latency.kernel_path()}" in text
+    for word in ("float32", "bfloat16", "fbgemm", "onednn", "vs best baseline"):
+        assert word in text, word
