@@ -189,6 +189,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
                                 frontier_caption=FRONTIER_CAPTION.format(n_test=n_test))
     md = write_report(data, out / "report")
     _table("mixq demo summary", SUMMARY_COLUMNS, summary_rows(points, latency))
+    # the latency table's last lines: the kernel family, and why any mixq model is slower than float32
+    print("\n".join(lat_table.split("\n\n", 1)[1:]))
     print(f"mixq demo: report {shown / md.relative_to(out)}; results {shown / 'results.json'}; "
           f"{time.perf_counter() - t_start:.0f} s in total")
     return 0
