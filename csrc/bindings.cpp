@@ -54,4 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_probs", &mixq::quantize_probs, py::arg("p"), py::arg("bits"), py::arg("log2"),
         "post-softmax probabilities (fp32/bf16/fp16, any shape) -> uint8 codes, log2 or uniform grid",
         py::call_guard<py::gil_scoped_release>());
+  // --- per-channel V codes for quantized attention (csrc/quantize.cpp)
+  m.def("quantize_channels", &mixq::quantize_channels, py::arg("v"), py::arg("bits"),
+        "V [B, H, M, D] float (any strides) -> (int8 codes [B, H, M, D], fp32 steps [B, H, D]), one step per channel",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -82,3 +82,10 @@ at::Tensor attention_pv_log2(const at::Tensor& p, const at::Tensor& v, const at:
 namespace mixq {
 at::Tensor quantize_probs(const at::Tensor& p, int64_t bits, bool log2);
 }  // namespace mixq
+
+// ----------------------------------------------------------------------------- per-channel activations
+// V [B, H, M, D] (any strides) -> (codes int8 [B, H, M, D], steps fp32 [B, H, D]): the dynamic rule over
+// the token axis, one step per channel, bit-exact with formats.quantize_act_dynamic on V^T. See quantize.cpp.
+namespace mixq {
+std::tuple<at::Tensor, at::Tensor> quantize_channels(const at::Tensor& v, int64_t bits);
+}  // namespace mixq
