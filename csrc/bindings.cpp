@@ -58,4 +58,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_channels", &mixq::quantize_channels, py::arg("v"), py::arg("bits"),
         "V [B, H, M, D] float (any strides) -> (int8 codes [B, H, M, D], fp32 steps [B, H, D]), one step per channel",
         py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_tokens", &mixq::quantize_tokens, py::arg("x"), py::arg("bits"),
+        "Q or K [B, H, N, D] float (unit stride along D) -> (int8 codes [B, H, N, D], fp32 steps [B, H, N]), per token",
+        py::call_guard<py::gil_scoped_release>());
 }

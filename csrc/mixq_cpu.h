@@ -88,4 +88,7 @@ at::Tensor quantize_probs(const at::Tensor& p, int64_t bits, bool log2);
 // the token axis, one step per channel, bit-exact with formats.quantize_act_dynamic on V^T. See quantize.cpp.
 namespace mixq {
 std::tuple<at::Tensor, at::Tensor> quantize_channels(const at::Tensor& v, int64_t bits);
+// Q or K [B, H, N, D] (unit stride along D, any other strides) -> (codes [B, H, N, D], steps [B, H, N]): the
+// per-token rule of quantize_dynamic row by row, without a contiguous copy of the view.
+std::tuple<at::Tensor, at::Tensor> quantize_tokens(const at::Tensor& x, int64_t bits);
 }  // namespace mixq

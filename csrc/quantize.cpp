@@ -385,4 +385,37 @@ std::tuple<at::Tensor, at::Tensor> quantize_channels(const at::Tensor& v, int64_
   return {q, scale};
 }
 
+// Q or K [B, H, N, D] with unit stride along D (any other strides: a permuted qkv view) -> (codes int8
+// [B, H, N, D] contiguous, steps fp32 [B, H, N]): the per-token dynamic rule, each row through
+// quantize_row_dynamic (the same code as quantize_dynamic's), so no contiguous copy of the view is made.
+std::tuple<at::Tensor, at::Tensor> quantize_tokens(const at::Tensor& x, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "mixq cpu: quantize_tokens takes a 4-D CPU tensor "
+              "[B, H, N, D], got ", x.sizes(), " on ", x.device());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "mixq cpu: quantize_tokens takes float32, bfloat16 or float16, got ", t);
+  const int64_t nb = x.size(0), nh = x.size(1), n = x.size(2), d = x.size(3);
+  TORCH_CHECK(d > 0 && (x.stride(3) == 1 || d == 1), "mixq cpu: quantize_tokens needs D > 0 with unit stride, got "
+              "sizes ", x.sizes(), " strides ", x.strides());
+  qmax_of(bits);
+  at::Tensor q = at::empty({nb, nh, n, d}, at::kChar);
+  at::Tensor scale = at::empty({nb, nh, n}, at::kFloat);
+  const int64_t rows = nb * nh * n;
+  if (rows == 0) return {q, scale};
+  const int64_t sb = x.stride(0), sh = x.stride(1), sn = x.stride(2);
+  const int64_t elem = static_cast<int64_t>(x.element_size());
+  const char* base = static_cast<const char*>(x.data_ptr());
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / d);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r % n, bh = r / n;
+      const char* row = base + ((bh / nh) * sb + (bh % nh) * sh + i * sn) * elem;
+      sp[r] = quantize_row_dynamic(row, t, nullptr, d, bits, qp + r * d);
+    }
+  });
+  return {q, scale};
+}
+
 }  // namespace mixq

@@ -193,12 +193,17 @@ class QuantAttention(nn.Module):
 
     def _quantize_tokens(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The dynamic per-token rule over the last dim of x [..., K] through the backend's op (the same
-        contract as formats.quantize_act_dynamic, bit for bit): on the cpu one C++ pass, several times
-        faster than formats' torch ops even with the reshape copy. The op takes 2-D fp32/bf16/fp16."""
+        contract as formats.quantize_act_dynamic, bit for bit): on the cpu one C++ pass over the strided
+        view, several times faster than formats' torch ops; other backends take 2-D fp32/bf16/fp16."""
         if x.numel() == 0:
             return formats.quantize_act_dynamic(x, bits)
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             x = x.to(torch.float32)  # formats converts to fp32 first too
+        if (self.backend == "cpu" and _C is not None and x.dim() in (3, 4) and x.device.type == "cpu"
+                and x.stride(-1) == 1 and not torch.compiler.is_compiling()):
+            # the same row rule on the strided view (csrc/quantize.cpp): no contiguous copy of Q or K
+            codes, steps = _C.quantize_tokens(x if x.dim() == 4 else x[None], bits)
+            return (codes, steps) if x.dim() == 4 else (codes[0], steps[0])
         codes, steps = ops.quantize_act_dynamic(x.reshape(-1, x.shape[-1]), bits, self.backend)
         return codes.view(x.shape), steps.view(x.shape[:-1])
 

@@ -50,3 +50,29 @@ def test_empty_and_bad_input():
         _C.quantize_channels(torch.zeros(3, 4), 8)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         _C.quantize_channels(torch.zeros(1, 1, 2, 2, dtype=torch.float64), 8)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 3, 17, 8), (2, 5, 1, 33), (1, 1, 257, 64), (3, 2, 7, 1)])
+def test_tokens_match_formats_on_strided_views(bits, dtype, shape):
+    torch.manual_seed(bits + shape[3])
+    b, h, n, d = shape
+    qkv = (torch.randn(b, n, 3, h, d) * torch.logspace(-3, 3, n)[None, :, None, None, None]).to(dtype)
+    for x in qkv.permute(2, 0, 3, 1, 4).unbind(0):  # Q, K, V as a model has them
+        codes, steps = _C.quantize_tokens(x, bits)
+        ref_codes, ref_steps = formats.quantize_act_dynamic(x, bits)
+        assert codes.shape == x.shape and steps.shape == (b, h, n)
+        assert torch.equal(codes, ref_codes) and torch.equal(steps, ref_steps)
+
+
+def test_tokens_non_finite_and_bad_input():
+    x = torch.randn(1, 2, 5, 6)
+    x[0, 0, 1, 2], x[0, 1, 3, 0] = float("nan"), float("inf")
+    codes, steps = _C.quantize_tokens(x, 8)
+    ref_codes, ref_steps = formats.quantize_act_dynamic(x, 8)
+    assert torch.equal(codes, ref_codes) and torch.equal(steps.nan_to_num(-1.0), ref_steps.nan_to_num(-1.0))
+    with pytest.raises(RuntimeError, match="unit stride"):
+        _C.quantize_tokens(torch.randn(1, 1, 6, 4).transpose(-2, -1), 8)
+    with pytest.raises(RuntimeError, match="4-D"):
+        _C.quantize_tokens(torch.zeros(3, 4), 8)
