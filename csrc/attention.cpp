@@ -127,7 +127,8 @@ MIXQ_ATTN_VNNI void tile_vnni(const int16_t* a, int64_t lda, const int16_t* pane
 
 TileFn choose_tile(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::kVnni) return tile_vnni;
+  // every family from VNNI up (a wider one such as AMX included) has AVX-512 VNNI
+  if (static_cast<int>(isa) >= static_cast<int>(Isa::kVnni)) return tile_vnni;
   if (isa == Isa::kAvx2) return tile_avx2;
 #endif
   (void)isa;

@@ -58,4 +58,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hadamard_transform", &mixq::hadamard_transform, py::arg("x"), py::arg("signs"), py::arg("block"),
         py::arg("scale"), "randomized block Walsh-Hadamard transform of x [M, K] -> fp32 [M, K]",
         py::call_guard<py::gil_scoped_release>());
+  // --- per-channel V codes for quantized attention (csrc/quantize.cpp)
+  m.def("quantize_channels", &mixq::quantize_channels, py::arg("v"), py::arg("bits"),
+        "V [B, H, M, D] float (any strides) -> (int8 codes [B, H, M, D], fp32 steps [B, H, D]), one step per channel",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_tokens", &mixq::quantize_tokens, py::arg("x"), py::arg("bits"),
+        "Q or K [B, H, N, D] float (unit stride along D) -> (int8 codes [B, H, N, D], fp32 steps [B, H, N]), per token",
+        py::call_guard<py::gil_scoped_release>());
 }

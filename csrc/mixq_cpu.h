@@ -90,3 +90,13 @@ at::Tensor quantize_probs(const at::Tensor& p, int64_t bits, bool log2);
 namespace mixq {
 at::Tensor hadamard_transform(const at::Tensor& x, const at::Tensor& signs, int64_t block, double scale);
 }  // namespace mixq
+
+// ----------------------------------------------------------------------------- per-channel activations
+// V [B, H, M, D] (any strides) -> (codes int8 [B, H, M, D], steps fp32 [B, H, D]): the dynamic rule over
+// the token axis, one step per channel, bit-exact with formats.quantize_act_dynamic on V^T. See quantize.cpp.
+namespace mixq {
+std::tuple<at::Tensor, at::Tensor> quantize_channels(const at::Tensor& v, int64_t bits);
+// Q or K [B, H, N, D] (unit stride along D, any other strides) -> (codes [B, H, N, D], steps [B, H, N]): the
+// per-token rule of quantize_dynamic row by row, without a contiguous copy of the view.
+std::tuple<at::Tensor, at::Tensor> quantize_tokens(const at::Tensor& x, int64_t bits);
+}  // namespace mixq

@@ -329,4 +329,93 @@ at::Tensor layernorm_quantize(const at::Tensor& x_in, const at::Tensor& gamma_in
   return q;
 }
 
+// ----------------------------------------------------------------------------- per channel (attention V)
+// V [B, H, M, D] (any strides, fp32/bf16/fp16) -> (codes int8 [B, H, M, D] contiguous, steps fp32 [B, H, D]):
+// the dynamic rule of formats.quantize_act_dynamic over the token axis M, one step per channel d, as
+// QuantAttention quantizes V (the reference runs it on V^T). amax in fp32 (NaN propagates), step =
+// max(amax, eps) / qmax, inv = 1 / step, code = rne(clamp(v * inv)) with NaN -> 0: the row rule
+// column by column, bit for bit. One pass for the amax, one for the codes; (b, h) pairs in parallel.
+std::tuple<at::Tensor, at::Tensor> quantize_channels(const at::Tensor& v, int64_t bits) {
+  TORCH_CHECK(v.device().is_cpu() && v.dim() == 4, "mixq cpu: quantize_channels takes a 4-D CPU tensor "
+              "[B, H, M, D], got ", v.sizes(), " on ", v.device());
+  const auto t = v.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "mixq cpu: quantize_channels takes float32, bfloat16 or float16, got ", t);
+  const float lim = static_cast<float>(qmax_of(bits));
+  const int64_t nb = v.size(0), nh = v.size(1), m = v.size(2), d = v.size(3);
+  at::Tensor q = at::empty({nb, nh, m, d}, at::kChar);
+  at::Tensor scale = at::empty({nb, nh, d}, at::kFloat);
+  if (q.numel() == 0 && scale.numel() == 0) return {q, scale};
+  const int64_t sb = v.stride(0), sh = v.stride(1), sm = v.stride(2), sd = v.stride(3);
+  dispatch_float(t, [&](auto tag) {
+    using T = decltype(tag);
+    const T* base = static_cast<const T*>(v.data_ptr());
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sp = scale.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(m * d, 1));
+    at::parallel_for(0, nb * nh, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> amax(static_cast<size_t>(d)), inv(static_cast<size_t>(d));
+      std::vector<uint8_t> nan(static_cast<size_t>(d));
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const T* x = base + (bh / nh) * sb + (bh % nh) * sh;
+        std::fill(amax.begin(), amax.end(), 0.f);
+        std::fill(nan.begin(), nan.end(), uint8_t{0});
+        for (int64_t i = 0; i < m; ++i) {
+          const T* row = x + i * sm;
+          for (int64_t j = 0; j < d; ++j) {
+            const float a = std::fabs(to_f32(row[j * sd]));
+            nan[j] |= static_cast<uint8_t>(std::isnan(a));
+            amax[j] = std::max(amax[j], a);  // a NaN a leaves amax[j]; the flag carries it
+          }
+        }
+        float* s_out = sp + bh * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const float s = (nan[j] ? std::numeric_limits<float>::quiet_NaN() : std::max(amax[j], kScaleEps)) / lim;
+          s_out[j] = s;
+          inv[j] = 1.0f / s;
+        }
+        int8_t* qo = qp + bh * m * d;
+        for (int64_t i = 0; i < m; ++i) {
+          const T* row = x + i * sm;
+          for (int64_t j = 0; j < d; ++j) qo[i * d + j] = round_clamp(to_f32(row[j * sd]) * inv[j], lim);
+        }
+      }
+    });
+  });
+  return {q, scale};
+}
+
+// Q or K [B, H, N, D] with unit stride along D (any other strides: a permuted qkv view) -> (codes int8
+// [B, H, N, D] contiguous, steps fp32 [B, H, N]): the per-token dynamic rule, each row through
+// quantize_row_dynamic (the same code as quantize_dynamic's), so no contiguous copy of the view is made.
+std::tuple<at::Tensor, at::Tensor> quantize_tokens(const at::Tensor& x, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "mixq cpu: quantize_tokens takes a 4-D CPU tensor "
+              "[B, H, N, D], got ", x.sizes(), " on ", x.device());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "mixq cpu: quantize_tokens takes float32, bfloat16 or float16, got ", t);
+  const int64_t nb = x.size(0), nh = x.size(1), n = x.size(2), d = x.size(3);
+  TORCH_CHECK(d > 0 && (x.stride(3) == 1 || d == 1), "mixq cpu: quantize_tokens needs D > 0 with unit stride, got "
+              "sizes ", x.sizes(), " strides ", x.strides());
+  qmax_of(bits);
+  at::Tensor q = at::empty({nb, nh, n, d}, at::kChar);
+  at::Tensor scale = at::empty({nb, nh, n}, at::kFloat);
+  const int64_t rows = nb * nh * n;
+  if (rows == 0) return {q, scale};
+  const int64_t sb = x.stride(0), sh = x.stride(1), sn = x.stride(2);
+  const int64_t elem = static_cast<int64_t>(x.element_size());
+  const char* base = static_cast<const char*>(x.data_ptr());
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / d);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = r % n, bh = r / n;
+      const char* row = base + ((bh / nh) * sb + (bh % nh) * sh + i * sn) * elem;
+      sp[r] = quantize_row_dynamic(row, t, nullptr, d, bits, qp + r * d);
+    }
+  });
+  return {q, scale};
+}
+
 }  // namespace mixq

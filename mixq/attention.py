@@ -33,6 +33,11 @@ from . import formats, ops
 from .backends import get_backend, select_backend
 from .backends import reference as _reference
 
+try:  # the cpu backend's C++ kernels (per-channel V codes); None when the extension is not built
+    from . import _C
+except ImportError:
+    _C = None
+
 ATTENTION_OPS = ("qk", "pv")
 
 
@@ -188,23 +193,40 @@ class QuantAttention(nn.Module):
 
     def _quantize_tokens(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The dynamic per-token rule over the last dim of x [..., K] through the backend's op (the same
-        contract as formats.quantize_act_dynamic, bit for bit): on the cpu one C++ pass, several times
-        faster than formats' torch ops even with the reshape copy. The op takes 2-D fp32/bf16/fp16."""
+        contract as formats.quantize_act_dynamic, bit for bit): on the cpu one C++ pass over the strided
+        view, several times faster than formats' torch ops; other backends take 2-D fp32/bf16/fp16."""
         if x.numel() == 0:
             return formats.quantize_act_dynamic(x, bits)
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             x = x.to(torch.float32)  # formats converts to fp32 first too
+        if (self.backend == "cpu" and _C is not None and x.dim() in (3, 4) and x.device.type == "cpu"
+                and x.stride(-1) == 1 and not torch.compiler.is_compiling()):
+            # the same row rule on the strided view (csrc/quantize.cpp): no contiguous copy of Q or K
+            codes, steps = _C.quantize_tokens(x if x.dim() == 4 else x[None], bits)
+            return (codes, steps) if x.dim() == 4 else (codes[0], steps[0])
         codes, steps = ops.quantize_act_dynamic(x.reshape(-1, x.shape[-1]), bits, self.backend)
         return codes.view(x.shape), steps.view(x.shape[:-1])
+
+    def _quantize_channels(self, v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """V [..., M, D] per channel (one step per d over the tokens): (codes [..., M, D], steps [..., D]),
+        formats.quantize_act_dynamic on V^T bit for bit. On the cpu backend one C++ pass over the strided
+        view (csrc/quantize.cpp), where formats' torch ops cost up to a sixth of a batch-8 forward."""
+        if (self.backend == "cpu" and _C is not None and v.dim() in (3, 4) and v.device.type == "cpu"
+                and v.dtype in (torch.float32, torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()):
+            codes, steps = _C.quantize_channels(v if v.dim() == 4 else v[None], bits)
+            return (codes, steps) if v.dim() == 4 else (codes[0], steps[0])
+        vc, vs = formats.quantize_act_dynamic(v.transpose(-2, -1), bits)
+        return vc.transpose(-2, -1), vs
 
     def _mix(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(.) V in fp32: probability codes times V's codes, or in float when "pv" is in float_ops."""
         if "pv" in self.float_ops:
             return attn.to(torch.float32) @ v.to(torch.float32)
-        # V per channel stays in formats' torch ops: through the per-token op it would need a contiguous
-        # copy of V^T first, which measured no faster overall (slower at ViT-B and SAM global attention).
-        vc, vs = formats.quantize_act_dynamic(v.detach().transpose(-2, -1), self.v_bits)
-        vc = vc.transpose(-2, -1)
+        if self.simulate:
+            vc, vs = formats.quantize_act_dynamic(v.detach().transpose(-2, -1), self.v_bits)
+            vc = vc.transpose(-2, -1)
+        else:
+            vc, vs = self._quantize_channels(v.detach(), self.v_bits)
         if self.simulate:
             pc = formats.quantize_probs(attn.detach(), self.p_bits, self.p_grid)
             out = _reference.attention_pv(pc, _ste(v / vs[..., None, :], vc), vs, self.p_bits, self.p_grid,

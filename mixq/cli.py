@@ -310,7 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .latency import compare, torch_int8_dynamic
+    from .latency import baselines, compare, kernel_path, markdown_table
     from .modules import quantized_layers
 
     if args.threads < 0:
@@ -330,14 +330,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .data import batch_to, iter_batches
 
     batch = next(iter_batches(adapter.calibration_batches(args.batch), args.batch))
-    models = {"float32": fp.to(device), "mixq": model.to(device)}
-    if device.type == "cpu":
-        models["torch int8 dynamic"] = torch_int8_dynamic(fp, list(quantized_layers(model)))
+    # float32, bfloat16 and (CPU) torch int8 dynamic on fbgemm and oneDNN, then the checkpoint, all
+    # timed in the same interleaved rounds
+    models = {**baselines(fp, list(quantized_layers(model)), device), "mixq": model.to(device)}
     rows = compare(models, batch_to(batch, device), device, iters=args.iters)
     backends = sorted({m.backend for m in quantized_layers(model).values()})
+    path = kernel_path() if device.type == "cpu" else "n/a"
     _table(f"mixq bench ({device}, batch {args.batch}, {torch.get_num_threads()} threads, "
-           f"mixq backend: {', '.join(backends)})", ["model", "median ms", "min ms", "speedup vs float32"],
-           [(r["name"], r["median_ms"], r["min_ms"], f"{r['speedup']:.2f}x") for r in rows])
+           f"mixq backend: {', '.join(backends)}, CPU kernel family: {path})",
+           ["model", "median ms", "min ms", "speedup vs float32", "vs best baseline"],
+           [(r["name"], r["median_ms"], r["min_ms"], f"{r['speedup']:.2f}x",
+             f"{r['vs_best_baseline']:.2f}x" if r["vs_best_baseline"] else "–") for r in rows])
+    if device.type == "cpu":
+        print("torch int8 dynamic: torch.ao.quantization.quantize_dynamic on the same Linears, packed for the "
+              "fbgemm and for the oneDNN engine")
+    print(markdown_table(rows, ["mixq"], backends=backends).split("\n\n", 1)[1])
     return 0
 
 
@@ -573,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace --out if it exists")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("bench", help="latency of the quantized model vs float (and torch int8 on CPU)",
+    s = sub.add_parser("bench", help="latency of the quantized model vs float32, bfloat16 (and torch int8 on CPU)",
                        description="Median latency through the real kernels on the current device.")
     s.add_argument("checkpoint")
     s.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

